@@ -1,0 +1,3 @@
+from customcrafter.cli import main
+
+main()
