@@ -14,6 +14,13 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="CustomCrafter: subject-customized text-to-video on VideoCrafter2.")
 
+
+
+@app.callback()
+def _root() -> None:
+    """Keep `app` a command group even while a single stage command is registered."""
+
+
 # Stage modules, imported lazily-at-start so that each registers its commands on `app`.
 _STAGES = ["convert", "sample", "train", "data", "evaluate", "pipeline"]
 

@@ -1,0 +1,153 @@
+"""Small readers for what evaluation looks at: generated videos (MP4/GIF) and a subject's reference images.
+
+Deliberately self-contained (imageio + PIL) so that evaluation can score videos written by any tool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "read_video_frames",
+    "reference_image_paths",
+    "load_rgb_image",
+    "file_sha256",
+    "encode_gif",
+    "encode_png_thumbnail",
+    "IMAGE_SUFFIXES",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def _to_rgb_uint8(frames: np.ndarray, path: Path) -> np.ndarray:
+    if frames.ndim == 3:  # (T, H, W) grayscale
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
+        raise ValueError(f"{path}: expected video frames (T, H, W, 3), got shape {frames.shape}")
+    frames = frames[..., :3]
+    if frames.dtype != np.uint8:
+        frames = np.clip(frames, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(frames)
+
+
+def _read_gif(path: Path) -> np.ndarray:
+    """GIF frames, with the frames that GIF writers merged back in place.
+
+    Writers (Pillow among them) merge identical consecutive frames into one frame of longer duration; a still
+    video would read as a single frame. Each frame is repeated ``round(duration / shortest duration)`` times,
+    which restores the written frame count whenever all frames were written with the same duration.
+    """
+    frames, durations = [], []
+    with Image.open(path) as image:
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            frames.append(np.asarray(image.convert("RGB")))
+            durations.append(float(image.info.get("duration") or 0))
+    positive = [d for d in durations if d > 0]
+    if positive:
+        shortest = min(positive)
+        repeats = [max(1, round(d / shortest)) if d > 0 else 1 for d in durations]
+        frames = [frame for frame, count in zip(frames, repeats, strict=True) for _ in range(count)]
+    if len(frames) == 1:
+        # Every frame was identical and merged into one: the frame count is lost, but each metric of a frozen
+        # video (consistency 1, motion 0, frame means of CLIP/DINO similarity) is the same for any count.
+        logger.info(
+            "%s: one GIF frame (identical frames merged by the writer); scored as a still video", path
+        )
+        frames = frames * 2
+    return np.stack(frames)
+
+
+def read_video_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """All frames of an MP4/GIF (or any format imageio reads) as uint8 ``(T, H, W, 3)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video not found")
+    try:
+        frames = (
+            _read_gif(path) if path.suffix.lower() == ".gif" else np.asarray(iio.imread(path, index=None))
+        )
+    except Exception as exc:  # noqa: BLE001 - imageio raises many types; the user needs the file name
+        raise ValueError(f"{path}: cannot read video ({exc})") from exc
+    if frames.ndim == 3 and frames.shape[-1] in (3, 4) and path.suffix.lower() not in {".gif", ".mp4"}:
+        frames = frames[None]  # a single still image
+    frames = _to_rgb_uint8(frames, path)
+    if max_frames is not None:
+        frames = frames[:max_frames]
+    if frames.shape[0] < 2:
+        raise ValueError(f"{path}: a video needs at least two frames, found {frames.shape[0]}")
+    return frames
+
+
+def reference_image_paths(subject_dir: str | Path) -> list[Path]:
+    """The subject's images (sorted); ``subject.yaml``, other files and hidden files are ignored."""
+    subject_dir = Path(subject_dir)
+    if not subject_dir.is_dir():
+        raise FileNotFoundError(f"{subject_dir}: subject folder not found")
+    paths = sorted(
+        p
+        for p in subject_dir.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise ValueError(f"{subject_dir}: no reference images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def load_rgb_image(path: str | Path) -> np.ndarray:
+    """uint8 ``(H, W, 3)``."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read image ({exc})") from exc
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _downscale(frame: np.ndarray, long_side: int) -> Image.Image:
+    image = Image.fromarray(frame)
+    scale = long_side / max(image.size)
+    if scale < 1:
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample=Image.BILINEAR
+        )
+    return image
+
+
+def encode_gif(frames: np.ndarray, long_side: int = 128, fps: float = 8.0) -> bytes:
+    """Downscaled looping GIF bytes of ``(T, H, W, 3) uint8`` frames (for embedding in the HTML report)."""
+    images = [_downscale(f, long_side) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        loop=0,
+        duration=max(20, round(1000 / fps)),
+        optimize=True,
+    )
+    return buffer.getvalue()
+
+
+def encode_png_thumbnail(image: np.ndarray, long_side: int = 96) -> bytes:
+    buffer = io.BytesIO()
+    _downscale(image, long_side).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

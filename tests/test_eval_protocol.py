@@ -1,0 +1,315 @@
+"""End-to-end evaluation on tiny random CLIP/DINO models and small synthetic videos: tables, report, cache, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import customcrafter
+from customcrafter.evaluation.config import METRIC_NAMES, EvalConfig
+from customcrafter.evaluation.protocol import CACHE_NAME, evaluate, read_manifest, summarize
+
+FRAMES, SIZE = 8, 64
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[str, str]:
+    """Tiny random CLIP (+ the packaged CLIP tokenizer) and DINO ViT, saved as local folders."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer_dir = root / "tokenizer"
+    shutil.copytree(Path(customcrafter.__file__).parent / "models" / "tokenizer", tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    clip_config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            **tiny,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **tiny),
+        projection_dim=16,
+    )
+    clip_dir, dino_dir = root / "clip", root / "dino"
+    CLIPModel(clip_config).save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **tiny), add_pooling_layer=False).save_pretrained(
+        dino_dir
+    )
+    return str(clip_dir), str(dino_dir)
+
+
+def _config(tiny_models, **fields) -> EvalConfig:
+    clip_dir, dino_dir = tiny_models
+    return EvalConfig(clip_model=clip_dir, dino_model=dino_dir, device="cpu", batch_size=4, **fields)
+
+
+def _blocks_image(seed: int) -> np.ndarray:
+    """A few flat colour blocks: few colours, so a GIF stores it losslessly."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    return np.kron(colours, np.ones((SIZE // 4, SIZE // 4, 1), dtype=np.uint8))
+
+
+def _moving_video(seed: int, shift: int) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    wide = cv2.GaussianBlur(rng.random((SIZE, SIZE * 3)).astype(np.float32), (0, 0), 2.0)
+    wide = ((wide - wide.min()) / (wide.max() - wide.min()) * 255).astype(np.uint8)
+    start = shift * FRAMES + 8
+    return np.stack(
+        [
+            np.repeat(wide[:, start - i * shift : start - i * shift + SIZE, None], 3, axis=-1)
+            for i in range(FRAMES)
+        ]
+    )
+
+
+def _write_subject(root: Path, name: str, seed: int, num_images: int = 2) -> Path:
+    folder = root / "subjects" / name
+    folder.mkdir(parents=True)
+    for i in range(num_images):
+        Image.fromarray(_blocks_image(seed * 10 + i)).save(folder / f"{i:02d}.png")
+    (folder / "subject.yaml").write_text(f"name: {name}\nclass_word: dog\ntoken: <new1>\nkind: live\n")
+    (folder / ".DS_Store").write_bytes(b"junk")  # hidden files are not reference images
+    return folder
+
+
+def _write_method(root: Path, method: str, subjects: dict[str, Path], video_fn, ext: str) -> Path:
+    out = root / method
+    rows = []
+    for subject, subject_dir in subjects.items():
+        for index, (template, ptype) in enumerate(
+            [("{subject} is running.", "motion"), ("{subject} is sleeping.", "static")]
+        ):
+            relative = f"{subject}/p{index:02d}_s0.{ext}"
+            (out / subject).mkdir(parents=True, exist_ok=True)
+            frames = video_fn(subject, index)
+            if ext == "gif":
+                iio.imwrite(out / relative, frames, duration=125, loop=0)
+            else:
+                iio.imwrite(out / relative, frames, fps=8, codec="libx264", macro_block_size=1)
+            rows.append(
+                {
+                    "method": method,
+                    "subject": subject,
+                    "subject_dir": str(subject_dir),
+                    "class_word": "dog",
+                    "token": "<new1>",
+                    "kind": "live",
+                    "prompt": template.replace("{subject}", "<new1> dog"),
+                    "prompt_template": template,
+                    "prompt_type": ptype,
+                    "prompt_index": index,
+                    "seed": 0,
+                    "video": relative,
+                    "sampling": {"num_inference_steps": 50, "guidance_scale": 12.0},
+                }
+            )
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture
+def method_dirs(tmp_path) -> list[Path]:
+    subjects = {name: _write_subject(tmp_path, name, seed) for seed, name in enumerate(["dog_a", "dog_b"])}
+    moving = _write_method(
+        tmp_path, "customcrafter", subjects, lambda s, i: _moving_video(len(s) + i, 2), "mp4"
+    )
+    still = _write_method(
+        tmp_path, "base", subjects, lambda s, i: np.repeat(_blocks_image(7 + i)[None], FRAMES, axis=0), "gif"
+    )
+    return [moving, still]
+
+
+def test_evaluate_writes_tables_report_and_metrics(tiny_models, method_dirs, tmp_path):
+    result = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
+
+    per_video = pd.read_csv(result.per_video_csv)
+    assert len(per_video) == 8 and result.num_videos == 8 and result.num_computed == 8
+    assert pd.read_parquet(result.per_video_parquet).shape == per_video.shape
+    assert set(METRIC_NAMES) <= set(per_video.columns)
+    assert (per_video["sampling_guidance_scale"] == 12.0).all()  # sampling settings recorded per video
+    assert (per_video["clip_text"] == per_video["prompt"].str.replace("<new1> ", "")).all()
+    assert per_video[list(METRIC_NAMES)].notna().all().all()
+    assert (
+        per_video["clip_i"].between(-1, 1).all()
+        and per_video["temporal_consistency"].between(-1, 1.0001).all()
+    )
+
+    assert set(result.metrics) == {"customcrafter", "base"}
+    assert all(set(values) == set(METRIC_NAMES) for values in result.metrics.values())
+    moving, still = result.metrics["customcrafter"], result.metrics["base"]
+    assert moving["motion"] == pytest.approx(2.0, rel=0.15) and still["motion"] < 0.05
+    assert moving["dynamic_degree"] == 1.0 and still["dynamic_degree"] == 0.0
+    assert still["temporal_consistency"] == pytest.approx(1.0, abs=1e-5)
+
+    summary = pd.read_csv(result.summary_csv)
+    assert set(summary["prompt_type"]) == {"all", "motion", "static"}
+    overall = summary[(summary["prompt_type"] == "all")]
+    assert (overall["n_subjects"] == 2).all() and (overall["n_videos"] == 4).all()
+    assert (overall["ci_low"] <= overall["mean"] + 1e-9).all() and (
+        overall["mean"] <= overall["ci_high"] + 1e-9
+    ).all()
+
+    report = result.report_html.read_text()
+    assert report.count("data:image/gif;base64,") == 8  # every (subject, prompt, method) cell plays inline
+    assert "data:image/png;base64," in report and "paper's Table 1" in report
+    assert "src='http" not in report and 'src="http' not in report and "<link" not in report
+    markdown = result.summary_md.read_text()
+    assert "| customcrafter |" in markdown and "CLIP-T" in markdown and "Dynamic degree" in markdown
+    assert json.loads((tmp_path / "eval" / "eval_config.json").read_text())["clip_model"] == tiny_models[0]
+
+
+def test_rerun_computes_nothing_new_and_changed_video_is_rescored(
+    tiny_models, method_dirs, tmp_path, monkeypatch
+):
+    out = tmp_path / "eval"
+    first = evaluate(method_dirs, out, _config(tiny_models))
+    assert first.num_computed == 8
+
+    import customcrafter.evaluation.features as features
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fully cached rerun must not load the feature models")
+
+    monkeypatch.setattr(features.CLIPFeatures, "__init__", refuse)
+    second = evaluate(method_dirs, out, _config(tiny_models))
+    assert second.num_computed == 0
+    assert second.metrics == first.metrics
+    monkeypatch.undo()
+
+    # a regenerated video is rescored (the key holds its sha256); so is everything under a changed metric config
+    video = method_dirs[1] / "dog_a" / "p00_s0.gif"
+    iio.imwrite(video, np.repeat(_blocks_image(99)[None], FRAMES, axis=0), duration=125, loop=0)
+    assert evaluate(method_dirs, out, _config(tiny_models)).num_computed == 1
+    assert evaluate(method_dirs, out, _config(tiny_models, token_handling="keep")).num_computed == 8
+    # a truncated last cache line (killed mid-write) is ignored, not fatal
+    with open(out / CACHE_NAME, "a") as fh:
+        fh.write('{"key": "abc", "clip')
+    assert evaluate(method_dirs, out, _config(tiny_models)).num_computed == 0
+
+
+def test_video_of_the_reference_image_scores_one(tiny_models, tmp_path):
+    subject_dir = _write_subject(tmp_path, "solo", seed=3, num_images=1)
+    reference = np.asarray(Image.open(subject_dir / "00.png").convert("RGB"))
+    method = _write_method(
+        tmp_path,
+        "copy",
+        {"solo": subject_dir},
+        lambda s, i: np.repeat(reference[None], FRAMES, axis=0),
+        "gif",
+    )
+    result = evaluate([method], tmp_path / "eval", _config(tiny_models))
+    metrics = result.metrics["copy"]
+    assert metrics["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["dino_i"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["temporal_consistency"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["motion"] == pytest.approx(0.0, abs=1e-3)
+    # one subject: the interval across subjects is undefined (NaN), the mean is still there
+    summary = pd.read_csv(result.summary_csv)
+    assert summary["ci_low"].isna().all() and summary["mean"].notna().all()
+
+
+def test_summary_averages_subjects_first_then_t_interval():
+    rows = [
+        ("m", "a", "motion", 1.0),
+        ("m", "a", "motion", 1.0),
+        ("m", "a", "static", 1.0),  # subject a: 3 videos
+        ("m", "b", "motion", 0.0),
+        ("m", "c", "static", 0.5),
+    ]
+    per_video = pd.DataFrame(
+        [{"method": m, "subject": s, "prompt_type": t, **{k: v for k in METRIC_NAMES}} for m, s, t, v in rows]
+    )
+    summary = summarize(per_video, 0.95)
+    overall = summary[(summary["prompt_type"] == "all") & (summary["metric"] == "clip_t")].iloc[0]
+    assert overall["mean"] == pytest.approx(0.5)  # (1 + 0 + 0.5) / 3, not the per-video mean 0.7
+    half = 4.302652729911275 * 0.5 / math.sqrt(3)  # t(0.975, df=2) * sd / sqrt(n)
+    assert overall["ci_low"] == pytest.approx(0.5 - half) and overall["ci_high"] == pytest.approx(0.5 + half)
+    assert overall["n_subjects"] == 3 and overall["n_videos"] == 5
+    motion = summary[(summary["prompt_type"] == "motion") & (summary["metric"] == "clip_t")].iloc[0]
+    assert motion["mean"] == pytest.approx(0.5) and motion["n_subjects"] == 2
+
+
+def test_cli_evaluate(tiny_models, method_dirs, tmp_path, capsys):
+    from customcrafter.cli import main
+
+    out = tmp_path / "cli_eval"
+    main(
+        [
+            "evaluate",
+            "--method-outputs",
+            str(method_dirs[0]),
+            str(method_dirs[1]),
+            "--out",
+            str(out),
+            "--clip-model",
+            tiny_models[0],
+            "--dino-model",
+            tiny_models[1],
+            "--device",
+            "cpu",
+            "--set",
+            "batch_size=8",
+        ]
+    )
+    for name in ("per_video.csv", "per_video.parquet", "summary.csv", "report.html", "summary.md"):
+        assert (out / name).is_file(), name
+    assert len(pd.read_csv(out / "per_video.csv")) == 8
+    assert "| base |" in capsys.readouterr().out
+
+
+def test_cli_missing_manifest_is_one_line_error(tmp_path, capsys):
+    from customcrafter.cli import main
+
+    empty = tmp_path / "no_manifest"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--method-outputs", str(empty), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(empty / "manifest.jsonl") in err and "not found" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_missing_video_and_bad_rows_are_named_before_any_work(tiny_models, method_dirs, tmp_path):
+    (method_dirs[1] / "dog_b" / "p01_s0.gif").unlink()
+    with pytest.raises(FileNotFoundError, match=r"manifest.jsonl:4: video 'dog_b/p01_s0.gif' not found"):
+        evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
+    assert not (tmp_path / "eval").exists()
+
+    manifest = method_dirs[0] / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    del rows[1]["seed"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"manifest.jsonl:2: missing field 'seed'"):
+        read_manifest(method_dirs[0])
+    rows[1]["seed"], rows[2]["prompt_type"] = 0, "dance"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"manifest.jsonl:3: prompt_type must be"):
+        read_manifest(method_dirs[0])
+
+
+def test_same_method_name_twice_is_an_error(tiny_models, method_dirs, tmp_path):
+    with pytest.raises(ValueError, match="appears twice"):
+        evaluate([method_dirs[0], method_dirs[0]], tmp_path / "eval", _config(tiny_models))
+
+
+def test_unloadable_model_names_it(method_dirs, tmp_path):
+    config = EvalConfig(clip_model=str(tmp_path / "nowhere"), device="cpu")
+    with pytest.raises(ValueError, match="CLIP model .*nowhere"):
+        evaluate(method_dirs, tmp_path / "eval", config)
