@@ -1,0 +1,109 @@
+"""End to end: ingest DreamBooth subjects -> validate (GX) -> dvc add -> push -> fresh clone -> pull -> same hashes.
+Also: validation of all 20 DreamBooth subjects, and failures reported per subject."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from customcrafter.data.ingest import ingest_subject
+from customcrafter.data.subjects import data_version, list_subjects, subject_content_hash
+from customcrafter.data.validate import validate_data
+
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _run(*args, cwd):
+    subprocess.run(list(args), cwd=cwd, env=ENV, check=True, capture_output=True, text=True)
+
+
+def _subject_table(dreambooth_dir: Path) -> list[dict]:
+    return list(csv.DictReader((dreambooth_dir / "subjects.csv").open()))
+
+
+def test_ingest_validate_version_push_clone_pull(tmp_path, dreambooth_dir):
+    repo, remote, clone = tmp_path / "repo", tmp_path / "remote", tmp_path / "clone"
+    repo.mkdir()
+    _run("git", "init", "-q", cwd=repo)
+    _run("dvc", "init", "-q", cwd=repo)
+    _run("dvc", "remote", "add", "-d", "local", str(remote), cwd=repo)
+    rows = {r["subject"]: r for r in _subject_table(dreambooth_dir)}
+    for name in ("dog", "robot_toy"):
+        result = ingest_subject(dreambooth_dir / name, name, rows[name]["class"], kind=rows[name]["kind"],
+                                data_root=repo / "data")
+        assert result.dvc_file == repo / "data.dvc"
+    validation = validate_data(repo / "data", out_dir=tmp_path / "validation")
+    assert validation.success, validation.problems
+    assert json.loads(validation.json_path.read_text())["n_images"] == 10
+    assert "Great Expectations" in validation.html_path.read_text()
+
+    hashes = {s.name: subject_content_hash(s.dir) for s in list_subjects(repo / "data")}
+    assert set(hashes) == {"dog", "robot_toy"}
+    md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    _run("git", "add", "-A", cwd=repo)
+    _run("git", "commit", "-qm", "data", cwd=repo)
+    _run("dvc", "push", "-q", cwd=repo)
+    version = data_version(repo)
+    assert version.dvc_md5 == md5 and version.git_revision and len(version.git_revision) == 40
+
+    _run("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    assert not (clone / "data").exists()
+    _run("dvc", "pull", "-q", cwd=clone)
+    assert {s.name: subject_content_hash(s.dir) for s in list_subjects(clone / "data")} == hashes
+    status = subprocess.run(["dvc", "status", "--json"], cwd=clone, env=ENV, capture_output=True, text=True)
+    assert json.loads(status.stdout) == {}  # clean after the pull
+    assert data_version(clone).dvc_md5 == md5
+
+
+def test_rejected_ingest_leaves_dvc_untouched(tmp_path, dreambooth_dir):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _run("git", "init", "-q", cwd=repo)
+    _run("dvc", "init", "-q", cwd=repo)
+    photos = tmp_path / "photos"
+    shutil.copytree(dreambooth_dir / "cat", photos)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    from customcrafter.data.ingest import IngestError
+
+    with pytest.raises(IngestError, match="broken.jpg"):
+        ingest_subject(photos, "cat", "cat", data_root=repo / "data")
+    assert not (repo / "data").exists() and not (repo / "data.dvc").exists()
+
+
+def test_validate_all_dreambooth_subjects_and_report_failures(tmp_path, dreambooth_dir, caplog):
+    data = tmp_path / "data"
+    for row in _subject_table(dreambooth_dir):
+        ingest_subject(dreambooth_dir / row["subject"], row["subject"], row["class"], kind=row["kind"],
+                       data_root=data, run_dvc=False)
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO):
+        result = validate_data(data, out_dir=tmp_path / "out")
+    logging.getLogger(__name__).info("validated 20 subjects in %.1f s", time.perf_counter() - start)
+    assert result.success and result.n_subjects == 20 and result.n_images == 106, result.problems
+
+    # Break three subjects in three ways; each is reported against its subject and file.
+    (data / "subjects" / "can" / "00.jpg").write_bytes(b"not a jpeg at all")
+    shutil.copy(data / "subjects" / "dog" / "00.jpg", data / "subjects" / "dog2" / "99.jpg")
+    meta = data / "subjects" / "clock" / "subject.yaml"
+    meta.write_text(meta.read_text().replace("token: <new1>", "token: new1"))
+    for extra in sorted((data / "subjects" / "red_cartoon").glob("*.jpg"))[1:]:
+        extra.unlink()
+    result = validate_data(data, out_dir=tmp_path / "out2")
+    assert not result.success
+    assert set(result.problems) == {"can", "dog", "dog2", "clock", "red_cartoon"}
+    assert any("00.jpg" in p and "decodable" in p for p in result.problems["can"])
+    assert any("sha256" in p for p in result.problems["dog2"])
+    assert any("token" in p for p in result.problems["clock"])
+    assert any("n_images" in p for p in result.problems["red_cartoon"])
+    report = json.loads((tmp_path / "out2" / "validation.json").read_text())
+    assert report["success"] is False and report["problems"] == result.problems
