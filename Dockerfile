@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1.7
+# Two targets, both non-root, no secrets baked in (credentials arrive as env vars from Kubernetes Secrets):
+#   customcrafter  (default, last stage): the one image every pipeline component runs in (KFP base_image,
+#                   install_kfp_package=False) and the CLI image. CUDA PyTorch base; its torch is kept.
+#   mlflow-server  the tracking server of k8s/ (MLflow + basic auth + Postgres driver + S3 client).
+# Build: docker build -t ghcr.io/customcrafter/customcrafter:0.1.0 .
+#        docker build --target mlflow-server -t ghcr.io/customcrafter/customcrafter-mlflow:0.1.0 .
+
+FROM python:3.11.11-slim-bookworm AS mlflow-server
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=true
+# Same MLflow as the package pins, so the server and the pipeline clients speak the same version.
+RUN pip install "mlflow[auth]==3.17.2" "boto3==1.44.5" "psycopg2-binary==2.9.13"
+RUN groupadd --gid 1000 mlflow && useradd --uid 1000 --gid 1000 --create-home mlflow
+USER 1000:1000
+WORKDIR /home/mlflow
+EXPOSE 5000
+CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
+
+FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime AS customcrafter
+# HF_HOME sits on the model-cache PVC (k8s/base/model-cache-pvc.yaml, mounted at /cache) so base-model
+# weights are downloaded once per cluster. Telemetry is off; HF_HUB_OFFLINE is left to the caller, because
+# the first run on a cluster has to fill the cache.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/cache/huggingface \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    DO_NOT_TRACK=true \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DVC_NO_ANALYTICS=1 \
+    GX_ANALYTICS_ENABLED=false
+# git: DVC and the git-commit tag on registered models.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/customcrafter
+COPY pyproject.toml README.md ./
+COPY src ./src
+# Keep the base image's CUDA torch: pin it with a constraints file generated from the image itself, so pip
+# never replaces it with a wheel from PyPI (several GB, possibly a different CUDA build).
+RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-constraint.txt \
+    && pip install --constraint /tmp/torch-constraint.txt . \
+    && python -c "import torch, customcrafter; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+RUN groupadd --gid 1000 app \
+    && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/app app \
+    && mkdir -p /cache /workspace \
+    && chown 1000:1000 /cache /workspace
+# Numeric user so Kubernetes can verify runAsNonRoot without a runAsUser override.
+USER 1000:1000
+WORKDIR /workspace
+CMD ["customcrafter", "--help"]

@@ -1,0 +1,83 @@
+"""The registered model: an MLflow pyfunc that turns prompts into videos with a base model + a subject module.
+
+What MLflow stores per version is small: the subject module folder (artifact ``subject_module``) and a model
+config with the base model id (``"tiny"``, a hub id, a checkpoint path...). The base weights are not copied
+into the registry; :meth:`CustomCrafterVideoModel.load_context` loads them through
+``customcrafter.loading.load_base_pipeline`` (with its cache), then applies the subject module. So
+``mlflow.pyfunc.load_model("models:/customcrafter-dog@champion").predict(pd.DataFrame({"prompt": [...]}))``
+works in any process that has the ``customcrafter`` package (the project image).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from typing import Any
+
+import mlflow.pyfunc
+
+__all__ = ["CustomCrafterVideoModel", "SUBJECT_MODULE_ARTIFACT", "SAMPLING_COLUMNS", "input_signature"]
+
+logger = logging.getLogger(__name__)
+
+SUBJECT_MODULE_ARTIFACT = "subject_module"
+# Optional per-row sampling settings, with their MLflow column types.
+SAMPLING_COLUMNS = {"seed": "long", "num_inference_steps": "long", "num_frames": "long", "height": "long",
+                    "width": "long"}
+
+
+def input_signature():
+    """``prompt`` (required string) plus the optional integer columns of :data:`SAMPLING_COLUMNS`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    columns = [ColSpec("string", "prompt")]
+    columns += [ColSpec(kind, name, required=False) for name, kind in SAMPLING_COLUMNS.items()]
+    return ModelSignature(inputs=Schema(columns))
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+class CustomCrafterVideoModel(mlflow.pyfunc.PythonModel):
+    """Prompts in, videos out. ``model_config``: ``base_model_id`` (required), ``method``, ``device``, ``dtype``."""
+
+    def load_context(self, context) -> None:
+        # Imported here: MLflow imports this module to unpickle the model long before the model code is needed,
+        # and registration must not pull in the whole diffusion stack.
+        import torch
+
+        from customcrafter.loading import load_base_pipeline
+        from customcrafter.subject_module import load_subject_module
+
+        config = dict(context.model_config or {})
+        if "base_model_id" not in config:
+            raise ValueError("model_config: 'base_model_id' is missing (registered without it?)")
+        self.config = config
+        dtype = getattr(torch, config.get("dtype", "float32"))
+        module_dir = context.artifacts[SUBJECT_MODULE_ARTIFACT]
+        logger.info("loading base model %r and subject module %s", config["base_model_id"], module_dir)
+        self.pipe = load_base_pipeline(config["base_model_id"], device=config.get("device"), dtype=dtype)
+        load_subject_module(self.pipe, module_dir)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        """``model_input``: a DataFrame with ``prompt`` and optional :data:`SAMPLING_COLUMNS` per row.
+
+        Returns a list with one video per row, as ``customcrafter.sampling.sample_video`` gives it
+        (uint8 frames ``(T, H, W, 3)``).
+        """
+        from customcrafter.sampling import sample_video
+
+        if "prompt" not in model_input.columns:
+            raise ValueError(f"model_input: a 'prompt' column is required, got columns {list(model_input.columns)}")
+        accepted = inspect.signature(sample_video).parameters
+        videos = []
+        for row in model_input.to_dict(orient="records"):
+            kwargs = {k: int(row[k]) for k in SAMPLING_COLUMNS if k in row and _present(row[k])}
+            if "method" in accepted and self.config.get("method"):
+                kwargs["method"] = self.config["method"]
+            kwargs.update({k: v for k, v in (params or {}).items() if k in accepted})
+            videos.append(sample_video(self.pipe, row["prompt"], **kwargs))
+        return videos

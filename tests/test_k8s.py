@@ -1,0 +1,226 @@
+"""Kubernetes manifests and the Dockerfile, checked offline: render with kustomize, validate schemas, invariants."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from customcrafter.orchestration.kfp_client import DEFAULT_GPU_SCHEDULING, gpu_scheduling_from_configmap
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+K8S_VERSION = "1.32.0"  # the API version we target (kubectl on the CI image is 1.32)
+OVERLAYS = ["base", "overlays/local", "overlays/production"]
+DEPLOYABLE = OVERLAYS[1:]
+SECRET_NAMES = {"mlflow-auth", "mlflow-client", "mlflow-s3", "mlflow-postgres", "customcrafter-hf"}
+
+
+@cache
+def render(path: str) -> tuple[dict, ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is required to render the kustomizations (it ships kustomize)")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {path}: {out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def by_kind(docs, kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def pod_specs(docs) -> list[dict]:
+    return [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
+def containers(docs) -> list[dict]:
+    return [c for spec in pod_specs(docs) for c in spec.get("containers", []) + spec.get("initContainers", [])]
+
+
+def mlflow_container(docs) -> dict:
+    (deploy,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "mlflow"]
+    return next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow")
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("path", [*OVERLAYS, "secrets"])
+def test_renders_and_every_object_matches_the_kubernetes_schema(path):
+    docs = render(path)
+    assert docs
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_everything_in_namespace_and_core_objects_present(path):
+    docs = render(path)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("Namespace", "customcrafter"), ("Deployment", "mlflow"), ("Service", "mlflow"),
+            ("ServiceAccount", "customcrafter-pipeline-runner"), ("Role", "customcrafter-pipeline-runner"),
+            ("RoleBinding", "customcrafter-pipeline-runner"), ("PersistentVolumeClaim", "customcrafter-model-cache"),
+            ("ConfigMap", "customcrafter-gpu-scheduling")} <= kinds
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "customcrafter", doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_no_secrets_in_deployable_trees(path):
+    """Secrets live only in k8s/secrets (templates), so applying an overlay never overwrites real ones."""
+    assert by_kind(render(path), "Secret") == []
+    text = "\n".join(p.read_text() for p in (K8S / path).rglob("*.yaml"))
+    assert not re.search(r"(?i)(password|secret_access_key|token)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{8,}", text)
+
+
+def test_secret_templates_carry_no_values_and_cover_every_reference():
+    secrets = by_kind(render("secrets"), "Secret")
+    assert {s["metadata"]["name"] for s in secrets} == SECRET_NAMES
+    keys = {}
+    for secret in secrets:
+        assert not secret.get("data"), secret["metadata"]["name"]
+        assert all(v == "" for v in secret.get("stringData", {}).values()), secret["metadata"]["name"]
+        keys[secret["metadata"]["name"]] = set(secret["stringData"])
+    for path in DEPLOYABLE:
+        for c in containers(render(path)):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in keys.get(ref["name"], set()), f"{path}: {ref} has no template"
+            for source in c.get("envFrom", []):
+                if "secretRef" in source:
+                    assert source["secretRef"]["name"] in keys
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_every_container_non_root_with_limits_and_pinned_image(path):
+    docs = render(path)
+    for spec in pod_specs(docs):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"].get("runAsUser", 1000) != 0
+    for c in containers(docs):
+        assert c["securityContext"]["runAsNonRoot"] is True, c["name"]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False, c["name"]
+        assert {"cpu", "memory"} <= set(c["resources"]["limits"]), c["name"]
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]), c["name"]
+        name, _, tag = c["image"].rpartition(":")
+        assert name and tag and tag != "latest" and "/" in name, f"{c['name']}: image {c['image']!r} not pinned"
+
+
+def test_mlflow_server_settings_dev_vs_production():
+    local, prod = mlflow_container(render("overlays/local")), mlflow_container(render("overlays/production"))
+    for c in (local, prod):
+        assert "--app-name=basic-auth" in c["args"]
+        env = env_of(c)
+        assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+        assert "value" not in env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    # dev: sqlite on a PVC
+    local_docs = render("overlays/local")
+    (config,) = [d for d in by_kind(local_docs, "ConfigMap") if d["metadata"]["name"] == "mlflow-config"]
+    assert config["data"]["backend-store-uri"].startswith("sqlite:////mlflow/store/")
+    volumes = {v["name"]: v for v in pod_specs(local_docs)[0]["volumes"]}
+    assert volumes["store"]["persistentVolumeClaim"]["claimName"] == "mlflow-store"
+    assert ("PersistentVolumeClaim", "mlflow-store") in {(d["kind"], d["metadata"]["name"]) for d in local_docs}
+    # production: Postgres URIs from a Secret, S3 artifacts with credentials from a Secret, no sqlite left
+    prod_docs = render("overlays/production")
+    env = env_of(prod)
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"] == {"secretKeyRef": {"name": "mlflow-postgres", "key": "uri"}}
+    assert prod["envFrom"] == [{"secretRef": {"name": "mlflow-s3", "optional": False}}]
+    (config,) = [d for d in by_kind(prod_docs, "ConfigMap") if d["metadata"]["name"] == "mlflow-config"]
+    assert config["data"]["artifacts-destination"].startswith("s3://")
+    assert "sqlite" not in yaml.safe_dump(list(prod_docs))
+    init = pod_specs(prod_docs)[0]["initContainers"][0]
+    assert env_of(init)["MLFLOW_AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+    (deploy,) = by_kind(prod_docs, "Deployment")
+    assert deploy["spec"]["replicas"] >= 2
+
+
+def test_pipeline_runner_rbac_is_least_privilege():
+    docs = render("overlays/production")
+    (role,) = by_kind(docs, "Role")
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
+        if "secrets" in rule["resources"]:
+            assert rule["verbs"] == ["get"] and rule.get("resourceNames"), "secrets only by name, read-only"
+            assert not set(rule["resourceNames"]) & SECRET_NAMES, "our secrets reach pods via the kubelet"
+    (binding,) = by_kind(docs, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "customcrafter-pipeline-runner",
+                                    "namespace": "customcrafter"}]
+
+
+def test_model_cache_and_gpu_scheduling():
+    prod = render("overlays/production")
+    (cache_pvc,) = [d for d in by_kind(prod, "PersistentVolumeClaim") if d["metadata"]["name"] == "customcrafter-model-cache"]
+    assert cache_pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for path in OVERLAYS:
+        (cm,) = [d for d in by_kind(render(path), "ConfigMap") if d["metadata"]["name"] == "customcrafter-gpu-scheduling"]
+        assert cm["data"]["toleration-key"] == "nvidia.com/gpu" and cm["data"]["gpu-resource"] == "nvidia.com/gpu"
+    assert gpu_scheduling_from_configmap(K8S / "base/gpu-scheduling-configmap.yaml") == DEFAULT_GPU_SCHEDULING
+
+
+# ------------------------------------------------------------------------------------------ Dockerfile
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """Instructions per build stage, as (INSTRUCTION, arguments) with line continuations joined."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), args.strip()))
+    return stages
+
+
+def test_dockerfile_stages_are_pinned_non_root_and_secret_free():
+    stages = dockerfile_stages()
+    assert len(stages) >= 1
+    secretish = re.compile(r"(?i)(password|passwd|secret|token|api_?key|access_key|credential)")
+    for stage in stages:
+        base = stage[0][1].split()[0]
+        assert ":" in base and not base.endswith(":latest"), f"FROM {base} not pinned"
+        users = [i for i, (ins, _) in enumerate(stage) if ins == "USER"]
+        starts = [i for i, (ins, _) in enumerate(stage) if ins in ("CMD", "ENTRYPOINT")]
+        assert users and starts and users[-1] < starts[0], f"{base}: USER must come before CMD/ENTRYPOINT"
+        user = stage[users[-1]][1].split(":")[0]
+        assert user not in ("root", "0"), f"{base}: runs as root"
+        for ins, args in stage:
+            if ins in ("ENV", "ARG"):
+                for name, value in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)", args):
+                    assert not (secretish.search(name) and value), f"{ins} {name} carries a value"
+            assert not (ins in ("COPY", "ADD") and re.search(r"\.env\b|secrets?/", args)), f"{ins} {args}"
+
+
+def test_dockerfile_project_image_keeps_base_torch_and_installs_package():
+    stages = dockerfile_stages()
+    final = stages[-1]
+    assert final[0][1].split()[0].startswith("pytorch/pytorch:") and "cuda" in final[0][1]
+    runs = " ".join(args for ins, args in final if ins == "RUN")
+    assert re.search(r"pip install --constraint \S+ \.", runs), "package must be installed under the torch pin"
+    assert "torch.__version__" in runs
+    env = " ".join(args for ins, args in final if ins == "ENV")
+    assert "HF_HOME=/cache/huggingface" in env
+    assert DEFAULT_GPU_SCHEDULING.model_cache_mount_path == "/cache"
+    assert "MLFLOW_DISABLE_TELEMETRY=true" in env and "DO_NOT_TRACK=true" in env
+
+
+def test_dockerignore_keeps_caches_and_secrets_out():
+    entries = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", "data/", "outputs/", "mlruns/", ".env", "*.env"} <= entries
