@@ -1,3 +1,100 @@
-"""`customcrafter pipeline` commands (filled in by the pipeline stage)."""
+"""`customcrafter pipeline` commands: compile, submit, schedule, run-local (Kubeflow Pipelines v2)."""
 
-from customcrafter.cli import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from customcrafter.cli import app
+from customcrafter.orchestration.settings import COMPILED_DIR, DEFAULT_EXPERIMENT
+
+pipeline_app = typer.Typer(no_args_is_help=True, help="Kubeflow pipeline: compile, submit, schedule, run locally.")
+app.add_typer(pipeline_app, name="pipeline")
+
+_PARAM_HELP = ("pipeline parameter KEY=VALUE, repeatable (JSON values: seeds=[0,1]; subject=dog or "
+               "subjects=dog,cat; methods=customcrafter,dreamvideo; config_overrides='{\"train.max_train_steps\": 400}')")
+
+
+@pipeline_app.command("compile")
+def compile_cmd(
+    output_dir: Path = typer.Option(COMPILED_DIR, "--output-dir", "-o", help="where the IR YAML files go"),
+    train_gpus: int = typer.Option(None, "--train-gpus", help="GPUs of each train task (default 4, or "
+                                                              "$CUSTOMCRAFTER_TRAIN_GPUS)"),
+) -> None:
+    """Compile pipelines/*.py to IR YAML (customcrafter_pipeline.yaml, retrain_new_subjects.yaml)."""
+    from dataclasses import replace
+
+    from customcrafter.orchestration.local_run import compile_pipelines
+    from customcrafter.orchestration.settings import compile_settings
+
+    settings = compile_settings()
+    if train_gpus is not None:
+        settings = replace(settings, train_gpus=train_gpus)
+    for path in compile_pipelines(output_dir, settings):
+        typer.echo(f"compiled {path}")
+
+
+@pipeline_app.command("submit")
+def submit_cmd(
+    host: str = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://localhost:8080"),
+    experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", "-e"),
+    param: list[str] = typer.Option([], "--param", "-p", help=_PARAM_HELP),
+    package: Path = typer.Option(COMPILED_DIR / "customcrafter_pipeline.yaml", "--package", "-f",
+                                 help="compiled pipeline"),
+    run_name: str = typer.Option(None, "--run-name"),
+    namespace: str = typer.Option(None, "--namespace"),
+) -> None:
+    """Submit a run (same as `kfp run create -e EXPERIMENT -f PACKAGE key=value ...`); token from $KFP_TOKEN."""
+    from customcrafter.orchestration.kfp_client import submit_run
+    from customcrafter.orchestration.local_run import pipeline_arguments
+
+    run_id = submit_run(host, package, arguments=pipeline_arguments(param), experiment=experiment,
+                        run_name=run_name, namespace=namespace)
+    typer.echo(f"submitted run {run_id} to {host} (experiment {experiment})")
+
+
+@pipeline_app.command("schedule")
+def schedule_cmd(
+    host: str = typer.Option(..., "--host", help="KFP API endpoint"),
+    cron: str = typer.Option("0 3 * * *", "--cron", help="5-field cron (or KFP's 6 fields, seconds first)"),
+    experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", "-e"),
+    job_name: str = typer.Option("retrain-new-subjects", "--job-name"),
+    param: list[str] = typer.Option([], "--param", "-p", help=_PARAM_HELP),
+    package: Path = typer.Option(COMPILED_DIR / "retrain_new_subjects.yaml", "--package", "-f"),
+    namespace: str = typer.Option(None, "--namespace"),
+) -> None:
+    """Schedule retraining of new/changed subjects (same as `kfp recurring-run create`)."""
+    from customcrafter.orchestration.kfp_client import schedule_retraining
+    from customcrafter.orchestration.local_run import pipeline_arguments
+
+    job_id = schedule_retraining(host, package, cron, experiment=experiment, job_name=job_name,
+                                 arguments=pipeline_arguments(param), namespace=namespace)
+    typer.echo(f"scheduled {job_name} ({job_id}) on {host} with cron {cron!r}")
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@pipeline_app.command("run-local")
+def run_local_cmd(
+    subjects: str = typer.Option(None, "--subjects", help="comma-separated (default: dog)"),
+    methods: str = typer.Option(None, "--methods", help="comma-separated (default: customcrafter,"
+                                                        "custom_diffusion,dreamvideo)"),
+    base_model: str = typer.Option("tiny", "--base-model", help="'tiny', a hub id, a checkpoint or a folder"),
+    out: Path = typer.Option(Path("outputs/local"), "--out", help="pipeline root, MLflow store, links"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny/ci (CPU minutes) or full (paper settings)"),
+    override: list[str] = typer.Option([], "--override", help="SECTION.KEY=VALUE on top of the preset "
+                                                              "(sections: train, sample, augment, evaluate, run)"),
+    data_source: Path = typer.Option(Path("."), "--data", help="repository or data root with subjects/"),
+    experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment"),
+    retrain: bool = typer.Option(False, "--retrain", help="run retrain_new_subjects (only new/changed "
+                                                          "subjects) instead"),
+) -> None:
+    """Run the whole pipeline on this machine (KFP SubprocessRunner, local MLflow, DVC workspace data)."""
+    from customcrafter.orchestration.local_run import run_local
+
+    run_local(subjects=_csv(subjects), methods=_csv(methods), base_model=base_model, out=out, preset=preset,
+              overrides=override, data_source=data_source, experiment=experiment, retrain=retrain,
+              echo=typer.echo)

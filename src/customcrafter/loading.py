@@ -1,0 +1,154 @@
+"""Load the base model: ``load_base_pipeline("tiny" | hub id | checkpoint file | converted folder)``.
+
+* ``"tiny"``: a small VideoCrafter2-shaped model (the fixtures' ``tiny_lvdm_config.yaml`` sizes, every structural flag
+  kept) with seeded random weights, so it is the same model in every process. Built in about a second; for tests and
+  demos.
+* a converted diffusers folder (``model_index.json``): ``VideoCrafter2Pipeline.from_pretrained``.
+* a local original checkpoint (``.ckpt``/``.safetensors``): converted once with ``customcrafter.convert`` and cached
+  under ``cache_dir`` (default ``$CUSTOMCRAFTER_CACHE`` or ``~/.cache/customcrafter``), keyed by the file's path,
+  size and modification time.
+* a hub id (``VideoCrafter/VideoCrafter2``, optionally ``repo_id:filename``): the file is fetched with
+  ``huggingface_hub.hf_hub_download`` (honours ``HF_HUB_OFFLINE``/the hub cache), then as a local checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from customcrafter.models.text import build_text_encoder, load_tokenizer, openclip_text_config
+from customcrafter.models.unet import VideoCrafter2UNet
+from customcrafter.models.vae import vae_config
+from customcrafter.pipeline import VideoCrafter2Pipeline
+from customcrafter.scheduler import VideoCrafter2DDIMScheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HUB_MODEL = "VideoCrafter/VideoCrafter2"
+DEFAULT_HUB_FILENAME = "model.ckpt"
+TINY_SEED = 20240229
+
+#: The tiny preset: the fixtures' tiny_lvdm_config.yaml (UNet model_channels 32, channel_mult [1,2,2,2],
+#: num_head_channels 16, context_dim 32; VAE ch 32, ch_mult [1,1,2,2], 1 res block) and tiny_openclip_text.json.
+TINY_UNET_CONFIG = {
+    "block_out_channels": (32, 64, 64, 64),
+    "layers_per_block": 2,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 16,  # the width of every head (original: num_head_channels)
+    "fps_cond": True,
+}
+TINY_VAE_CONFIG = {"block_out_channels": (32, 32, 64, 64), "layers_per_block": 1}
+TINY_TEXT_CONFIG = {"width": 32, "heads": 4, "layers": 3}
+
+
+def _reinit_zero_weights(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give weights that diffusers initialises to zero (e.g. the temporal convs' last conv) small random values.
+
+    Zero-initialised layers make whole paths of a random model inert; the tiny model should exercise every path.
+    """
+    for name, param in module.named_parameters():
+        if param.ndim >= 2 and not param.detach().any():
+            fan_in = param[0].numel()
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=generator) * (0.5 / fan_in**0.5))
+            logger.debug("tiny preset: re-initialised zero weight %s", name)
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED) -> VideoCrafter2Pipeline:
+    """The tiny model in float32 on the CPU, identical in every process for a given seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = VideoCrafter2UNet(**TINY_UNET_CONFIG)
+        vae = AutoencoderKL(**vae_config(**TINY_VAE_CONFIG))
+        text_encoder = build_text_encoder(openclip_text_config(**TINY_TEXT_CONFIG))
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in (unet, vae, text_encoder):
+        _reinit_zero_weights(module, generator)
+    return VideoCrafter2Pipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=load_tokenizer(), unet=unet.eval(),
+        scheduler=VideoCrafter2DDIMScheduler(),
+    )
+
+
+def base_model_signature(pipe: VideoCrafter2Pipeline) -> str:
+    """Stable hash (16 hex digits) of the UNet and text-encoder configs: what an adapter's shapes depend on."""
+    unet_config = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    text = pipe.text_encoder.config
+    text_config = {k: getattr(text, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "max_position_embeddings", "hidden_act", "layer_norm_eps")}
+    blob = json.dumps({"unet": unet_config, "text_encoder": text_config}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CUSTOMCRAFTER_CACHE", Path.home() / ".cache" / "customcrafter"))
+
+
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Convert an original checkpoint once; return the cached diffusers folder."""
+    from customcrafter.convert import convert_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+    target = Path(cache_dir or default_cache_dir()) / "converted" / f"{checkpoint.stem}-{_cache_key(checkpoint)}"
+    if (target / "model_index.json").is_file():
+        logger.info("using converted %s from the cache: %s", checkpoint, target)
+        return target
+    logger.info("converting %s (once; cached at %s)", checkpoint, target)
+    convert_checkpoint(checkpoint, target)
+    return target
+
+
+def _download(model: str) -> Path:
+    """``repo_id`` or ``repo_id:filename`` → local file via the hub cache; clear error when offline and not cached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, filename = model.partition(":")
+    try:
+        return Path(hf_hub_download(repo_id, filename or DEFAULT_HUB_FILENAME))
+    except LocalEntryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{model}: not in the local hub cache and the hub is unreachable (offline: HF_HUB_OFFLINE="
+            f"{os.environ.get('HF_HUB_OFFLINE', '0')}); download {filename or DEFAULT_HUB_FILENAME} once with network "
+            "access, or pass a local checkpoint/converted folder"
+        ) from exc
+
+
+def load_base_pipeline(
+    model: str = "tiny",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+) -> VideoCrafter2Pipeline:
+    """Load the base model (see the module docstring for what ``model`` may be) on ``device`` (None: CPU)."""
+    path = Path(model)
+    if model == "tiny":
+        pipe = build_tiny_pipeline()
+    elif path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path}: not a converted model folder (no model_index.json)")
+        pipe = VideoCrafter2Pipeline.from_pretrained(path)
+    elif path.suffix in (".ckpt", ".safetensors", ".pt", ".pth") or path.is_file():
+        pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(path, cache_dir))
+    elif "/" in model and not path.exists():
+        pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(_download(model), cache_dir))
+    else:
+        raise FileNotFoundError(f"{model}: not 'tiny', a hub id, a checkpoint file or a converted folder")
+    pipe.base_model_id = model
+    pipe = pipe.to(device or "cpu")
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -1,0 +1,77 @@
+"""VideoCrafter2's VAE: Stable Diffusion's image ``AutoencoderKL`` applied frame by frame, latents scaled by 0.18215.
+
+The original encodes and decodes a video one frame at a time (``encode_first_stage``/``decode_first_stage`` loop over
+frames); ``chunk_size`` > 1 processes several frames per call (same result, more memory).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+
+SCALING_FACTOR = 0.18215
+
+
+def vae_config(
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2, latent_channels: int = 4
+) -> dict:
+    """``AutoencoderKL`` config for an LDM first-stage model (defaults: VideoCrafter2's, = Stable Diffusion's)."""
+    n = len(block_out_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * n,
+        "up_block_types": ("UpDecoderBlock2D",) * n,
+        "block_out_channels": tuple(block_out_channels),
+        "layers_per_block": layers_per_block,
+        "latent_channels": latent_channels,
+        "norm_num_groups": 32,
+        "scaling_factor": SCALING_FACTOR,
+        "sample_size": 256,
+    }
+
+
+def _frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) → (B*T, C, H, W), frame-major within each video."""
+    b, c, t, h, w = video.shape
+    return video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def _video(frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B*T, C, H, W) → (B, C, T, H, W)."""
+    bt, c, h, w = frames.shape
+    return frames.reshape(batch, bt // batch, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def encode_video(
+    vae: AutoencoderKL,
+    video: torch.Tensor,
+    sample: bool = True,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1,
+) -> torch.Tensor:
+    """Video (B, 3, T, H, W) in [-1, 1] → scaled latents (B, 4, T, H/8, W/8).
+
+    ``sample=True`` draws from the posterior (training, as the original); False takes its mean.
+    """
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video must be (B, 3, T, H, W), got {tuple(video.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    frames = _frames(video.to(device=vae.device, dtype=vae.dtype))
+    latents = []
+    for chunk in frames.split(chunk_size):
+        posterior = vae.encode(chunk).latent_dist
+        latents.append(posterior.sample(generator=generator) if sample else posterior.mean)
+    return _video(torch.cat(latents), video.shape[0]) * vae.config.scaling_factor
+
+
+def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:
+    """Scaled latents (B, 4, T, h, w) → video (B, 3, T, 8h, 8w), nominally in [-1, 1] (not clamped)."""
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be (B, C, T, h, w), got {tuple(latents.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    frames = _frames(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor)
+    decoded = [vae.decode(chunk).sample for chunk in frames.split(chunk_size)]
+    return _video(torch.cat(decoded), latents.shape[0])

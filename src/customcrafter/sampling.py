@@ -1,0 +1,154 @@
+"""Sampling: one prompt, or the evaluation set, for a base pipeline with zero or more subject modules loaded.
+
+CustomCrafter modules (LoRA) sample with DWVSS by default; baselines (Custom Diffusion, DreamVideo) sample with
+plain DDIM at full strength - their weights are simply part of the model. Paper settings: DDIM 50 steps, η 1.0,
+CFG 12 with an empty negative prompt, 16 frames at 320×512, fps = the module's training fps (16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from customcrafter.config import StrictModel
+from customcrafter.dwvss import DWVSSConfig, dwvss_sampling
+from customcrafter.subject_module import loaded_modules
+from customcrafter.utils import atomic_write_bytes
+
+__all__ = ["SampleConfig", "sample_video", "sample_evaluation_set", "DEFAULT_BASE_FPS", "last_sampling_record"]
+
+logger = logging.getLogger(__name__)
+
+#: VideoCrafter2's default fps conditioning, used when no subject module says otherwise.
+DEFAULT_BASE_FPS = 28
+
+
+class SampleConfig(StrictModel):
+    """Sampler settings. Defaults = the paper's evaluation."""
+
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(12.0, ge=0)
+    eta: float = Field(1.0, ge=0, description="DDIM eta (1.0 = the paper's stochastic DDIM)")
+    fps: int | None = Field(None, ge=1, description="None = the loaded module's training fps, else 28")
+    num_frames: int = Field(16, ge=1)
+    height: int = Field(320, ge=8, multiple_of=8)
+    width: int = Field(512, ge=8, multiple_of=8)
+    negative_prompt: str = ""
+    dwvss: DWVSSConfig | None = Field(default_factory=DWVSSConfig, description="None = constant LoRA scale 1")
+
+
+def _resolve_fps(pipe, config: SampleConfig) -> int:
+    if config.fps is not None:
+        return config.fps
+    modules = loaded_modules(pipe)
+    if not modules:
+        return DEFAULT_BASE_FPS
+    rates = {m.fps for m in modules}
+    if len(rates) > 1:
+        logger.warning("loaded modules were trained at different fps %s; sampling at %d", sorted(rates),
+                       modules[0].fps)
+    return modules[0].fps
+
+
+def _check_tokens(pipe, prompt: str) -> None:
+    modules = loaded_modules(pipe)
+    if modules and not any(m.token in prompt for m in modules):
+        tokens = ", ".join(m.token for m in modules)
+        logging.warning("prompt %r contains no loaded subject token (%s): the subject will not appear", prompt,
+                        tokens)
+
+
+def last_sampling_record(pipe) -> dict:
+    """What the last :func:`sample_video` call used (scale per step, skipped steps, fps); for tests and logs."""
+    return dict(pipe.__dict__.get("_last_sampling", {}))
+
+
+def sample_video(pipe, prompt: str, *, seed: int = 0, config: SampleConfig | None = None, method: str | None = None,
+                 **overrides) -> np.ndarray:
+    """Sample one video; returns uint8 frames ``(T, H, W, 3)``.
+
+    ``overrides`` replace fields of ``config`` (e.g. ``num_inference_steps=25``). ``method`` is accepted for
+    callers that know it; what is loaded on ``pipe`` decides how to sample (DWVSS only for LoRA modules).
+    """
+    config = (config or SampleConfig()).model_copy(update=overrides) if overrides else (config or SampleConfig())
+    config = SampleConfig.model_validate(config.model_dump())  # validate overrides too
+    _check_tokens(pipe, prompt)
+    fps = _resolve_fps(pipe, config)
+    lora_names = [m.adapter_name for m in loaded_modules(pipe) if m.uses_lora]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    record: dict = {"fps": fps, "seed": seed, "scales": [], "skipped": []}
+    schedule = (dwvss_sampling(pipe.unet, config.dwvss, config.num_inference_steps, adapter_names=lora_names)
+                if lora_names else contextlib.nullcontext(None))
+    with schedule as callback:
+        output = pipe(prompt, negative_prompt=config.negative_prompt, num_inference_steps=config.num_inference_steps,
+                      guidance_scale=config.guidance_scale, eta=config.eta, fps=fps, num_frames=config.num_frames,
+                      height=config.height, width=config.width, generator=generator, output_type="np",
+                      on_step_begin=callback)
+        if callback is not None:
+            record["scales"], record["skipped"] = list(callback.recorded), list(callback.skipped)
+    pipe.__dict__["_last_sampling"] = record
+    frames = np.asarray(output.frames[0])
+    if frames.dtype != np.uint8:
+        raise TypeError(f"pipeline returned {frames.dtype} frames, expected uint8")
+    return frames
+
+
+def _sampling_settings(pipe, config: SampleConfig) -> dict:
+    settings = config.model_dump(mode="json")
+    settings["fps"] = _resolve_fps(pipe, config)
+    return settings
+
+
+def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str | Path, out_dir: str | Path,
+                          seeds: list[int], prompt_limit: int | None = None, config: SampleConfig | None = None,
+                          kind: str | None = None, class_word: str | None = None,
+                          token: str | None = None) -> Path:
+    """Sample every evaluation prompt × seed; write ``out_dir/<subject>/pNN_sS.mp4`` and ``out_dir/manifest.jsonl``.
+
+    Rows follow docs/ARCHITECTURE.md "Method outputs". Resumable: a video already on disk is not sampled again.
+    Class word, kind and token come from the loaded module / subject.yaml unless given.
+    """
+    from customcrafter.evaluation.prompts import evaluation_prompts, format_prompt
+    from customcrafter.training.dataset import resolve_subject
+    from customcrafter.video_io import export_mp4
+
+    config = config or SampleConfig()
+    out_dir = Path(out_dir)
+    modules = loaded_modules(pipe)
+    module_meta = modules[-1].meta if modules else {}
+    info = resolve_subject(subject_dir, class_word or module_meta.get("class_word"), None,
+                           kind or module_meta.get("kind"))
+    token = token if token is not None else (modules[-1].token if modules else "")
+    class_word = info.class_word
+    prompts = evaluation_prompts(info.kind)[: prompt_limit or None]
+    if config.dwvss is not None and not any(m.uses_lora for m in modules):
+        config = config.model_copy(update={"dwvss": None})  # baselines / base model: plain DDIM
+    settings = _sampling_settings(pipe, config)
+    rows = []
+    (out_dir / subject).mkdir(parents=True, exist_ok=True)
+    for prompt in prompts:
+        text = format_prompt(prompt.template, token, class_word)
+        for seed in seeds:
+            relative = f"{subject}/p{prompt.index:02d}_s{seed}.mp4"
+            target = out_dir / relative
+            if not target.is_file():
+                frames = sample_video(pipe, text, seed=seed, config=config)
+                tmp = target.with_name(f".{target.name}.tmp.mp4")
+                export_mp4(frames, tmp, fps=8)
+                tmp.replace(target)
+            else:
+                logger.info("exists, skipped: %s", target)
+            rows.append({"method": method, "subject": subject, "subject_dir": str(subject_dir),
+                         "class_word": class_word, "token": token, "kind": info.kind, "prompt": text,
+                         "prompt_template": prompt.template, "prompt_type": prompt.type,
+                         "prompt_index": prompt.index, "seed": seed, "video": relative, "sampling": settings})
+    manifest = out_dir / "manifest.jsonl"
+    atomic_write_bytes(manifest, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    logger.info("wrote %d videos of %s (%s) to %s", len(rows), subject, method, out_dir)
+    return manifest

@@ -1,0 +1,85 @@
+"""Class images for prior preservation: a user folder, or generated once with the base model and cached.
+
+The reference code's README retrieves 200 real images from LAION or samples SD-2.1-base; with neither available
+offline, we sample the base model itself (single frames) with the class prompt. The cache key covers everything
+that changes the images (base model signature, prompt, count, resolution, steps, seed), so a cache entry is never
+reused for a different request; entries are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from customcrafter.data.subjects import iter_image_files
+from customcrafter.utils import atomic_dir
+
+__all__ = ["class_images_cache_key", "default_cache_root", "generate_class_images", "resolve_class_images"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("CUSTOMCRAFTER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "customcrafter")
+    return Path(base) / "class_images"
+
+
+def class_images_cache_key(signature: str, prompt: str, count: int, resolution: tuple[int, int], steps: int,
+                           seed: int) -> str:
+    payload = json.dumps({"signature": signature, "prompt": prompt, "count": count, "resolution": list(resolution),
+                          "steps": steps, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def generate_class_images(pipe, prompt: str, count: int, out_dir: Path, resolution: tuple[int, int], steps: int,
+                          seed: int = 0) -> list[Path]:
+    """Sample ``count`` single-frame images of ``prompt`` into ``out_dir`` (atomically); image i uses seed+i."""
+    height, width = resolution
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        for index in tqdm(range(count), desc="class images", disable=count < 4):
+            generator = torch.Generator(device="cpu").manual_seed(seed + index)
+            frames = pipe(prompt, num_inference_steps=steps, num_frames=1, height=height, width=width,
+                          generator=generator, output_type="np").frames
+            Image.fromarray(frames[0][0]).save(tmp / f"{index:04d}.png")
+        (tmp / "info.json").write_text(json.dumps({"prompt": prompt, "count": count, "steps": steps,
+                                                   "resolution": list(resolution), "seed": seed}, indent=2))
+    return iter_image_files(out_dir)
+
+
+def resolve_class_images(config, pipe, class_word: str) -> list[Path]:
+    """The class images of a training run: ``config.class_images_dir`` or the cached generated set."""
+    if config.class_images_dir:
+        folder = Path(config.class_images_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"class_images_dir {folder}: not a folder")
+        images = iter_image_files(folder)
+        if not images:
+            raise ValueError(f"class_images_dir {folder}: no images")
+        if len(images) < config.num_class_images:
+            logger.info("class_images_dir %s holds %d images (< num_class_images %d): using all of them",
+                        folder, len(images), config.num_class_images)
+        return images[: config.num_class_images]
+
+    from customcrafter.loading import base_model_signature
+
+    prompt = config.class_prompt.format(class_word=class_word)
+    key = class_images_cache_key(base_model_signature(pipe), prompt, config.num_class_images,
+                                 tuple(config.resolution), config.class_image_steps, config.seed)
+    root = Path(config.class_images_cache_dir) if config.class_images_cache_dir else default_cache_root()
+    folder = root / key
+    images = iter_image_files(folder) if folder.is_dir() else []
+    if len(images) >= config.num_class_images:
+        logger.info("using %d cached class images from %s", len(images), folder)
+        return images[: config.num_class_images]
+    logger.info("generating %d class images of %r with the base model into %s", config.num_class_images, prompt,
+                folder)
+    return generate_class_images(pipe, prompt, config.num_class_images, folder, tuple(config.resolution),
+                                 config.class_image_steps, config.seed)

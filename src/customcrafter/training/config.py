@@ -1,0 +1,150 @@
+"""TrainConfig: every knob of subject learning, with defaults that reproduce the CustomCrafter paper.
+
+Where the reference code differs from the paper, the code's choice is a named option (see ``docs/METHOD.md``):
+``lr_preset="reference"`` (2.4e-4), ``loss="l1"`` (masked), ``caption_dropout=0.2``. The baselines (Custom
+Diffusion, DreamVideo) are selected with ``method`` and use their papers' step counts and learning rates unless
+``steps`` / ``lr`` are given.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from customcrafter.config import StrictModel
+from customcrafter.data.augment import AugmentConfig
+
+__all__ = ["TrainConfig", "DreamVideoConfig", "Method", "METHODS", "REFERENCE_LR", "PAPER_INSTANCE_TEMPLATES"]
+
+Method = Literal["customcrafter", "custom_diffusion", "custom_diffusion_long", "dreamvideo", "dreamvideo_long"]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+#: The reference code's effective learning rate: 3e-5 auto-scaled x2 (prior preservation) x4 GPUs x batch 1.
+REFERENCE_LR = 2.4e-4
+#: The reference code's instance caption templates; "{}" is filled with "<prefix><token> <class word>".
+PAPER_INSTANCE_TEMPLATES = ("video of a {}", "{}", "a static video of a {}", "a {}")
+
+
+class DreamVideoConfig(StrictModel):
+    """DreamVideo subject learning (Wei et al., CVPR 2024): textual inversion, then an identity adapter."""
+
+    inversion_steps: int = Field(3000, ge=0, description="stage 1: steps learning the token embedding alone")
+    inversion_lr: float = Field(1e-4, gt=0, description="stage 1 learning rate")
+    adapter_steps: int | None = Field(None, ge=1, description="stage 2 steps; None = 800 (dreamvideo) or 3000 "
+                                                                "(dreamvideo_long). `steps` overrides it too")
+    adapter_lr: float = Field(1e-5, gt=0, description="stage 2 learning rate (token frozen)")
+    adapter_hidden_ratio: float = Field(0.5, gt=0, description="adapter hidden width / block width (DreamVideo: 1/2)")
+    weight_decay: float = Field(0.0, ge=0, description="VGen's AdamW uses no weight decay")
+
+
+class TrainConfig(StrictModel):
+    """Subject learning for one subject with one method. Defaults = the CustomCrafter paper."""
+
+    # --- what -------------------------------------------------------------------------------------------------
+    method: Method = Field("customcrafter", description="customcrafter (SSLM LoRA + token) or a baseline")
+    base_model: str = Field("VideoCrafter/VideoCrafter2", description="'tiny', a hub id, a checkpoint or a folder")
+    subject_dir: str = Field(..., description="subject folder (images + subject.yaml, or images + class_word)")
+    examples_dir: str | None = Field(None, description="optional pre-augmented examples (materialise_examples "
+                                                         "output): instance examples are drawn from them instead "
+                                                         "of augmenting on the fly")
+    class_word: str | None = Field(None, description="class word; default from subject.yaml")
+    token: str | None = Field(None, description="placeholder token; default from subject.yaml, else '<new1>'")
+    kind: Literal["live", "object"] | None = Field(None, description="live/object; default from subject.yaml")
+    output_dir: str = Field("outputs/subject_module", description="the subject module is written here; "
+                                                                  "checkpoints under output_dir/checkpoints")
+    overwrite: bool = Field(True, description="replace an existing finished module in output_dir")
+
+    # --- SSLM LoRA --------------------------------------------------------------------------------------------
+    lora_rank: int = Field(4, ge=1, description="LoRA rank (paper: 4); alpha = rank, i.e. no extra scaling")
+    lora_targets: Literal["qkv", "qkv_out"] = Field("qkv", description="'qkv' = to_q/k/v of attn1 and attn2 "
+                                                                       "(paper); 'qkv_out' adds to_out.0")
+    lora_temporal: bool = Field(False, description="also wrap the temporal transformers' attention (an older "
+                                                    "reference commit did: 192 layers)")
+    token_init: Literal["piece", "word"] = Field(
+        "piece", description="initial embedding of the token: 'piece' = the class word's non-word-final BPE piece "
+                             "('cat', as the reference code); 'word' = mean of the tokens of the class word as it "
+                             "appears in prompts ('cat</w>'). Falls back to 'word' when the piece is not in the vocab")
+    detach_sot_kv: bool = Field(True, description="Custom Diffusion's trick (also in the CustomCrafter reference "
+                                                  "code): the key/value of the first context token (start of "
+                                                  "text) get no gradient in cross-attention")
+
+    # --- optimisation -----------------------------------------------------------------------------------------
+    steps: int | None = Field(None, ge=1, description="training steps; None = the method's default (customcrafter "
+                                                        "10000, custom_diffusion 2000, _long 10000, dreamvideo: "
+                                                        "adapter steps)")
+    lr: float | None = Field(None, gt=0, description="learning rate; None = the method's default "
+                                                     "(customcrafter 3e-5 or lr_preset, custom_diffusion 1e-5)")
+    lr_preset: Literal["paper", "reference"] = Field("paper", description="customcrafter lr when lr is None: "
+                                                                          "paper 3e-5, reference code 2.4e-4")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (only on the trained tensors)")
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = Field(None, gt=0, description="gradient clipping; None = off (reference)")
+    loss: Literal["l2", "l1"] = Field("l2", description="l2 = mean squared error on epsilon (paper); "
+                                                        "l1 = sum|e - e_hat| * mask / sum(mask) (reference code)")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="probability that a caption becomes '' "
+                                                                  "(reference code: 0.2)")
+    prior_preservation: bool = Field(True, description="class prior preservation loss")
+    prior_weight: float = Field(1.0, ge=0, description="alpha in loss = instance + alpha * prior")
+    num_class_images: int = Field(200, ge=1)
+    class_prompt: str = Field("a photo of a {class_word}", description="caption of the class images")
+    class_images_dir: str | None = Field(None, description="user-provided class images; else generated once with "
+                                                           "the base model and cached")
+    class_images_cache_dir: str | None = Field(None, description="cache root for generated class images; "
+                                                                 "None = ~/.cache/customcrafter/class_images")
+    class_image_steps: int = Field(50, ge=1, description="DDIM steps used to generate class images")
+
+    # --- data -------------------------------------------------------------------------------------------------
+    num_frames: int = Field(4, ge=1, description="frames of each still training clip (reference 4; option 16)")
+    resolution: tuple[int, int] = Field((320, 512), description="(H, W)")
+    fps: int = Field(16, ge=1, description="fps conditioning in training; recorded in the module and used for "
+                                           "sampling (reference code: 16 for both; VideoCrafter2 default 28)")
+    instance_templates: tuple[str, ...] = Field(PAPER_INSTANCE_TEMPLATES, min_length=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="instance augmentation; its "
+                                                                              "resolution follows `resolution`")
+
+    # --- run --------------------------------------------------------------------------------------------------
+    seed: int = 23
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (GPU); the paper trains fp32")
+    gradient_checkpointing: bool | None = Field(None, description="None = on when a GPU is used")
+    device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
+    checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
+    resume: bool = Field(True, description="resume from the last checkpoint in output_dir/checkpoints")
+    log_every: int = Field(10, ge=1, description="host sync for loss logging every N steps")
+
+    dreamvideo: DreamVideoConfig = Field(default_factory=DreamVideoConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        height, width = self.resolution
+        if height <= 0 or width <= 0 or height % 8 or width % 8:
+            raise ValueError(f"resolution {self.resolution}: both sides must be positive multiples of 8")
+        if tuple(self.augment.resolution) != tuple(self.resolution):
+            # One source of truth for the frame size: the augmentation follows `resolution`.
+            self.__dict__["augment"] = self.augment.model_copy(update={"resolution": tuple(self.resolution)})
+        for template in self.instance_templates:
+            if "{}" not in template:
+                raise ValueError(f"instance_templates: {template!r} has no '{{}}' placeholder")
+        return self
+
+    # --- method defaults --------------------------------------------------------------------------------------
+    def resolved_lr(self) -> float:
+        """The learning rate of the main stage."""
+        if self.lr is not None:
+            return self.lr
+        if self.method == "customcrafter":
+            return REFERENCE_LR if self.lr_preset == "reference" else 3e-5
+        if self.method.startswith("custom_diffusion"):
+            return 1e-5
+        return self.dreamvideo.adapter_lr
+
+    def resolved_steps(self) -> int:
+        """The step count of the main (last) stage."""
+        if self.steps is not None:
+            return self.steps
+        return {"customcrafter": 10000, "custom_diffusion": 2000, "custom_diffusion_long": 10000,
+                "dreamvideo": self.dreamvideo.adapter_steps or 800,
+                "dreamvideo_long": self.dreamvideo.adapter_steps or 3000}[self.method]

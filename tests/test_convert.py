@@ -1,0 +1,131 @@
+"""Converter: the full-size key list maps exactly (meta tensors), and bad input fails cleanly through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from customcrafter.cli import main
+from customcrafter.convert import (
+    COMPONENTS,
+    build_empty_models,
+    check_state_dict,
+    convert_checkpoint,
+    make_plans,
+    read_configs,
+)
+
+
+def _vit_h_text_shapes(fixtures_dir) -> dict[str, tuple[int, ...]]:
+    """The OpenCLIP ViT-H-14 text tower's keys: the tiny tower's names, 24 blocks, width 1024."""
+    from safetensors import safe_open
+
+    scale = {32: 1024, 96: 3072, 128: 4096}
+    shapes = {}
+    with safe_open(str(fixtures_dir / "tiny_openclip_text.safetensors"), "pt") as f:
+        for key in f.keys():
+            shape = tuple(scale.get(d, d) for d in f.get_slice(key).get_shape())
+            if m := re.match(r"(.*resblocks\.)0\.(.*)", key):
+                shapes.update({f"{m[1]}{i}.{m[2]}": shape for i in range(24)})
+            elif ".resblocks." not in key:
+                shapes[key] = shape
+    return shapes
+
+
+def test_full_size_checkpoint_maps_exactly_on_meta_tensors(fixtures_dir):
+    listing = json.loads((fixtures_dir / "videocrafter2_checkpoint_keys.json").read_text())
+    shapes = {k: tuple(v) for part in ("unet", "vae") for k, v in listing[part].items()}
+    shapes.update(_vit_h_text_shapes(fixtures_dir))
+    configs = read_configs()  # full-size defaults
+    models = build_empty_models(configs, COMPONENTS)
+    assert all(p.device.type == "meta" for m in models.values() for p in m.parameters())
+    plans = make_plans(models, configs)
+    check_state_dict(shapes, plans)  # every key present with its shape, nothing left over
+    mapped = set().union(*(p.original_keys() for p in plans.values()))
+    assert mapped == set(shapes)
+    assert sum(p.numel() for p in models["unet"].parameters()) == listing["unet_num_params"]
+    assert sum(p.numel() for p in models["vae"].parameters()) == listing["vae_num_params"]
+    assert models["text_encoder"].config.num_hidden_layers == 23
+
+
+@pytest.fixture
+def tiny_ckpt(fixtures_dir):
+    return load_file(str(fixtures_dir / "tiny_lvdm_checkpoint.safetensors"))
+
+
+def _cli(*args) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return exc.value.code
+
+
+def _convert_args(ckpt, out, fixtures_dir, components="unet,vae"):
+    return ["convert", "--checkpoint", str(ckpt), "--config", str(fixtures_dir / "tiny_lvdm_config.yaml"),
+            "--components", components, "--output", str(out)]
+
+
+def test_cli_converts_legacy_pickle_like_safetensors(fixtures_dir, tiny_ckpt, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tiny_ckpt, "global_step": 0}, ckpt)
+    main(_convert_args(ckpt, tmp_path / "from_ckpt", fixtures_dir))
+    reference = convert_checkpoint(fixtures_dir / "tiny_lvdm_checkpoint.safetensors", tmp_path / "from_st",
+                                   config=fixtures_dir / "tiny_lvdm_config.yaml", components=["unet", "vae"])
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(str(tmp_path / "from_ckpt" / part)), load_file(str(reference / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    index = json.loads((tmp_path / "from_ckpt" / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None] and index["unet"][1] == "VideoCrafter2UNet"
+
+
+@pytest.mark.parametrize("case", ["truncated", "wrong_format", "missing_key", "wrong_shape", "extra_key",
+                                  "config_mismatch", "no_text_weights"])
+def test_bad_input_is_one_line_error_and_nothing_written(case, fixtures_dir, tiny_ckpt, tmp_path, capsys):
+    ckpt, args_components = tmp_path / "model.safetensors", "unet,vae"
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    expected = key
+    if case == "truncated":
+        data = (fixtures_dir / "tiny_lvdm_checkpoint.safetensors").read_bytes()
+        ckpt.write_bytes(data[: len(data) // 2])
+        expected = "not a readable safetensors file"
+    elif case == "wrong_format":
+        ckpt = tmp_path / "model.ckpt"
+        ckpt.write_text("this is not a checkpoint")
+        expected = "not a readable PyTorch checkpoint"
+    else:
+        sd = dict(tiny_ckpt)
+        if case == "missing_key":
+            del sd[key]
+        elif case == "wrong_shape":
+            sd[key] = torch.zeros(3, 3)
+        elif case == "extra_key":
+            key = "model.diffusion_model.input_blocks.1.1.surprise.weight"
+            sd[key] = torch.zeros(1)
+            expected = key
+        elif case == "no_text_weights":
+            args_components, expected = "unet,vae,text_encoder", "no text_encoder weights"
+        save_file(sd, str(ckpt))
+    out = tmp_path / "out"
+    args = _convert_args(ckpt, out, fixtures_dir, args_components)
+    if case == "config_mismatch":  # full-size defaults for tiny weights
+        args = ["convert", "--checkpoint", str(fixtures_dir / "tiny_lvdm_checkpoint.safetensors"),
+                "--components", "unet", "--output", str(out)]
+        expected = "does not match the weights"
+    assert _cli(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left either
+
+
+def test_config_with_unsupported_structure_is_rejected(fixtures_dir, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text((fixtures_dir / "tiny_lvdm_config.yaml").read_text().replace("use_linear: true",
+                                                                                    "use_linear: false"))
+    code = _cli("convert", "--checkpoint", str(fixtures_dir / "tiny_lvdm_checkpoint.safetensors"), "--config",
+                str(config), "--components", "unet", "--output", str(tmp_path / "out"))
+    assert code == 2 and "unet_config.params.use_linear" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

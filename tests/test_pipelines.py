@@ -1,0 +1,251 @@
+"""The Kubeflow pipelines: compiled YAML is current, the IR and platform spec carry what a cluster needs, the
+components are wired to the step functions they call, and submit/schedule reach a KFP API (local stub)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # components/ and pipelines/ live at the repository root
+
+from kfp_stub import KfpStub  # noqa: E402
+
+from customcrafter.cli import main  # noqa: E402
+from customcrafter.orchestration import local_run  # noqa: E402
+from customcrafter.orchestration.settings import COMPILED_DIR, PIPELINE_FILES, PROJECT_IMAGE, CompileSettings  # noqa: E402
+
+VOLATILE = {"sdkVersion"}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _strip(node):
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in node.items() if k not in VOLATILE}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, list[dict]]:
+    """Both pipelines freshly compiled with the default settings: file name -> YAML documents."""
+    out = tmp_path_factory.mktemp("compiled")
+    paths = local_run.compile_pipelines(out, CompileSettings())
+    return {p.name: _docs(p) for p in paths}
+
+
+def test_committed_yaml_is_current(compiled):
+    for name in PIPELINE_FILES.values():
+        committed = COMPILED_DIR / name
+        assert committed.is_file(), f"{committed} missing: run `customcrafter pipeline compile`"
+        assert _strip(_docs(committed)) == _strip(compiled[name]), (
+            f"{committed} is stale: run `customcrafter pipeline compile` and commit the result")
+
+
+def _spec(docs: list[dict]) -> pipeline_spec_pb2.PipelineSpec:
+    spec = pipeline_spec_pb2.PipelineSpec()
+    json_format.ParseDict(docs[0], spec)  # fails on any field the IR schema does not know
+    return spec
+
+
+def _subject_dag(spec: pipeline_spec_pb2.PipelineSpec):
+    return spec.components["comp-customcrafter-subject"].dag
+
+
+def _named(dag, name: str):
+    """The task whose taskInfo name is ``name`` (control-flow groups get numbered keys)."""
+    return next(t for t in dag.tasks.values() if t.task_info.name == name)
+
+
+def test_ir_structure_of_the_customcrafter_pipeline(compiled):
+    spec = _spec(compiled["customcrafter_pipeline.yaml"])
+    assert spec.pipeline_info.name == "customcrafter"
+    params = spec.root.input_definitions.parameters
+    assert {"subjects", "data_source", "data_revision", "base_model", "config_overrides", "methods", "seeds",
+            "prompt_limit", "mlflow_tracking_uri", "experiment_name"} <= set(params)
+    assert params["methods"].default_value.list_value.values[0].string_value == "customcrafter"
+    # subjects loop -> nested per-subject pipeline
+    (loop,) = spec.root.dag.tasks.values()
+    assert loop.parameter_iterator.items.input_parameter.endswith("subjects")
+    # validation gates the rest; methods loop inside; evaluation and registration collect every method
+    subject_dag = _subject_dag(spec)
+    condition = _named(subject_dag, "data-valid")
+    assert condition.trigger_policy.condition == \
+        "inputs.parameter_values['pipelinechannel--validate-data-Output'] == true"
+    gated_dag = spec.components[condition.component_ref.name].dag
+    gated = gated_dag.tasks
+    loop_key = next(k for k, t in gated.items() if t.task_info.name == "methods")
+    assert {"augment-data", "evaluate-methods", "register-subject", loop_key} == set(gated)
+    assert gated["evaluate-methods"].inputs.artifacts["samples"].task_output_artifact.producer_task == loop_key
+    assert gated["register-subject"].inputs.artifacts["subject_modules"].task_output_artifact.producer_task \
+        == loop_key
+    method_loop = spec.components[gated[loop_key].component_ref.name].dag.tasks
+    assert set(method_loop) == {"train-subject", "sample-videos"}
+    assert method_loop["sample-videos"].inputs.artifacts["subject_module"].task_output_artifact.producer_task \
+        == "train-subject"
+    # every executor runs the project image; training asks for 4 GPUs by default
+    executors = spec.deployment_spec["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {PROJECT_IMAGE}
+    train = executors["exec-train-subject"]["container"]["resources"]
+    assert train["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert int(train["accelerator"]["resourceCount"]) == 4
+
+
+def test_platform_spec_has_gpu_cache_secrets_and_shm(compiled):
+    platform = compiled["customcrafter_pipeline.yaml"][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = platform["exec-train-subject"]
+    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert train["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert [(m["constant"], m["mountPath"]) for m in train["pvcMount"]] == [("customcrafter-model-cache", "/cache")]
+    assert train["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                                        "sizeLimit": "16Gi"}]
+    secrets = {s["secretName"]: ({k["envVar"] for k in s["keyToEnv"]}, s["optional"]) for s in train["secretAsEnv"]}
+    assert secrets["mlflow-client"] == ({"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}, False)
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secrets["mlflow-s3"][0]
+    assert secrets["customcrafter-hf"] == ({"HF_TOKEN"}, True)
+    # every step that talks to MLflow or DVC gets the credentials; no secret value appears anywhere
+    for name in ("exec-validate-data", "exec-evaluate-methods", "exec-register-subject"):
+        assert {s["secretName"] for s in platform[name]["secretAsEnv"]} >= {"mlflow-client", "mlflow-s3"}
+    retrain = compiled["retrain_new_subjects.yaml"][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {s["secretName"] for s in retrain["exec-plan-retraining"]["secretAsEnv"]} >= {"mlflow-s3"}
+    assert retrain["exec-train-subject"]["pvcMount"] == train["pvcMount"]
+
+
+def test_train_gpus_are_a_compile_time_setting(tmp_path):
+    result = main_exit(["pipeline", "compile", "-o", str(tmp_path), "--train-gpus", "8"])
+    assert result == 0
+    spec = _spec(_docs(tmp_path / "customcrafter_pipeline.yaml"))
+    train = spec.deployment_spec["executors"]["exec-train-subject"]["container"]["resources"]
+    assert int(train["accelerator"]["resourceCount"]) == 8
+
+
+def test_retrain_pipeline_trains_only_the_planned_subjects(compiled):
+    spec = _spec(compiled["retrain_new_subjects.yaml"])
+    assert spec.pipeline_info.name == "retrain-new-subjects"
+    tasks = spec.root.dag.tasks
+    loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
+    assert loop.parameter_iterator.items.input_parameter.endswith("plan-retraining-Output")
+    assert "plan-retraining" in loop.dependent_tasks
+    inner = spec.components[loop.component_ref.name].dag.tasks
+    assert [t.component_ref.name for t in inner.values()] == ["comp-customcrafter-subject"]
+
+
+# ------------------------------------------------------------------------ components call real steps
+def _component_modules():
+    import components
+
+    return [getattr(components, name) for name in components.__all__]
+
+
+@pytest.mark.parametrize("component", _component_modules(), ids=lambda c: c.name)
+def test_component_is_a_thin_wrapper_over_an_existing_step(component):
+    """Each component imports one ``*_step`` from local_run and calls it with keywords that step accepts."""
+    source = inspect.getsource(component.python_func)
+    tree = ast.parse(source.lstrip())
+    func = tree.body[0]
+    imports = [n for n in ast.walk(func) if isinstance(n, ast.ImportFrom)]
+    assert [(i.module, [a.name for a in i.names]) for i in imports] == [
+        ("customcrafter.orchestration.local_run", [imports[0].names[0].name])]
+    step_name = imports[0].names[0].name
+    step = getattr(local_run, step_name)
+    calls = [n for n in ast.walk(func) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == step_name]
+    assert len(calls) == 1
+    accepted = set(inspect.signature(step).parameters)
+    passed = {k.arg for k in calls[0].keywords}
+    assert passed == accepted, f"{component.name} passes {sorted(passed)} but {step_name} takes {sorted(accepted)}"
+    # no control flow in a component: it calls, copies metadata, logs metrics, returns
+    assert not [n for n in ast.walk(func) if isinstance(n, ast.If | ast.While | ast.Try)]
+
+
+# ------------------------------------------------------------------------------ parameters and CLI
+def test_pipeline_arguments_parse_cli_parameters():
+    args = local_run.pipeline_arguments([
+        "subject=dog", "methods=customcrafter,dreamvideo", "seeds=[0, 1]", "prompt_limit=2",
+        "config_overrides={\"train.max_train_steps\": 400}", "base_model=VideoCrafter/VideoCrafter2"])
+    assert args == {"subjects": ["dog"], "methods": ["customcrafter", "dreamvideo"], "seeds": [0, 1],
+                    "prompt_limit": 2, "config_overrides": ["train.max_train_steps=400"],
+                    "base_model": "VideoCrafter/VideoCrafter2"}
+    assert local_run.pipeline_arguments(["subjects=[\"cat\",\"dog\"]"]) == {"subjects": ["cat", "dog"]}
+    assert local_run.pipeline_arguments(["config_overrides=sample.num_inference_steps=25"]) == {
+        "config_overrides": ["sample.num_inference_steps=25"]}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        local_run.pipeline_arguments(["subject"])
+
+
+def test_overrides_route_to_their_section_and_reject_unknown_ones():
+    routed = local_run.split_overrides(["train.max_train_steps=4", '{"sample.height": 64}', "run.seeds=[0]"])
+    assert routed["train"] == ["max_train_steps=4"]
+    assert routed["sample"] == ["height=64"]
+    assert routed["run"] == ["seeds=[0]"]
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        local_run.split_overrides(["max_train_steps=4"])
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        local_run.split_overrides(["model.lr=1"])
+
+
+def main_exit(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture
+def stub():
+    with KfpStub() as s:
+        yield s
+
+
+def test_cli_submit_sends_the_compiled_pipeline_and_parameters(stub, capsys):
+    code = main_exit(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog",
+                      "--param", "seeds=[0]", "--param", "methods=customcrafter,custom_diffusion"])
+    assert code == 0
+    (run,) = stub.posted("runs")
+    # with a platform spec, the client sends both documents: IR + Kubernetes settings
+    sent = run.body["pipeline_spec"]
+    assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "customcrafter"
+    train = sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-subject"]
+    assert train["pvcMount"][0]["constant"] == "customcrafter-model-cache"
+    assert run.body["runtime_config"]["parameters"] == {
+        "subjects": ["dog"], "seeds": [0], "methods": ["customcrafter", "custom_diffusion"]}
+    assert [e.body["display_name"] for e in stub.posted("experiments")] == ["customcrafter"]
+    assert run.body["experiment_id"] == stub.state.experiments[0]["experiment_id"]
+    assert "submitted run" in capsys.readouterr().out
+
+
+def test_cli_schedule_creates_a_recurring_retraining_run(stub, capsys):
+    code = main_exit(["pipeline", "schedule", "--host", stub.url, "--cron", "0 3 * * *", "-e", "nightly",
+                      "--param", "prompt_limit=2"])
+    assert code == 0
+    (job,) = stub.posted("recurringruns")
+    assert job.body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert job.body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "retrain-new-subjects"
+    assert job.body["runtime_config"]["parameters"] == {"prompt_limit": 2}
+    assert [e.body["display_name"] for e in stub.posted("experiments")] == ["nightly"]
+    assert "scheduled retrain-new-subjects" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_cron_and_bad_params_without_calling_the_server(stub, capsys):
+    assert main_exit(["pipeline", "schedule", "--host", stub.url, "--cron", "0 25 * * *"]) == 2
+    assert "hour" in capsys.readouterr().err
+    assert main_exit(["pipeline", "submit", "--host", stub.url, "--param", "subject"]) == 2
+    assert not stub.posted("runs") and not stub.posted("recurringruns")
+
+
+def test_compiled_yaml_holds_no_credentials():
+    for name in PIPELINE_FILES.values():
+        text = (COMPILED_DIR / name).read_text()
+        for marker in ("AKIA", "password:", "secret_access_key:", "token:"):
+            assert marker.lower() not in text.lower(), f"{name} contains {marker!r}"

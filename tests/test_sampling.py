@@ -1,0 +1,143 @@
+"""Sampling with DWVSS on the tiny model, the evaluation set, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from customcrafter.dwvss import DWVSSConfig, dwvss_plan
+from customcrafter.sampling import SampleConfig
+
+SMALL = dict(num_inference_steps=6, num_frames=2, height=64, width=96)
+
+
+@pytest.fixture(scope="module")
+def lora_pipe_factory(tmp_path_factory):
+    """Loads the tiny base with a LoRA module whose up-projections are random (so the adapter matters)."""
+    from customcrafter.loading import load_base_pipeline
+
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.methods import CustomCrafterMethod
+
+    def make():
+        pipe = load_base_pipeline("tiny")
+        method = CustomCrafterMethod(TrainConfig(subject_dir="x", base_model="tiny"))
+        torch.manual_seed(1)
+        pipe.unet.add_adapter(method.lora_config(), adapter_name="subject")
+        with torch.no_grad():
+            for name, param in pipe.unet.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)
+        return pipe
+
+    return make
+
+
+def _video(pipe, scales_hook, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a dog", generator=generator, output_type="pt", fps=16, on_step_begin=scales_hook, **SMALL).frames
+
+
+def test_dwvss_scales_follow_the_schedule_and_weights_are_restored(lora_pipe_factory):
+    from customcrafter.dwvss import dwvss_sampling
+
+    pipe = lora_pipe_factory()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    config = DWVSSConfig(lambda_s=0.3, lambda_l=0.9, k=2)
+    with dwvss_sampling(pipe.unet, config, SMALL["num_inference_steps"]) as callback:
+        _video(pipe, callback)
+    assert callback.recorded == list(dwvss_plan(config, 6).scales) == [0.3, 0.3, 0.9, 0.9, 0.9, 0.9]
+    for key, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_lambda_zero_is_the_base_model_bit_for_bit(lora_pipe_factory):
+    from customcrafter.loading import load_base_pipeline
+
+    from customcrafter.dwvss import dwvss_sampling
+
+    base = _video(load_base_pipeline("tiny"), None)
+    pipe = lora_pipe_factory()
+    with dwvss_sampling(pipe.unet, DWVSSConfig(lambda_s=0.0, lambda_l=0.0), 6) as callback:
+        zero = _video(pipe, callback)
+    assert torch.equal(zero, base)
+    assert not torch.equal(_video(pipe, None), base)  # the adapter does change the model
+
+
+def test_fused_phases_match_the_unfused_lora_computation(lora_pipe_factory):
+    from customcrafter.dwvss import dwvss_sampling
+
+    pipe = lora_pipe_factory()
+    config = DWVSSConfig(lambda_s=0.4, lambda_l=0.8, k=3)
+    with dwvss_sampling(pipe.unet, config, 6) as callback:
+        fused = _video(pipe, callback)
+
+    def set_adapter_scale(pipe_, step_index, timestep):  # the slow way: peft's per-layer scale every step
+        pipe_.unet.set_adapters(["subject"], weights=[dwvss_plan(config, 6).scales[step_index]])
+
+    unfused = _video(pipe, set_adapter_scale)
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_without_the_token_warns(lora_pipe_factory, tmp_path, dreambooth_dir, caplog):
+    from customcrafter.sampling import sample_video
+    from customcrafter.subject_module import LoadedModule, loaded_modules
+
+    pipe = lora_pipe_factory()
+    loaded_modules(pipe).append(LoadedModule(module_dir=tmp_path, method="customcrafter", adapter_name="subject",
+                                             token="<new1>", class_word="dog", fps=16, uses_lora=True, meta={}))
+    with caplog.at_level(logging.WARNING):
+        sample_video(pipe, "a dog on a beach", seed=0, config=SampleConfig(**SMALL))
+    assert any("no loaded subject token" in r.message for r in caplog.records)
+
+
+def test_evaluation_set_writes_manifest_and_resumes(tmp_path, dreambooth_dir):
+    from customcrafter.loading import load_base_pipeline
+
+    from customcrafter.sampling import sample_evaluation_set
+
+    pipe = load_base_pipeline("tiny")
+    config = SampleConfig(**{**SMALL, "num_inference_steps": 2})
+    manifest = sample_evaluation_set(pipe, method="base", subject="dog", subject_dir=dreambooth_dir / "dog",
+                                     out_dir=tmp_path, seeds=[0, 1], prompt_limit=2, config=config,
+                                     class_word="dog", kind="live")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(rows) == 4
+    row = rows[0]
+    assert {"method", "subject", "subject_dir", "class_word", "token", "kind", "prompt", "prompt_template",
+            "prompt_type", "prompt_index", "seed", "video", "sampling"} <= set(row)
+    assert row["video"] == "dog/p00_s0.mp4" and (tmp_path / row["video"]).stat().st_size > 0
+    assert row["sampling"]["fps"] == 28 and row["sampling"]["dwvss"] is None  # base model: plain DDIM
+    stamp = (tmp_path / row["video"]).stat().st_mtime_ns
+    sample_evaluation_set(pipe, method="base", subject="dog", subject_dir=dreambooth_dir / "dog", out_dir=tmp_path,
+                          seeds=[0, 1], prompt_limit=2, config=config, class_word="dog", kind="live")
+    assert (tmp_path / row["video"]).stat().st_mtime_ns == stamp  # not sampled again
+
+
+def _cli(argv: list[str]) -> int:
+    from customcrafter.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_cli_samples_the_base_model_and_rejects_bad_input(tmp_path, capsys):
+    out = tmp_path / "base.mp4"
+    code = _cli(["sample", "--base-model", "tiny", "--prompt", "a dog", "--steps", "2", "--set", "num_frames=2",
+                 "--set", "height=64", "--set", "width=96", "--out", str(out)])
+    assert code == 0 and out.stat().st_size > 0
+    from customcrafter.video_io import read_video
+
+    assert np.asarray(read_video(out)).shape[1:3] == (64, 96)
+    assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.avi")]) == 2
+    assert _cli(["train", "--subject", str(tmp_path), "--class-word", "dog", "--set", "learning_rate=1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert not any(p.name.startswith(".") for p in Path(tmp_path).iterdir())  # no temporary left behind

@@ -1,0 +1,105 @@
+"""Subject modules: stock-peft readable, reload in a fresh process, several at once, wrong base = error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from customcrafter.sampling import SampleConfig
+
+SMALL = SampleConfig(num_inference_steps=3, num_frames=2, height=64, width=96)
+
+
+@pytest.fixture(scope="module")
+def trained_module(tmp_path_factory, request) -> Path:
+    from conftest import require_shared
+
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
+
+    dreambooth = require_shared("datasets", "dreambooth")
+    tmp = tmp_path_factory.mktemp("module")
+    config = TrainConfig(base_model="tiny", subject_dir=str(dreambooth / "cat"), class_word="cat",
+                         output_dir=str(tmp / "run"), resolution=(64, 96), num_frames=2, steps=3,
+                         prior_preservation=False, checkpoint_every=None, lr=1e-2)
+    return train(config).module_dir
+
+
+def test_module_layout_is_stock_peft(trained_module):
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(trained_module))
+    assert (config.r, config.lora_alpha) == (4, 4)
+    keys = load_file(str(trained_module / "adapter_model.safetensors")).keys()
+    assert keys and all(k.startswith("base_model.model.") and (".lora_A.weight" in k or ".lora_B.weight" in k)
+                        for k in keys)
+    meta = json.loads((trained_module / "module.json").read_text())
+    assert (meta["method"], meta["token"], meta["class_word"], meta["fps"]) == ("customcrafter", "<new1>", "cat", 16)
+    assert meta["base_model_id"] == "tiny" and meta["dwvss"]["lambda_s"] == 0.4
+    assert json.loads((trained_module / "tokenizer_added.json").read_text())["tokens"] == ["<new1>"]
+
+
+def test_module_reproduces_the_same_video_in_a_fresh_process(trained_module, tmp_path):
+    from customcrafter.loading import load_base_pipeline
+
+    from customcrafter.sampling import sample_video
+    from customcrafter.subject_module import load_subject_module
+
+    pipe = load_base_pipeline("tiny")
+    load_subject_module(pipe, trained_module)
+    here = sample_video(pipe, "<new1> cat on a sofa", seed=7, config=SMALL)
+    script = (
+        "import sys, numpy as np\n"
+        "from customcrafter.loading import load_base_pipeline\n"
+        "from customcrafter.sampling import SampleConfig, sample_video\n"
+        "from customcrafter.subject_module import load_subject_module\n"
+        "pipe = load_base_pipeline('tiny'); load_subject_module(pipe, sys.argv[1])\n"
+        "config = SampleConfig(num_inference_steps=3, num_frames=2, height=64, width=96)\n"
+        "np.save(sys.argv[2], sample_video(pipe, '<new1> cat on a sofa', seed=7, config=config))\n"
+    )
+    out = tmp_path / "video.npy"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", script, str(trained_module), str(out)], check=True, env=env, timeout=300)
+    assert np.array_equal(np.load(out), here)
+
+
+def test_module_from_another_base_is_an_error_naming_both(trained_module, tmp_path):
+    import shutil
+
+    from customcrafter.loading import load_base_pipeline
+
+    from customcrafter.subject_module import load_subject_module
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_module, other)
+    meta = json.loads((other / "module.json").read_text())
+    meta.update(base_model_id="VideoCrafter/VideoCrafter2", base_model_signature="0123456789abcdef" * 4)
+    (other / "module.json").write_text(json.dumps(meta))
+    pipe = load_base_pipeline("tiny")
+    with pytest.raises(ValueError, match=r"VideoCrafter/VideoCrafter2.*'tiny'"):
+        load_subject_module(pipe, other)
+    assert "<new1>" not in pipe.tokenizer.get_vocab()  # nothing half-loaded
+
+
+def test_two_modules_with_the_same_token_load_together(trained_module):
+    from customcrafter.loading import load_base_pipeline
+
+    from customcrafter.sampling import last_sampling_record, sample_video
+    from customcrafter.subject_module import load_subject_module
+
+    pipe = load_base_pipeline("tiny")
+    first = load_subject_module(pipe, trained_module)
+    second = load_subject_module(pipe, trained_module)
+    assert first.token == "<new1>" and second.token_mapping == {"<new1>": "<new2>"}
+    assert first.adapter_name != second.adapter_name
+    assert set(pipe.unet.peft_config) == {first.adapter_name, second.adapter_name}
+    video = sample_video(pipe, "<new1> cat and <new2> cat", seed=0, config=SMALL)
+    assert video.shape == (2, 64, 96, 3)
+    assert last_sampling_record(pipe)["scales"] == [0.4, 0.4, 0.4]  # 3 steps < K = 5

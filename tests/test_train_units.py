@@ -1,0 +1,182 @@
+"""Training pieces that need no diffusion model: config, LoRA targets, token row, checkpoints, subject resolution."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from customcrafter.config import ConfigError, load_config
+from customcrafter.training.config import REFERENCE_LR, TrainConfig
+
+
+def test_config_defaults_are_the_paper_and_methods_have_their_own():
+    config = TrainConfig(subject_dir="x")
+    assert (config.lora_rank, config.weight_decay, config.loss, config.caption_dropout) == (4, 1e-2, "l2", 0.0)
+    assert (config.num_frames, config.resolution, config.fps, config.seed) == (4, (320, 512), 16, 23)
+    assert (config.resolved_lr(), config.resolved_steps()) == (3e-5, 10000)
+    assert TrainConfig(subject_dir="x", lr_preset="reference").resolved_lr() == REFERENCE_LR
+    assert (TrainConfig(subject_dir="x", method="custom_diffusion").resolved_steps(),
+            TrainConfig(subject_dir="x", method="custom_diffusion").resolved_lr()) == (2000, 1e-5)
+    assert TrainConfig(subject_dir="x", method="custom_diffusion_long").resolved_steps() == 10000
+    assert TrainConfig(subject_dir="x", method="dreamvideo").resolved_steps() == 800
+    assert TrainConfig(subject_dir="x", method="dreamvideo_long").resolved_steps() == 3000
+    # the augmentation follows the training resolution
+    assert TrainConfig(subject_dir="x", resolution=(64, 96)).augment.resolution == (64, 96)
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path: Path):
+    path = tmp_path / "train.yaml"
+    path.write_text("subject_dir: x\nlearning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match="resolution"):
+        load_config(TrainConfig, overrides=["subject_dir=x", "resolution=[30, 50]"])
+
+
+def test_sslm_regex_selects_96_spatial_qkv_layers_of_the_full_unet():
+    from customcrafter.training.methods import lora_target_regex
+
+    try:
+        from customcrafter.models.unet import VideoCrafter2UNet as UNet
+    except ImportError:  # the foundation's class is the same topology plus fps
+        from diffusers import UNet3DConditionModel as UNet
+    with torch.device("meta"):
+        unet = UNet()
+    linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    regex = lora_target_regex("qkv")
+    matched = {n: m for n, m in linears.items() if re.fullmatch(regex, n)}
+    assert len(matched) == 96
+    assert sum(4 * (m.in_features + m.out_features) for m in matched.values()) == 630_272
+    assert not any("temp_attentions" in n or "transformer_in" in n for n in matched)
+    with_out = [n for n in linears if re.fullmatch(lora_target_regex("qkv_out"), n)]
+    assert len(with_out) == 128
+    assert len([n for n in linears if re.fullmatch(lora_target_regex("qkv", temporal=True), n)]) == 192
+
+
+@pytest.fixture(scope="module")
+def tiny_text():
+    """The packaged CLIP tokenizer and a one-layer text encoder (random)."""
+    from importlib import resources
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = resources.files("customcrafter.models") / "tokenizer"
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77))
+    return tokenizer, encoder
+
+
+def test_token_row_is_the_only_one_that_learns(tiny_text):
+    from customcrafter.training.tokens import add_placeholder_token, splice_new_rows, unsplice
+
+    tokenizer, encoder = tiny_text
+    table_before = encoder.get_input_embeddings().weight.detach().clone()
+    token_id = add_placeholder_token(tokenizer, encoder, "<new1>", "cat")
+    assert token_id == table_before.shape[0]
+    table = encoder.get_input_embeddings().weight
+    # initialised from the class word's non-word-final piece "cat" (the reference code's choice)
+    assert torch.equal(table[token_id], table_before[tokenizer.get_vocab()["cat"]])
+    assert tokenizer("<new1> cat")["input_ids"][1] == token_id
+
+    encoder.requires_grad_(False)  # as SubjectMethod.setup does
+    spliced = splice_new_rows(encoder, [token_id])
+    ids = tokenizer(["a photo of <new1> cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    plain = torch.nn.functional.embedding(ids, table)
+    assert torch.equal(spliced(ids), plain)  # splicing changes nothing by itself
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-2, weight_decay=1e-2)
+    assert [p.shape for group in optimizer.param_groups for p in group["params"]] == [(1, 16)]
+    for _ in range(5):
+        loss = encoder(input_ids=ids).last_hidden_state.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    unsplice(encoder)
+    after = encoder.get_input_embeddings().weight
+    assert torch.equal(after[:token_id], table_before)  # every other row bit-identical (decay never saw them)
+    assert not torch.equal(after[token_id], table_before[tokenizer.get_vocab()["cat"]])
+
+
+def test_multi_word_class_falls_back_to_word_tokens(tiny_text):
+    from customcrafter.training.tokens import initial_embedding
+
+    tokenizer, encoder = tiny_text
+    table = encoder.get_input_embeddings().weight
+    vector = initial_embedding(tokenizer, table, "stuffed animal")
+    ids = tokenizer("stuffed animal", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(vector, table[ids].mean(0))
+
+
+def test_checkpoint_roundtrip_restores_rng_and_optimizer(tmp_path: Path):
+    from customcrafter.training.checkpointing import (
+        latest_checkpoint,
+        load_checkpoint,
+        restore_rng,
+        save_checkpoint,
+    )
+
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    param.grad = torch.randn(3, 2)
+    optimizer.step()
+    data_rng = random.Random(5)
+    data_rng.random()
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, {"unet.w": param.detach()}, optimizer.state_dict(), data_rng, [1.0, 0.5],
+                        {"method": "customcrafter", "stage": "s"}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6"]
+    expected = (torch.rand(4), np.random.rand(3), random.random(), data_rng.random())
+    checkpoint = load_checkpoint(latest_checkpoint(tmp_path))
+    assert checkpoint.step == 6 and checkpoint.losses == [1.0, 0.5]
+    assert torch.equal(checkpoint.trainable["unet.w"], param.detach())
+    restore_rng(checkpoint.rng["tensors"], checkpoint.rng["info"], data_rng)
+    again = (torch.rand(4), np.random.rand(3), random.random(), data_rng.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2:] == again[2:]
+    fresh = torch.optim.AdamW([torch.nn.Parameter(param.detach().clone())], lr=1e-3)
+    fresh.load_state_dict(checkpoint.optimizer)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(fresh.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
+
+
+def test_bare_image_folder_needs_a_class_word(tmp_path: Path, dreambooth_dir: Path):
+    from customcrafter.data.subjects import SubjectDataError
+    from customcrafter.training.dataset import resolve_subject
+
+    subject = resolve_subject(dreambooth_dir / "dog", class_word="dog", kind="live")
+    assert (subject.name, subject.class_word, subject.token, subject.kind) == ("dog", "dog", "<new1>", "live")
+    assert len(subject.image_paths) >= 4
+    with pytest.raises(SubjectDataError, match="class-word"):
+        resolve_subject(dreambooth_dir / "dog")
+    with pytest.raises(SubjectDataError, match="not found"):
+        resolve_subject(tmp_path / "missing", class_word="dog")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SubjectDataError, match="no images"):
+        resolve_subject(tmp_path / "empty", class_word="dog")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "subject.yaml").write_text("name: bad\nclass_word: '!!'\n")
+    with pytest.raises(SubjectDataError, match="class_word"):
+        resolve_subject(bad)
+
+
+def test_dataset_draws_still_clips_with_captions(dreambooth_dir: Path):
+    from customcrafter.training.dataset import SubjectDataset, resolve_subject
+
+    subject = resolve_subject(dreambooth_dir / "cat", class_word="cat")
+    config = TrainConfig(subject_dir="x", resolution=(64, 96), prior_preservation=True)
+    dataset = SubjectDataset(subject, config, class_image_paths=subject.image_paths[:2])
+    batch = dataset.next_batch()
+    instance, prior = batch["instance"], batch["class"]
+    assert instance.pixels.shape == (3, 4, 64, 96) and instance.mask.shape == (1, 4, 8, 12)
+    assert torch.equal(instance.pixels[:, 0], instance.pixels[:, 3])  # a still clip
+    assert "<new1> cat" in instance.caption
+    assert prior.caption == "a photo of a cat" and prior.mask.min() == 1
+    again = SubjectDataset(subject, config, class_image_paths=subject.image_paths[:2]).next_batch()
+    assert torch.equal(again["instance"].pixels, instance.pixels)  # seeded
