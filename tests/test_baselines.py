@@ -75,7 +75,7 @@ def _snapshot(pipe) -> dict[str, torch.Tensor]:
 
 def _changed(pipe, before) -> set[str]:
     after = _snapshot(pipe)
-    table = "text.text_model.embeddings.token_embedding.weight"
+    table = "text.embeddings.token_embedding.weight"
     changed = {k for k in before if k != table and not torch.equal(before[k], after[k])}
     rows = before[table].shape[0]
     if not torch.equal(after[table][:rows], before[table]):
@@ -96,7 +96,7 @@ def test_exactly_the_intended_parameters_change(tmp_path, dreambooth_dir, method
         adapter_keys = [k for k in pipe.unet.state_dict() if ".identity_adapters." in k]
         assert adapter_keys and all(".attentions." in k and "temp_attentions" not in k for k in adapter_keys)
     table = pipe.text_encoder.get_input_embeddings().weight
-    assert table.shape[0] == before["text.text_model.embeddings.token_embedding.weight"].shape[0] + 1
+    assert table.shape[0] == before["text.embeddings.token_embedding.weight"].shape[0] + 1
     assert len(result.losses) == result.steps == (4 if method == "custom_diffusion" else 7)
     assert (result.module_dir / "module.json").is_file()
 

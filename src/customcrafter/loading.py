@@ -77,11 +77,14 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> VideoCrafter2Pipeline:
 
 
 def base_model_signature(pipe: VideoCrafter2Pipeline) -> str:
-    """Stable hash (16 hex digits) of the UNet and text-encoder configs: what an adapter's shapes depend on."""
+    """Stable hash (16 hex digits) of the UNet and text-encoder configs: what an adapter's shapes depend on.
+
+    The vocabulary size is left out: loading a subject module appends token rows, and the base is the same.
+    """
     unet_config = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
     text = pipe.text_encoder.config
     text_config = {k: getattr(text, k) for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "max_position_embeddings", "hidden_act", "layer_norm_eps")}
     blob = json.dumps({"unet": unet_config, "text_encoder": text_config}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -85,7 +85,6 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.Tensor
     ).input_ids
 
 
-@torch.no_grad()
 def encode_prompt(
     tokenizer: CLIPTokenizer,
     text_encoder: CLIPTextModel,
