@@ -59,9 +59,12 @@ PIPELINE_FILES = {
 # reductions are printed by `customcrafter pipeline run-local`.
 PRESETS: dict[str, list[str]] = {
     "tiny": [
-        "train.max_train_steps=4",
+        "train.steps=4",
         "train.num_class_images=2",
-        "train.resolution=64",
+        "train.class_image_steps=2",
+        "train.resolution=[64, 96]",
+        "train.num_frames=2",
+        "train.dreamvideo.inversion_steps=2",
         "augment.num_examples=2",
         "sample.num_inference_steps=4",
         "sample.num_frames=4",
