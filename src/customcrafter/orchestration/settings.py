@@ -66,6 +66,7 @@ PRESETS: dict[str, list[str]] = {
         "train.num_frames=2",
         "train.dreamvideo.inversion_steps=2",
         "augment.num_examples=2",
+        "augment.resolution=[64, 96]",
         "sample.num_inference_steps=4",
         "sample.num_frames=4",
         "sample.height=64",
