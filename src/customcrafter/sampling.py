@@ -81,7 +81,7 @@ def sample_video(pipe, prompt: str, *, seed: int = 0, config: SampleConfig | Non
     _check_tokens(pipe, prompt)
     fps = _resolve_fps(pipe, config)
     lora_names = [m.adapter_name for m in loaded_modules(pipe) if m.uses_lora]
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
     record: dict = {"fps": fps, "seed": seed, "scales": [], "skipped": []}
     schedule = (dwvss_sampling(pipe.unet, config.dwvss, config.num_inference_steps, adapter_names=lora_names)
                 if lora_names else contextlib.nullcontext(None))

@@ -316,7 +316,7 @@ def sample_step(*, subject_data: str, module_dir: str, module_metadata: dict[str
     load_subject_module(pipe, module_dir)
     manifest = sample_evaluation_set(pipe, method=method, subject=subject,
                                      subject_dir=Path(subject_data) / "subjects" / subject, out_dir=Path(out_dir),
-                                     seeds=list(seeds), prompt_limit=prompt_limit or None, config=config)
+                                     seeds=[int(s) for s in seeds], prompt_limit=prompt_limit or None, config=config)
     num_videos = sum(1 for line in Path(manifest).read_text().splitlines() if line.strip())
     metadata = {k: module_metadata.get(k, "") for k in ("subject", "method", "mlflow_run_id",
                                                           "mlflow_parent_run_id")}
