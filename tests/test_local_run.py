@@ -88,7 +88,7 @@ def test_retraining_with_no_data_change_trains_nothing(first_run):
     assert again.trained == [] and again.videos == []
     assert "nothing (no new or changed subjects)" in "\n".join(lines)
     client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
-    assert [v.version for v in client.search_model_versions("name = 'customcrafter-dog'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'customcrafter-dog'")] == ["1"]
     # the plan itself saw the subject as registered and unchanged
     assert local_run.plan_step(data_source=str(REPO_ROOT), data_revision="", subjects=["dog"],
                                tracking_uri=result.tracking_uri) == []
