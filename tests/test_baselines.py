@@ -51,7 +51,6 @@ def test_identity_adapter_is_parallel_to_cross_attention_on_the_residual_stream(
 # --- on the tiny base model ---------------------------------------------------------------------------------------
 def _train(tmp_path: Path, dreambooth_dir: Path, method: str, **fields):
     from customcrafter.loading import load_base_pipeline
-
     from customcrafter.training.config import TrainConfig
     from customcrafter.training.trainer import train
 
@@ -104,7 +103,6 @@ def test_exactly_the_intended_parameters_change(tmp_path, dreambooth_dir, method
 @pytest.mark.parametrize("method", ["custom_diffusion", "dreamvideo"])
 def test_saved_baseline_reloads_and_reproduces_a_video(tmp_path, dreambooth_dir, method):
     from customcrafter.loading import load_base_pipeline
-
     from customcrafter.sampling import SampleConfig, last_sampling_record, sample_video
     from customcrafter.subject_module import load_subject_module
 

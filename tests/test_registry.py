@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,13 +181,15 @@ def _real_model_code_missing() -> str | None:
 @pytest.mark.skipif(_real_model_code_missing() is not None, reason=str(_real_model_code_missing()))
 def test_champion_generates_a_video_in_a_fresh_process(uri, tmp_path):
     """models:/customcrafter-dog@champion → a video, in a new interpreter, on the tiny base model."""
-    from customcrafter.loading import load_base_pipeline
-    from customcrafter.subject_module import save_subject_module
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
 
-    # An untrained subject module on the tiny base model: registry plumbing is under test, not training.
-    pipe = load_base_pipeline("tiny")
-    module = tmp_path / "dog_module"
-    save_subject_module(pipe, module)
+    # A one-step subject module on the tiny base model: registry plumbing is under test, not training.
+    subject = Path(__file__).resolve().parents[1] / "data" / "subjects" / "dog"
+    config = TrainConfig(base_model="tiny", subject_dir=str(subject), class_word="dog",
+                         output_dir=str(tmp_path / "run"), resolution=(64, 96), num_frames=2, steps=1,
+                         prior_preservation=False, checkpoint_every=None)
+    module = train(config).module_dir
     register_subject_model(uri, "dog", module, "tiny", GOOD, TAGS)
 
     script = textwrap.dedent("""

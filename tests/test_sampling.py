@@ -20,7 +20,6 @@ SMALL = dict(num_inference_steps=6, num_frames=2, height=64, width=96)
 def lora_pipe_factory(tmp_path_factory):
     """Loads the tiny base with a LoRA module whose up-projections are random (so the adapter matters)."""
     from customcrafter.loading import load_base_pipeline
-
     from customcrafter.training.config import TrainConfig
     from customcrafter.training.methods import CustomCrafterMethod
 
@@ -57,9 +56,8 @@ def test_dwvss_scales_follow_the_schedule_and_weights_are_restored(lora_pipe_fac
 
 
 def test_lambda_zero_is_the_base_model_bit_for_bit(lora_pipe_factory):
-    from customcrafter.loading import load_base_pipeline
-
     from customcrafter.dwvss import dwvss_sampling
+    from customcrafter.loading import load_base_pipeline
 
     base = _video(load_base_pipeline("tiny"), None)
     pipe = lora_pipe_factory()
@@ -98,7 +96,6 @@ def test_prompt_without_the_token_warns(lora_pipe_factory, tmp_path, dreambooth_
 
 def test_evaluation_set_writes_manifest_and_resumes(tmp_path, dreambooth_dir):
     from customcrafter.loading import load_base_pipeline
-
     from customcrafter.sampling import sample_evaluation_set
 
     pipe = load_base_pipeline("tiny")

@@ -48,7 +48,6 @@ def test_module_layout_is_stock_peft(trained_module):
 
 def test_module_reproduces_the_same_video_in_a_fresh_process(trained_module, tmp_path):
     from customcrafter.loading import load_base_pipeline
-
     from customcrafter.sampling import sample_video
     from customcrafter.subject_module import load_subject_module
 
@@ -74,7 +73,6 @@ def test_module_from_another_base_is_an_error_naming_both(trained_module, tmp_pa
     import shutil
 
     from customcrafter.loading import load_base_pipeline
-
     from customcrafter.subject_module import load_subject_module
 
     other = tmp_path / "other"
@@ -90,7 +88,6 @@ def test_module_from_another_base_is_an_error_naming_both(trained_module, tmp_pa
 
 def test_two_modules_with_the_same_token_load_together(trained_module):
     from customcrafter.loading import load_base_pipeline
-
     from customcrafter.sampling import last_sampling_record, sample_video
     from customcrafter.subject_module import load_subject_module
 

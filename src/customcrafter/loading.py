@@ -153,5 +153,9 @@ def load_base_pipeline(
     else:
         raise FileNotFoundError(f"{model}: not 'tiny', a hub id, a checkpoint file or a converted folder")
     pipe.base_model_id = model
+    # Inference weights: frozen, eval mode. (Also numerics: on CPU, F.linear folds 3D inputs differently when the
+    # weight requires grad, so a frozen and an unfrozen copy of the same model differ in the last bits.)
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        component.requires_grad_(False).eval()
     pipe = pipe.to(device or "cpu")
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
