@@ -98,7 +98,7 @@ def test_training_lowers_the_denoising_loss_on_the_subject(tmp_path, dreambooth_
     trained = load_base_pipeline("tiny")
     load_subject_module(trained, result.module_dir)
     after = _fixed_denoising_loss(trained, images, "<new1> dog", size)
-    assert after < 0.92 * before, (before, after)  # measured: 1.115 -> 0.931
+    assert after < 0.92 * before, (before, after)  # measured: 1.115 -> 0.932
 
 
 @pytest.mark.slow

@@ -57,6 +57,8 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         #: what the pipeline was loaded from ("tiny", a hub id, a path); set by ``customcrafter.loading``.
         self.base_model_id: str = ""
+        #: frames per VAE decode call (1 = frame by frame, as the original; larger is faster on a GPU).
+        self.decode_chunk_size: int = 1
 
     @property
     def _compute_device(self) -> torch.device:
@@ -81,11 +83,31 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         shape = (batch, self.unet.config.in_channels, num_frames,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            # x_T ~ N(0, I); DDIM's init_noise_sigma is 1.
-            return randn_tensor(shape, generator=generator, device=self._compute_device, dtype=self.unet.dtype)
+            # x_T ~ N(0, I); DDIM's init_noise_sigma is 1. Latents stay float32 between steps (schedule arithmetic);
+            # only the UNet's input is cast to its dtype.
+            return randn_tensor(shape, generator=generator, device=self._compute_device, dtype=torch.float32)
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        return latents.to(device=self._compute_device, dtype=self.unet.dtype)
+        return latents.to(device=self._compute_device, dtype=torch.float32)
+
+    def _step_noise(self, generator, shape, num_steps: int, noise_sampler: NoiseSampler | None) -> NoiseSampler:
+        """The η > 0 noise of every step, in sampling order.
+
+        With a CPU generator and an accelerator, all steps' noise is drawn on the host before the loop (the same
+        draws in the same order as drawing step by step) and copied once: a per-step host-to-device copy from
+        pageable memory would make the host wait for the GPU inside the loop.
+        """
+        device = self._compute_device
+        if noise_sampler is not None:
+            return lambda i, shape: noise_sampler(i, shape).to(device=device, dtype=torch.float32)
+        generators = generator if isinstance(generator, list) else [generator]
+        on_host = all(g is not None and g.device.type == "cpu" for g in generators)
+        if device.type != "cpu" and on_host:
+            drawn = torch.stack([randn_tensor(shape, generator=generator, device=torch.device("cpu"),
+                                              dtype=torch.float32) for _ in range(num_steps)])
+            drawn = drawn.pin_memory().to(device, non_blocking=True)
+            return lambda i, shape: drawn[i]
+        return lambda i, shape: randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     @torch.no_grad()
     def __call__(
@@ -107,6 +129,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         on_step_begin: StepHook | None = None,
         noise_sampler: NoiseSampler | None = None,
         progress: bool = True,
+        decode_chunk_size: int | None = None,
         return_dict: bool = True,
     ) -> VideoCrafter2PipelineOutput | tuple:
         """Generate videos.
@@ -122,6 +145,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
             on_step_begin: ``hook(pipe, step_index, timestep)`` before each step.
             noise_sampler: ``fn(step_index, shape) -> Tensor``, the standard normal noise of each η > 0 step
                 (replaces draws from ``generator``; used to replay recorded noise).
+            decode_chunk_size: frames per VAE decode call (None: ``self.decode_chunk_size``).
             output_type: "np" (uint8 (B, T, H, W, 3)), "pt" (float (B, 3, T, H, W) in [-1, 1]) or "latent".
         """
         self.check_inputs(prompt, prompt_embeds, height, width, num_frames, num_inference_steps, output_type)
@@ -153,24 +177,20 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps.tolist()
         latents = self.prepare_latents(batch, num_frames, height, width, generator, latents)
         fps_tensor = torch.full((context.shape[0],), fps, device=device, dtype=torch.long)
+        step_noise = self._step_noise(generator, tuple(latents.shape), len(timesteps), noise_sampler) if eta > 0 \
+            else None
 
         # 3. denoising loop
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
             if on_step_begin is not None:
                 on_step_begin(self, i, t)
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = (torch.cat([latents] * 2) if do_cfg else latents).to(self.unet.dtype)
             t_batch = torch.full((context.shape[0],), t, device=device, dtype=torch.long)
-            eps = self.unet(model_input, t_batch, context, fps=fps_tensor, return_dict=False)[0]
+            eps = self.unet(model_input, t_batch, context, fps=fps_tensor, return_dict=False)[0].float()
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            variance_noise = None
-            if eta > 0:
-                if noise_sampler is not None:
-                    variance_noise = noise_sampler(i, tuple(latents.shape)).to(device=device, dtype=torch.float32)
-                else:
-                    variance_noise = randn_tensor(latents.shape, generator=generator, device=device,
-                                                  dtype=torch.float32)
+            variance_noise = step_noise(i, tuple(latents.shape)) if step_noise is not None else None
             latents = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=variance_noise,
                                           return_dict=False)[0]
 
@@ -178,7 +198,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         if output_type == "latent":
             frames = latents
         else:
-            video = decode_video(self.vae, latents)
+            video = decode_video(self.vae, latents, chunk_size=decode_chunk_size or self.decode_chunk_size)
             if output_type == "pt":
                 frames = video.clamp(-1, 1)
             else:

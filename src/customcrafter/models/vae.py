@@ -49,20 +49,38 @@ def encode_video(
     sample: bool = True,
     generator: torch.Generator | None = None,
     chunk_size: int = 1,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Video (B, 3, T, H, W) in [-1, 1] → scaled latents (B, 4, T, H/8, W/8).
 
     ``sample=True`` draws from the posterior (training, as the original); False takes its mean.
+    ``noise``: optional standard-normal tensor shaped like the latents (B, C, T, h, w); the posterior sample is then
+    ``mean + std · noise`` (``latent_dist.sample``'s formula) instead of a draw from ``generator``, so the caller owns
+    the randomness (the trainer draws it per example). Needs ``sample=True``.
     """
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"video must be (B, 3, T, H, W), got {tuple(video.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if noise is not None and not sample:
+        raise ValueError("noise is the posterior sample's noise: it needs sample=True")
     frames = _frames(video.to(device=vae.device, dtype=vae.dtype))
+    if noise is not None:
+        if noise.ndim != 5 or noise.shape[0] != video.shape[0] or noise.shape[2] != video.shape[2]:
+            raise ValueError(f"noise must be (B, C, T, h, w) for video {tuple(video.shape)}, got {tuple(noise.shape)}")
+        noise_frames = _frames(noise.to(device=vae.device, dtype=vae.dtype)).split(chunk_size)
     latents = []
-    for chunk in frames.split(chunk_size):
+    for index, chunk in enumerate(frames.split(chunk_size)):
         posterior = vae.encode(chunk).latent_dist
-        latents.append(posterior.sample(generator=generator) if sample else posterior.mean)
+        if not sample:
+            latents.append(posterior.mean)
+        elif noise is None:
+            latents.append(posterior.sample(generator=generator))
+        else:
+            if noise_frames[index].shape != posterior.mean.shape:
+                raise ValueError(f"noise frames {tuple(noise_frames[index].shape)} do not match the latent frames "
+                                 f"{tuple(posterior.mean.shape)}")
+            latents.append(posterior.mean + posterior.std * noise_frames[index])
     return _video(torch.cat(latents), video.shape[0]) * vae.config.scaling_factor
 
 

@@ -77,6 +77,11 @@ class TrainConfig(StrictModel):
                                                      "(customcrafter 3e-5 or lr_preset, custom_diffusion 1e-5)")
     lr_preset: Literal["paper", "reference"] = Field("paper", description="customcrafter lr when lr is None: "
                                                                           "paper 3e-5, reference code 2.4e-4")
+    per_device_batch_size: int = Field(
+        1, ge=1, description="instance clips (and, with prior preservation, as many class clips) per process per "
+                             "step; global batch = per_device_batch_size x number of processes (the reference code: "
+                             "1 on each of 4 GPUs). The learning rate is not scaled with it. A run's data, noise and "
+                             "timesteps depend on the global batch only, not on how it is split over processes")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (only on the trained tensors)")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

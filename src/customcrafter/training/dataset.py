@@ -1,7 +1,9 @@
 """Training examples: augmented subject images as still clips, and class images for prior preservation.
 
-Each training step draws one instance example and (with prior preservation) one class example, from a
-``random.Random`` owned by the dataset (its state is checkpointed, so a resumed run draws the same examples):
+Each training step draws the whole global batch (``per_device_batch_size`` x processes) of instance examples, each
+followed by (with prior preservation) one class example, from a ``random.Random`` owned by the dataset and seeded
+alike in every process (its state is checkpointed, so a resumed run draws the same examples); each process keeps its
+slice of the global batch, so what is trained does not depend on how the batch is split over processes:
 
 - instance: a subject image through :func:`customcrafter.data.augment.augment_instance` (flip, crop, zoom, mask,
   prompt prefix), repeated to ``num_frames`` identical frames; caption = a random instance template around
@@ -155,7 +157,12 @@ class SubjectDataset:
         return "" if self.rng.random() < self.config.caption_dropout else caption
 
     def next_batch(self) -> dict[str, Example]:
+        """One global-batch element: ``{"instance": Example}`` plus ``"class"`` with prior preservation."""
         batch = {"instance": self.instance_example()}
         if self.config.prior_preservation:
             batch["class"] = self.class_example()
         return batch
+
+    def next_global_batch(self, size: int) -> list[dict[str, Example]]:
+        """``size`` elements of :meth:`next_batch`, in order (every process draws them all and keeps its slice)."""
+        return [self.next_batch() for _ in range(size)]

@@ -2,13 +2,21 @@
 
 Read top to bottom: :func:`train` resolves the subject, loads the base pipeline, adds the token, lets the method
 (a :class:`~customcrafter.training.methods.SubjectMethod`) choose what learns, then runs each of the method's stages
-with AdamW. One step = one instance clip + (prior preservation) one class clip, each its own forward pass:
+with AdamW. One step = a global batch of ``per_device_batch_size`` x processes instance clips + (prior preservation)
+as many class clips; each process runs its slice, instance and class clips through the UNet as one batch:
 
     z0 = VAE posterior sample x 0.18215        t ~ U{0..999}        z_t = add_noise(z0, eps, t)  (VideoCrafter2 x0 scale)
-    loss = L(eps, unet(z_t, t, text, fps)) [instance] + prior_weight x L(...) [class]
+    loss = mean over the slice of L(eps, unet(z_t, t, text, fps)) [instance] + prior_weight x the same [class]
+
+DDP averages the gradients over processes, so a step follows the mean loss over the global batch whatever its split.
+Every clip's randomness - posterior sample, eps, t, and the UNet's dropout masks (:class:`ExampleDropout`) - comes
+from its own seed, a function of (seed, step, index in the global batch, branch) (:func:`example_seed`), and the
+dataset draws the whole global batch in every process, so 2 processes x batch 1 train what 1 process x batch 2
+trains, up to float summation order (tested on CPU with gloo).
 
 Runs on CPU, one GPU, or many via ``accelerate launch`` (DDP; the main process writes). The hot path has no host
-sync: losses stay on the device and are read every ``log_every`` steps.
+sync: inputs go to the GPU from pinned memory without blocking, losses stay on the device and are read (averaged
+over processes) every ``log_every`` steps.
 """
 
 from __future__ import annotations
@@ -35,37 +43,132 @@ from customcrafter.training.config import TrainConfig
 from customcrafter.training.dataset import SubjectDataset, resolve_subject
 from customcrafter.training.methods import SPATIAL_BLOCK_RE, Stage, SubjectMethod, make_method
 
-__all__ = ["TrainResult", "train", "DiffusionLoss", "detach_start_token_kv"]
+__all__ = ["TrainResult", "train", "DiffusionLoss", "ExampleDropout", "detach_start_token_kv", "epsilon_loss",
+           "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainResult:
+    """``losses``: per step, the mean over the global batch (averaged over processes). ``step_seconds``: for each
+    log interval of this run (``log_every`` steps, shorter at stage ends and checkpoints), its wall seconds / its
+    steps - the first includes warm-up; checkpoint writing is not counted."""
+
     module_dir: Path
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
 
 
 # --- the loss ---------------------------------------------------------------------------------------------------
 def epsilon_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """``l2``: mean squared error (paper). ``l1``: Σ|ε−ε̂|·mask / Σmask over all elements (reference code)."""
+    """The mean over the batch of per-example losses (so any split of a global batch over processes, whose gradients
+    DDP averages, gives the same step). ``l2``: mean squared error (paper; all examples have the same size, so this
+    is the plain mean). ``l1``: per example Σ|ε−ε̂|·mask / Σmask (reference code, which trains batch 1 per GPU)."""
     if kind == "l2":
         return F.mse_loss(pred.float(), target.float())
     mask = mask.expand_as(pred).float()
-    return ((pred.float() - target.float()).abs() * mask).sum() / mask.sum().clamp_min(1.0)
+    dims = tuple(range(1, pred.ndim))
+    per_example = ((pred.float() - target.float()).abs() * mask).sum(dims) / mask.sum(dims).clamp_min(1.0)
+    return per_example.mean()
+
+
+_BRANCHES = ("instance", "class")
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(seed: int, value: int) -> int:
+    """splitmix64 of ``seed`` and ``value``: a well-spread 63-bit seed (cheap enough to call per layer and example)."""
+    z = (seed + 0x9E3779B97F4A7C15 * (value + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def example_seed(seed: int, step: int, index: int, branch: str) -> int:
+    """The seed of one example's randomness: a function of (run seed, global step, index in the global batch,
+    branch) only - not of the process that trains the example nor of its batch neighbours."""
+    return _mix(_mix(_mix(seed % 2**64, step), index), _BRANCHES.index(branch))
+
+
+def draw_example_noise(seed: int, latent_shape: tuple[int, ...],
+                       num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(timestep t, posterior noise, ε) of one example, in this order from a CPU generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    timestep = torch.randint(0, num_timesteps, (), generator=generator)
+    posterior = torch.randn(latent_shape, generator=generator)
+    noise = torch.randn(latent_shape, generator=generator)
+    return timestep, posterior, noise
+
+
+class _ExampleSeeds:
+    """The example seeds of the batch in the UNet now (set before each forward; still valid when gradient
+    checkpointing re-runs the forward during backward)."""
+
+    current: list[int] | None = None
+
+
+class ExampleDropout(nn.Module):
+    """``nn.Dropout`` whose mask for each example of the batch comes from that example's seed and this layer's index,
+    so it does not depend on the batch layout (the UNet's temporal-conv dropout, p = 0.1 as in VideoCrafter2, is
+    active in training). Rows of the input are batch-major: (B, ...) or (B·F, ...)."""
+
+    def __init__(self, p: float, index: int, seeds: _ExampleSeeds):
+        super().__init__()
+        self.p, self.index, self.seeds = p, index, seeds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        seeds = self.seeds.current
+        if not seeds:
+            return F.dropout(x, self.p, training=True)
+        if x.shape[0] % len(seeds):
+            raise RuntimeError(f"dropout input {tuple(x.shape)} is not batch-major over {len(seeds)} examples")
+        rows, keep = x.shape[0] // len(seeds), 1.0 - self.p
+        masks = []
+        for seed in seeds:
+            generator = torch.Generator(device=x.device).manual_seed(_mix(seed, self.index))
+            masks.append(torch.rand((rows, *x.shape[1:]), generator=generator, device=x.device) < keep)
+        return x * torch.cat(masks).to(x.dtype) / keep
+
+
+def install_example_dropout(unet: nn.Module) -> tuple[_ExampleSeeds, list]:
+    """Replace each active ``nn.Dropout`` of ``unet`` by an :class:`ExampleDropout`; returns the seed holder and
+    what :func:`restore_dropout` needs to put the originals back."""
+    seeds, replaced = _ExampleSeeds(), []
+    found = [(name, module) for name, module in unet.named_modules()
+             if type(module) is nn.Dropout and module.p > 0]
+    for index, (name, module) in enumerate(found):
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, ExampleDropout(module.p, index, seeds))
+        replaced.append((parent, child, module))
+    return seeds, replaced
+
+
+def restore_dropout(replaced: list) -> None:
+    for parent, child, module in replaced:
+        setattr(parent, child, module)
 
 
 class DiffusionLoss(nn.Module):
-    """The trainable graph as one module (what DDP wraps): text encoder + UNet; the VAE is a frozen helper."""
+    """The trainable graph as one module (what DDP wraps): text encoder + UNet; the VAE is a frozen helper.
 
-    def __init__(self, pipe, config: TrainConfig, encode_text_with_grad: bool = True):
+    Instance and class clips of a process's slice go through the UNet as one batch; the loss is the mean over the
+    slice of instance + ``prior_weight`` x class.
+    """
+
+    def __init__(self, pipe, config: TrainConfig, encode_text_with_grad: bool = True,
+                 dropout_seeds: _ExampleSeeds | None = None):
         super().__init__()
         self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
         self.__dict__["pipe"] = pipe  # not a submodule: the VAE and tokenizer are not part of what DDP syncs
         self.config = config
         self.encode_text_with_grad = encode_text_with_grad
+        self.dropout_seeds = dropout_seeds or _ExampleSeeds()
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         from customcrafter.models.text import encode_prompt
@@ -74,42 +177,79 @@ class DiffusionLoss(nn.Module):
             return encode_prompt(self.pipe.tokenizer, self.text_encoder, captions, device=self.unet.device)
 
     @torch.no_grad()
-    def encode_clip(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_clip(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """Posterior sample mean + std · ``posterior_noise``, x 0.18215 (VideoCrafter2's x0 scale)."""
         from customcrafter.models.vae import encode_video
 
         vae = self.pipe.vae
-        return encode_video(vae, pixels.to(vae.device, vae.dtype), sample=True).to(torch.float32)
+        return encode_video(vae, pixels.to(vae.device, vae.dtype), sample=True,
+                            noise=posterior_noise).to(torch.float32)
 
-    def branch_loss(self, pixels: torch.Tensor, mask: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        latents = self.encode_clip(pixels)  # (B, 4, T, h, w), scaled
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device)
+    def forward(self, batch: _Batch) -> torch.Tensor:
+        latents = self.encode_clip(batch.pixels, batch.posterior_noise)  # (B, 4, T, h, w), scaled
+        noise, timesteps = batch.noise.to(latents.device), batch.timesteps.to(latents.device)
         noisy = self.pipe.scheduler.add_noise(latents, noise, timesteps)
-        text = self.encode_text(captions)
+        text = self.encode_text(batch.captions)
         fps = torch.full((latents.shape[0],), self.config.fps, device=latents.device, dtype=torch.long)
+        self.dropout_seeds.current = batch.seeds
         pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=text.to(self.unet.dtype),
                          fps=fps).sample
-        return epsilon_loss(pred, noise, mask.to(pred.device), self.config.loss)
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        instance = batch["instance"]
-        loss = self.branch_loss(instance.pixels, instance.mask, instance.captions)
-        if "class" in batch:
-            prior = batch["class"]
-            loss = loss + self.config.prior_weight * self.branch_loss(prior.pixels, prior.mask, prior.captions)
+        masks = batch.mask.to(pred.device).split(batch.sizes)
+        losses = [epsilon_loss(p, n, m, self.config.loss)
+                  for p, n, m in zip(pred.split(batch.sizes), noise.split(batch.sizes), masks, strict=True)]
+        loss = losses[0]
+        if len(losses) > 1:
+            loss = loss + self.config.prior_weight * losses[1]
         return loss
 
 
 @dataclass
 class _Batch:
-    pixels: torch.Tensor
-    mask: torch.Tensor
+    """A process's slice: its b instance clips, then (prior preservation) their b class clips, each with its own
+    randomness."""
+
+    pixels: torch.Tensor  # (n, 3, T, H, W)
+    mask: torch.Tensor  # (n, 1, T, h, w)
     captions: list[str]
+    timesteps: torch.Tensor  # (n,) long
+    posterior_noise: torch.Tensor  # (n, C, T, h, w): the VAE posterior sample's standard-normal noise
+    noise: torch.Tensor  # (n, C, T, h, w): ε
+    seeds: list[int]  # example_seed of each clip (dropout masks)
+    sizes: list[int]  # clips per branch: [b] or [b, b]
 
 
-def _collate(batch: dict, device: torch.device) -> dict:
-    return {k: _Batch(e.pixels[None].to(device), e.mask[None].to(device), [e.caption]) for k, e in batch.items()}
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU → device without a host sync on CUDA (pinned memory, non-blocking copy)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _latent_shape(vae, pixels_shape: torch.Size) -> tuple[int, int, int, int]:
+    """(C, T, h, w) of a clip's latents."""
+    _, frames, height, width = pixels_shape
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (vae.config.latent_channels, frames, height // factor, width // factor)
+
+
+def _collate(examples: list[dict], first_index: int, step: int, config: TrainConfig, pipe,
+             device: torch.device) -> _Batch:
+    """Stack a process's slice (global indices ``first_index`` ...) and draw each clip's noise on the CPU."""
+    num_timesteps = pipe.scheduler.config.num_train_timesteps
+    branches = [b for b in _BRANCHES if b in examples[0]]
+    items = [element[branch] for branch in branches for element in examples]
+    seeds = [example_seed(config.seed, step, first_index + j, branch)
+             for branch in branches for j in range(len(examples))]
+    shape = _latent_shape(pipe.vae, items[0].pixels.shape)
+    draws = [draw_example_noise(seed, shape, num_timesteps) for seed in seeds]
+    timesteps, posterior, noise = (torch.stack(column) for column in zip(*draws, strict=True))
+    return _Batch(pixels=_to_device(torch.stack([e.pixels for e in items]), device),
+                  mask=_to_device(torch.stack([e.mask for e in items]), device),
+                  captions=[e.caption for e in items],
+                  timesteps=_to_device(timesteps, device),
+                  posterior_noise=_to_device(posterior, device),
+                  noise=_to_device(noise, device),
+                  seeds=seeds, sizes=[len(examples)] * len(branches))
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -148,10 +288,28 @@ def _stage_ranges(stages: list[Stage]) -> list[tuple[Stage, int, int]]:
     return ranges
 
 
-def _flush(pending: list[torch.Tensor], losses: list[float]) -> None:
-    if pending:
-        losses.extend(torch.stack(pending).float().cpu().tolist())  # the one host sync, every log_every steps
-        pending.clear()
+class _Log:
+    """Per-step losses (device tensors until flushed) and the wall time per step of each flushed interval."""
+
+    def __init__(self, accelerator, losses: list[float]):
+        self.accelerator, self.losses = accelerator, losses
+        self.pending: list[torch.Tensor] = []
+        self.step_seconds: list[float] = []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.since = time.perf_counter()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        # The one host sync, every log_every steps: the mean over processes = the mean over the global batch.
+        stacked = self.accelerator.reduce(torch.stack(self.pending).float(), reduction="mean")
+        self.losses.extend(stacked.cpu().tolist())
+        now = time.perf_counter()
+        self.step_seconds.append((now - self.since) / len(self.pending))
+        self.since = now
+        self.pending.clear()
 
 
 def _resume(config: TrainConfig, method: SubjectMethod, dataset: SubjectDataset, total: int):
@@ -215,11 +373,17 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     stages = method.stages()
     total = sum(s.steps for s in stages)
     start_step, losses, checkpoint = _resume(config, method, dataset, total)
-    model = DiffusionLoss(pipe, config)
     checkpoints_dir = Path(config.output_dir) / "checkpoints"
+    per_device, processes = config.per_device_batch_size, accelerator.num_processes
+    global_batch, first_index = per_device * processes, per_device * accelerator.process_index
+    logger.info("training %s for %d steps: global batch %d = %d per process x %d process(es)%s", config.method,
+                total, global_batch, per_device, processes,
+                " (+ as many class clips)" if config.prior_preservation else "")
     progress = tqdm(total=total, initial=start_step, desc=f"train {config.method}", unit="step",
                     disable=not accelerator.is_local_main_process)
-    pending: list[torch.Tensor] = []
+    log = _Log(accelerator, losses)
+    dropout_seeds, dropouts = install_example_dropout(pipe.unet)
+    model = DiffusionLoss(pipe, config, dropout_seeds=dropout_seeds)
     try:
         for stage, first, end in _stage_ranges(stages):
             if end <= start_step:
@@ -231,8 +395,10 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
                 optimizer.load_state_dict(checkpoint.optimizer)
             trained, optimizer = accelerator.prepare(model, optimizer)
             trained.train()
+            log.restart_clock()
             for step in range(max(first, start_step), end):
-                batch = _collate(dataset.next_batch(), accelerator.device)
+                elements = dataset.next_global_batch(global_batch)[first_index:first_index + per_device]
+                batch = _collate(elements, first_index, step, config, pipe, accelerator.device)
                 with accelerator.autocast():
                     loss = trained(batch)
                 accelerator.backward(loss)
@@ -240,26 +406,28 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                pending.append(loss.detach())
+                log.pending.append(loss.detach())
                 progress.update(1)
                 done = step + 1
                 if done % config.log_every == 0 or done == end:
-                    _flush(pending, losses)
+                    log.flush()
                     progress.set_postfix(stage=stage.name, loss=f"{losses[-1]:.4f}")
                 if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total:
-                    _flush(pending, losses)
+                    log.flush()
                     if accelerator.is_main_process:
                         save_checkpoint(checkpoints_dir, done, method.trainable_state(), optimizer.state_dict(),
                                         dataset.rng, losses, {"method": config.method, "stage": stage.name},
                                         keep=config.keep_checkpoints)
                     accelerator.wait_for_everyone()
+                    log.restart_clock()  # step_seconds times training, not checkpoint writing
             model = accelerator.unwrap_model(trained)
             accelerator.free_memory()
-        _flush(pending, losses)
+        log.flush()
     finally:
         progress.close()
         for handle in hooks:
             handle.remove()
+        restore_dropout(dropouts)
 
     if losses and math.isnan(losses[-1]):
         raise FloatingPointError("training loss became NaN; lower the learning rate or use fp32")
@@ -275,4 +443,5 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     seconds = time.perf_counter() - started
     logger.info("trained %s for %d steps in %.1fs (final loss %.4f)", config.method, total, seconds,
                 losses[-1] if losses else float("nan"))
-    return TrainResult(module_dir=module_dir, losses=losses, steps=total, seconds=seconds)
+    return TrainResult(module_dir=module_dir, losses=losses, steps=total, seconds=seconds,
+                       step_seconds=log.step_seconds)

@@ -1,0 +1,406 @@
+#!/usr/bin/env python
+"""GPU benchmark: sampling (DWVSS, 50 DDIM steps, CFG 12, 16×320×512) and CustomCrafter training steps.
+
+Full-size VideoCrafter2 architecture; real weights with ``--weights`` (a converted folder, a checkpoint or a hub id),
+random weights otherwise (same work, and every weight that diffusers initialises to zero gets small random values
+so no path is inert). Times are medians of several runs after a warm-up, with the GPU synchronised; peak memory is
+``torch.cuda.max_memory_allocated`` over the timed region. FLOPs are counted with ``torch.utils.flop_counter`` on one
+UNet forward. Writes a JSON (``--out``) and prints a table.
+
+    python benchmarks/gpu.py                          # everything (about 10 minutes on an H100)
+    python benchmarks/gpu.py --sections sampling      # sampling, variants, correctness
+    python benchmarks/gpu.py --sections training --train-frames 4 16
+
+Nothing here is asserted: the figures go into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from customcrafter.dwvss import DWVSSConfig, dwvss_sampling
+from customcrafter.performance import SpeedConfig, optimize_pipeline
+
+PROMPT = "a <new1> dog is swimming in the pool, high quality"
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "reference_h100.json"
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def build_pipeline(weights: str | None, seed: int = 0):
+    """Full-size pipeline in float32 on the GPU: loaded weights, or seeded random ones (same seed = same model)."""
+    from customcrafter.loading import load_base_pipeline
+
+    if weights:
+        return load_base_pipeline(weights, device="cuda")
+    from diffusers import AutoencoderKL
+
+    from customcrafter.convert import read_configs
+    from customcrafter.models.text import build_text_encoder, load_tokenizer, openclip_text_config
+    from customcrafter.models.unet import VideoCrafter2UNet
+    from customcrafter.pipeline import VideoCrafter2Pipeline
+    from customcrafter.scheduler import VideoCrafter2DDIMScheduler
+
+    configs = read_configs()
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        unet = VideoCrafter2UNet(**configs.unet)
+        vae = AutoencoderKL(**configs.vae)
+        text_encoder = build_text_encoder(openclip_text_config(**configs.text))
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for param in module.parameters():
+                if param.ndim >= 2 and not param.any():
+                    param.normal_(0, 0.5 / param[0].numel() ** 0.5)
+    pipe = VideoCrafter2Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+                                 scheduler=VideoCrafter2DDIMScheduler(**configs.scheduler))
+    for component in (unet, vae, text_encoder):
+        component.requires_grad_(False).eval()
+    pipe.base_model_id = "random-full-size"
+    return pipe
+
+
+def add_subject_lora(pipe, seed: int = 1) -> None:
+    """A CustomCrafter SSLM adapter (rank 4 on spatial q/k/v, 96 layers) with random up-projections."""
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.methods import CustomCrafterMethod
+
+    method = CustomCrafterMethod(TrainConfig(subject_dir="unused", base_model="random"))
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(method.lora_config(), adapter_name="subject")
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+            if "lora_" in name:
+                param.requires_grad_(False)
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def timed(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def free(*objects) -> None:
+    del objects
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def sample(pipe, steps: int, frames: int, height: int, width: int, seed: int = 0, output_type: str = "np",
+           prompt_embeds=None, dwvss: DWVSSConfig | None = None):
+    """One video as the product samples it (sampling.sample_video): DWVSS on the LoRA, CFG 12, η 1, CPU-seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    with dwvss_sampling(pipe.unet, dwvss or DWVSSConfig(), steps) as callback:
+        kwargs = {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {"prompt": PROMPT}
+        return pipe(num_inference_steps=steps, guidance_scale=12.0, eta=1.0, fps=16, num_frames=frames,
+                    height=height, width=width, generator=generator, output_type=output_type,
+                    on_step_begin=callback, progress=False, **kwargs).frames
+
+
+def unet_flops(pipe, frames: int, height: int, width: int) -> int:
+    """FLOPs of one UNet forward on the CFG batch (2 videos)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipe.unet
+    x = torch.randn(2, 4, frames, height // 8, width // 8, device="cuda", dtype=unet.dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unet(x, torch.tensor([500, 500], device="cuda"), context, fps=16)
+    return int(counter.get_total_flops())
+
+
+def matmul_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    seconds, _ = timed(lambda: [a @ b for _ in range(20)], runs=5, warmup=2)
+    return 20 * 2 * 8192**3 / seconds / 1e12
+
+
+def bench_sampling_variant(name: str, speed: SpeedConfig, args, flops_per_step: int, peak_tflops: float) -> dict:
+    pipe = build_pipeline(args.weights)
+    add_subject_lora(pipe)
+    optimize_pipeline(pipe, speed)
+    shape = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
+
+    started = time.perf_counter()
+    sample(pipe, **shape)  # warm-up: compilation, cuDNN autotuning
+    sync()
+    warmup_s = time.perf_counter() - started
+
+    torch.cuda.reset_peak_memory_stats()
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    end_to_end, runs = timed(lambda: sample(pipe, **shape), runs=args.runs, warmup=0)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    frames = sample(pipe, **shape)
+
+    # breakdown: text encoding, denoising loop (to latents), VAE decode to uint8 on the host
+    text_s, _ = timed(lambda: (pipe.encode_prompt(PROMPT), pipe.encode_prompt("")), runs=args.runs)
+    embeds = pipe.encode_prompt(PROMPT)
+    loop_s, _ = timed(lambda: sample(pipe, output_type="latent", prompt_embeds=embeds, **shape), runs=args.runs)
+    latents = sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)
+
+    def decode():
+        from customcrafter.models.vae import decode_video
+
+        with torch.no_grad():
+            video = decode_video(pipe.vae, latents, chunk_size=pipe.decode_chunk_size)
+            return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+    decode_s, _ = timed(decode, runs=args.runs)
+    unet_flops_video = flops_per_step * args.steps
+    result = {
+        "variant": name, "speed_config": speed.model_dump(), "warmup_s": round(warmup_s, 2),
+        "end_to_end_s": round(end_to_end, 3), "end_to_end_runs_s": [round(t, 3) for t in runs],
+        "text_encode_s": round(text_s, 4), "denoise_loop_s": round(loop_s, 3), "vae_decode_s": round(decode_s, 3),
+        "unet_tflops_per_s": round(unet_flops_video / loop_s / 1e12, 1),
+        "mfu_vs_measured_peak": round(unet_flops_video / loop_s / 1e12 / peak_tflops, 3),
+        "peak_memory_gib": round(peak_gib, 2), "weights_gib": round(weights_gib, 2),
+        "frames_finite": bool(np.isfinite(frames.astype(np.float32)).all()),
+        "frames_shape": list(frames.shape), "frames_dtype": str(frames.dtype),
+    }
+    print(json.dumps(result), flush=True)
+    free(pipe)
+    return result
+
+
+def correctness(args, fast: SpeedConfig) -> dict:
+    """The fast path against the float32 path on the same weights: one UNet forward and a whole DWVSS video."""
+    shape = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
+    ref = build_pipeline(args.weights)
+    add_subject_lora(ref)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(2, 4, args.frames, args.height // 8, args.width // 8, device="cuda")
+    context = torch.randn(2, 77, ref.unet.config.cross_attention_dim, device="cuda")
+    with torch.no_grad():
+        eps_ref = ref.unet(x, torch.tensor([700, 700], device="cuda"), context, fps=16).sample.double()
+    latents_ref = sample(ref, output_type="latent", **shape).double()
+    frames_ref = sample(ref, **shape).astype(np.int16)
+    free(ref)
+
+    pipe = build_pipeline(args.weights)
+    add_subject_lora(pipe)
+    optimize_pipeline(pipe, fast)
+    with torch.no_grad():
+        eps = pipe.unet(x.to(pipe.unet.dtype), torch.tensor([700, 700], device="cuda"), context.to(pipe.unet.dtype),
+                        fps=16).sample.double()
+    latents = sample(pipe, output_type="latent", **shape).double()
+    frames = sample(pipe, **shape).astype(np.int16)
+    free(pipe)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    result = {
+        "unet_forward_rel_err": rel(eps, eps_ref),
+        "video_latents_rel_err": rel(latents, latents_ref),
+        "video_uint8_mean_abs_diff": float(np.abs(frames - frames_ref).mean()),
+        "note": "fp32 reference with TF32 off vs the fast path, same random weights, same noise; 50 stochastic "
+                "DDIM steps at CFG 12 amplify per-step bf16 differences",
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def synthetic_subject(root: Path, count: int, size: tuple[int, int]) -> Path:
+    from PIL import Image
+
+    folder = root / "subject"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def bench_training(args, frames: int, checkpointing: bool, extra: dict) -> dict:
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
+
+    tmp = Path(tempfile.mkdtemp())
+    subject = synthetic_subject(tmp, 4, (512, 512))
+    class_dir = synthetic_subject(tmp / "class", 4, (320, 512))
+    pipe = build_pipeline(args.weights)
+    steps = args.train_steps
+    config = TrainConfig(base_model=pipe.base_model_id, subject_dir=str(subject), class_word="dog",
+                         output_dir=str(tmp / "run"), num_frames=frames, steps=steps, log_every=max(1, steps // 4),
+                         checkpoint_every=None, mixed_precision="bf16", gradient_checkpointing=checkpointing,
+                         class_images_dir=str(class_dir), num_class_images=4, **extra)
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = train(config, pipe=pipe)
+    total = time.perf_counter() - started
+    per_step = getattr(result, "step_seconds", None)
+    if per_step:
+        step_s = statistics.median(per_step[1:] or per_step)  # the first interval holds warm-up
+    else:
+        step_s = total / steps
+    out = {"frames": frames, "gradient_checkpointing": checkpointing, **extra, "steps": steps,
+           "step_s": round(step_s, 4), "steps_per_s": round(1 / step_s, 2),
+           "intervals_s": [round(s, 4) for s in (per_step or [])], "total_s": round(total, 1),
+           "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "hours_for_10000_steps": round(10_000 * step_s / 3600, 2),
+           "loss_finite": bool(np.isfinite(result.losses).all())}
+    print(json.dumps(out), flush=True)
+    free(pipe)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+def profile(args, speed: SpeedConfig, out_dir: Path) -> None:
+    """Where one CFG UNet forward spends GPU time: the top operators and kernels (and a Chrome trace)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    pipe = build_pipeline(args.weights)
+    optimize_pipeline(pipe, speed)
+    unet = pipe.unet
+    x = torch.randn(2, 4, args.frames, args.height // 8, args.width // 8, device="cuda", dtype=unet.dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
+    t = torch.tensor([500, 500], device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            unet(x, t, context, fps=16)
+        sync()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                unet(x, t, context, fps=16)
+            sync()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    prof.export_chrome_trace(str(out_dir / "unet_trace.json"))
+    free(pipe)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+SAMPLING_VARIANTS = {
+    "bf16-eager": SpeedConfig(compile="none", channels_last=False),
+    "bf16-eager-channels-last": SpeedConfig(compile="none"),
+    "bf16-regional-compile": SpeedConfig(compile="regional"),
+    "bf16-regional-compile-no-channels-last": SpeedConfig(compile="regional", channels_last=False),
+    "bf16-full-compile": SpeedConfig(compile="full", channels_last=False),
+    "bf16-full-compile-cudagraphs": SpeedConfig(compile="full", compile_mode="reduce-overhead", channels_last=False),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=None, help="converted folder, checkpoint or hub id; default random")
+    parser.add_argument("--sections", nargs="+", default=["sampling", "correctness", "training"],
+                        choices=["sampling", "correctness", "training", "profile"])
+    parser.add_argument("--variants", nargs="+", default=list(SAMPLING_VARIANTS), choices=list(SAMPLING_VARIANTS))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--height", type=int, default=320)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--train-frames", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--train-steps", type=int, default=16)
+    parser.add_argument("--train-checkpointing", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--out", default="benchmark_gpu.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
+
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "cuda": torch.version.cuda, "python": platform.python_version(),
+                    "date": time.strftime("%Y-%m-%d"), "weights": args.weights or "random",
+                    "shape": {"frames": args.frames, "height": args.height, "width": args.width,
+                              "steps": args.steps, "guidance_scale": 12.0, "dwvss": DWVSSConfig().model_dump()}}
+    report["matmul_peak_tflops"] = round(matmul_peak_tflops(), 1)
+    print(json.dumps({"matmul_peak_tflops": report["matmul_peak_tflops"]}), flush=True)
+
+    def save():
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+    if "profile" in args.sections:
+        for name in args.variants:
+            print(f"--- profile {name}", flush=True)
+            profile(args, SAMPLING_VARIANTS[name], Path(args.out).parent)
+    if "sampling" in args.sections:
+        probe = build_pipeline(args.weights)
+        optimize_pipeline(probe, SpeedConfig(compile="none"))
+        flops = unet_flops(probe, args.frames, args.height, args.width)
+        free(probe)
+        report["unet_flops_per_step_cfg_batch"] = flops
+        report["sampling"] = []
+        for name in args.variants:
+            try:
+                report["sampling"].append(bench_sampling_variant(name, SAMPLING_VARIANTS[name], args, flops,
+                                                                 report["matmul_peak_tflops"]))
+            except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others' figures
+                report["sampling"].append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                print(json.dumps(report["sampling"][-1]), flush=True)
+                free()
+            save()
+    if "correctness" in args.sections:
+        report["correctness"] = correctness(args, SpeedConfig(compile="none"))
+        save()
+    if "training" in args.sections:
+        report["training"] = []
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.train_checkpointing]
+        for frames in args.train_frames:
+            for checkpointing in modes:
+                try:
+                    report["training"].append(bench_training(args, frames, checkpointing, {}))
+                except Exception as exc:  # noqa: BLE001
+                    report["training"].append({"frames": frames, "gradient_checkpointing": checkpointing,
+                                               "error": f"{type(exc).__name__}: {exc}"[:500]})
+                    print(json.dumps(report["training"][-1]), flush=True)
+                    free()
+                save()
+    if REFERENCE.is_file():
+        report["reference_h100"] = json.loads(REFERENCE.read_text())
+    save()
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']} | torch {report['torch']} | {report['date']} | weights {report['weights']}")
+    for row in report.get("sampling", []):
+        if "error" in row:
+            print(f"  sampling {row['variant']:<40} ERROR {row['error'][:80]}")
+            continue
+        print(f"  sampling {row['variant']:<40} e2e {row['end_to_end_s']:6.2f} s | text {row['text_encode_s']:.3f} "
+              f"| loop {row['denoise_loop_s']:.2f} | decode {row['vae_decode_s']:.2f} | "
+              f"{row['unet_tflops_per_s']} TFLOP/s (MFU {row['mfu_vs_measured_peak']:.0%}) | "
+              f"peak {row['peak_memory_gib']} GiB | warm-up {row['warmup_s']} s")
+    if "correctness" in report:
+        c = report["correctness"]
+        print(f"  correctness: UNet rel err {c['unet_forward_rel_err']:.2e}, video latents rel err "
+              f"{c['video_latents_rel_err']:.2e}, uint8 mean |diff| {c['video_uint8_mean_abs_diff']:.2f}")
+    for row in report.get("training", []):
+        if "error" in row:
+            print(f"  training {row['frames']} frames ckpt={row['gradient_checkpointing']} ERROR {row['error'][:80]}")
+            continue
+        print(f"  training {row['frames']:>2} frames ckpt={row['gradient_checkpointing']!s:<5} {row['step_s']:.3f} s/step "
+              f"({row['steps_per_s']} step/s) | peak {row['peak_memory_gib']} GiB | 10k steps "
+              f"{row['hours_for_10000_steps']} h")
+
+
+if __name__ == "__main__":
+    main()

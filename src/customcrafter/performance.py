@@ -1,0 +1,117 @@
+"""GPU speed settings for sampling and training: one place, each a named, measured option.
+
+``optimize_pipeline(pipe, SpeedConfig())`` turns a loaded pipeline into the fast one: bf16 weights (the scheduler's
+arithmetic and the latents between steps stay float32: see ``VideoCrafter2Pipeline``), PyTorch SDPA attention
+(flash attention on Hopper), channels-last convolutions, regional ``torch.compile`` of the UNet's repeated blocks,
+and batched VAE decoding. What each one buys on an H100 is in ``benchmarks/RESULTS.md``
+(``python benchmarks/gpu.py``).
+
+The defaults are what measured fastest there; on the CPU ``optimize_pipeline`` only sets what is safe (no compile,
+float32), so the same call can sit in every code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from customcrafter.config import StrictModel
+
+__all__ = ["SpeedConfig", "optimize_pipeline", "UNET_REPEATED_BLOCKS", "DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The UNet's repeated building blocks: what regional compilation compiles (each distinct shape once).
+UNET_REPEATED_BLOCKS = ("ResnetBlock2D", "TemporalConvLayer", "Transformer2DModel", "TransformerTemporalModel",
+                        "Downsample2D", "Upsample2D")
+
+
+class SpeedConfig(StrictModel):
+    """How to run on a GPU. On the CPU only ``dtype`` = fp32 and ``decode_chunk_size`` apply."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="weights and activations of the UNet, "
+                                                                        "text encoder and VAE")
+    channels_last: bool = Field(True, description="channels-last memory format for the UNet's and VAE's convs")
+    compile: Literal["none", "regional", "full"] = Field(
+        "regional", description="torch.compile: 'regional' compiles the UNet's repeated blocks (short compile "
+                                "time), 'full' the whole UNet forward, 'none' runs eagerly")
+    compile_mode: str | None = Field(None, description="torch.compile mode (None = default; e.g. "
+                                                       "'max-autotune-no-cudagraphs')")
+    decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
+                                                        "time; 8 is faster and keeps peak memory low)")
+    tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
+    sdpa: bool = Field(True, description="PyTorch scaled_dot_product_attention (flash / memory-efficient kernels)")
+
+
+def _set_sdpa(module: torch.nn.Module) -> None:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    for sub in module.modules():
+        if isinstance(sub, Attention) and not isinstance(sub.processor, AttnProcessor2_0):
+            sub.set_processor(AttnProcessor2_0())
+
+
+def _channels_last(module: torch.nn.Module) -> None:
+    """Channels-last weights for the 2D convs (NHWC) and 3D convs (NDHWC); ``Module.to`` cannot mix the two."""
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            fmt = torch.channels_last if isinstance(sub, torch.nn.Conv2d) else torch.channels_last_3d
+            sub.weight.data = sub.weight.data.contiguous(memory_format=fmt)
+
+
+def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "regional",
+                 compile_mode: str | None = None) -> None:
+    """Compile the UNet in place: each repeated block (regional) or the whole forward (full)."""
+    import torch._dynamo
+
+    # Many instances of each block class with a handful of distinct shapes each: allow enough cached graphs.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if mode == "full":
+        unet.compile(mode=compile_mode, fullgraph=False, dynamic=False)
+        return
+    count = 0
+    for sub in unet.modules():
+        if type(sub).__name__ in UNET_REPEATED_BLOCKS:
+            sub.compile(mode=compile_mode, dynamic=False)
+            count += 1
+    if not count:
+        raise ValueError(f"no block of {UNET_REPEATED_BLOCKS} in {type(unet).__name__}: nothing to compile")
+    logger.info("regional torch.compile: %d UNet blocks", count)
+
+
+def optimize_pipeline(pipe, config: SpeedConfig | None = None):
+    """Apply ``config`` to ``pipe`` in place (and return it). Call after moving the pipeline to its device and
+    after loading subject modules (LoRA layers must exist before compiling; DWVSS fuses their scales into the
+    weights, so no recompilation happens between its phases)."""
+    config = config or SpeedConfig()
+    device = pipe.unet.device
+    pipe.decode_chunk_size = config.decode_chunk_size
+    if device.type != "cuda":
+        if config.dtype != "fp32" or config.compile != "none":
+            logger.info("optimize_pipeline on %s: keeping float32 and eager mode (GPU-only settings ignored)",
+                        device.type)
+        return pipe
+    if config.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    dtype = DTYPES[config.dtype]
+    for component in (pipe.unet, pipe.text_encoder, pipe.vae):
+        if component is not None:
+            component.to(dtype=dtype)
+    if config.sdpa:
+        _set_sdpa(pipe.unet)
+        if pipe.vae is not None:
+            _set_sdpa(pipe.vae)
+    if config.channels_last:
+        for component in (pipe.unet, pipe.vae):
+            if component is not None:
+                _channels_last(component)
+    if config.compile != "none":
+        compile_unet(pipe.unet, config.compile, config.compile_mode)
+    return pipe
