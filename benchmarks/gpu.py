@@ -9,7 +9,7 @@ UNet forward. Writes a JSON (``--out``) and prints a table.
 
     python benchmarks/gpu.py                          # everything (about 10 minutes on an H100)
     python benchmarks/gpu.py --sections sampling      # sampling, variants, correctness
-    python benchmarks/gpu.py --sections training --train-frames 4 16
+    python benchmarks/gpu.py --sections training --train-variants 4:ckpt 16:nockpt
 
 Nothing here is asserted: the figures go into benchmarks/RESULTS.md.
 """
@@ -318,9 +318,10 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=320)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--train-frames", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--train-steps", type=int, default=16)
-    parser.add_argument("--train-checkpointing", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
+                                                                 "4:nockpt:regional", "16:nockpt:regional"],
+                        help="FRAMES:ckpt|nockpt[:regional] (gradient checkpointing, torch.compile)")
+    parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -362,17 +363,18 @@ def main() -> None:
         save()
     if "training" in args.sections:
         report["training"] = []
-        modes = {"on": [True], "off": [False], "both": [True, False]}[args.train_checkpointing]
-        for frames in args.train_frames:
-            for checkpointing in modes:
-                try:
-                    report["training"].append(bench_training(args, frames, checkpointing, {}))
-                except Exception as exc:  # noqa: BLE001
-                    report["training"].append({"frames": frames, "gradient_checkpointing": checkpointing,
-                                               "error": f"{type(exc).__name__}: {exc}"[:500]})
-                    print(json.dumps(report["training"][-1]), flush=True)
-                    free()
-                save()
+        for variant in args.train_variants:
+            parts = variant.split(":")
+            frames, checkpointing = int(parts[0]), parts[1] == "ckpt"
+            extra = {"compile": parts[2]} if len(parts) > 2 else {}
+            try:
+                report["training"].append(bench_training(args, frames, checkpointing, extra))
+            except Exception as exc:  # noqa: BLE001
+                report["training"].append({"frames": frames, "gradient_checkpointing": checkpointing, **extra,
+                                           "error": f"{type(exc).__name__}: {exc}"[:500]})
+                print(json.dumps(report["training"][-1]), flush=True)
+                free()
+            save()
     if REFERENCE.is_file():
         report["reference_h100"] = json.loads(REFERENCE.read_text())
     save()
@@ -395,9 +397,11 @@ def print_table(report: dict) -> None:
               f"{c['video_latents_rel_err']:.2e}, uint8 mean |diff| {c['video_uint8_mean_abs_diff']:.2f}")
     for row in report.get("training", []):
         if "error" in row:
-            print(f"  training {row['frames']} frames ckpt={row['gradient_checkpointing']} ERROR {row['error'][:80]}")
+            print(f"  training {row['frames']} frames ckpt={row['gradient_checkpointing']} {row.get('compile', '')} "
+                  f"ERROR {row['error'][:80]}")
             continue
-        print(f"  training {row['frames']:>2} frames ckpt={row['gradient_checkpointing']!s:<5} {row['step_s']:.3f} s/step "
+        print(f"  training {row['frames']:>2} frames ckpt={row['gradient_checkpointing']!s:<5} "
+              f"compile={row.get('compile', 'none'):<8} {row['step_s']:.3f} s/step "
               f"({row['steps_per_s']} step/s) | peak {row['peak_memory_gib']} GiB | 10k steps "
               f"{row['hours_for_10000_steps']} h")
 

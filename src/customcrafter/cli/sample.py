@@ -24,6 +24,9 @@ def sample_command(
     config: Path | None = typer.Option(None, "--config", help="SampleConfig YAML."),
     overrides: list[str] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    compile_mode: str = typer.Option("none", "--compile", help="GPU: none, regional or full (torch.compile; "
+                                                                "minutes of compilation, for many videos)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="GPU weights: bf16, fp16 or fp32 (the CPU runs fp32)."),
 ) -> None:
     """Sample one video and write it to --out."""
     import os
@@ -32,6 +35,7 @@ def sample_command(
     from customcrafter.config import load_config
     from customcrafter.dwvss import parse_dwvss
     from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import SpeedConfig, optimize_pipeline
     from customcrafter.sampling import SampleConfig, sample_video
     from customcrafter.subject_module import load_subject_module
     from customcrafter.video_io import export_gif, export_mp4
@@ -50,6 +54,7 @@ def sample_command(
         loaded = load_subject_module(pipe, module_dir)
         if loaded.token_mapping.get(loaded.meta["token"]) != loaded.meta["token"]:
             typer.echo(f"{module_dir}: token {loaded.meta['token']} renamed to {loaded.token}", err=True)
+    optimize_pipeline(pipe, SpeedConfig(compile=compile_mode, dtype=dtype))
     frames = sample_video(pipe, prompt, seed=seed, config=sample_config)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)

@@ -307,13 +307,17 @@ def sample_step(*, subject_data: str, module_dir: str, module_metadata: dict[str
     """Sample the evaluation prompts with one subject module (DWVSS for CustomCrafter, plain for baselines)."""
     from customcrafter.config import load_config
     from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import SpeedConfig, optimize_pipeline
     from customcrafter.sampling import SampleConfig, sample_evaluation_set
     from customcrafter.subject_module import load_subject_module
+    from customcrafter.utils import pick_device
 
     method = module_metadata["method"]
     config = load_config(SampleConfig, overrides=split_overrides(config_overrides)["sample"])
-    pipe = load_base_pipeline(base_model)
+    pipe = load_base_pipeline(base_model, device=pick_device(None))
     load_subject_module(pipe, module_dir)
+    # Many videos per step: on a GPU the whole-UNet compile pays for its minutes (benchmarks/RESULTS.md).
+    optimize_pipeline(pipe, SpeedConfig(compile="full"))
     manifest = sample_evaluation_set(pipe, method=method, subject=subject,
                                      subject_dir=Path(subject_data) / "subjects" / subject, out_dir=Path(out_dir),
                                      seeds=[int(s) for s in seeds], prompt_limit=prompt_limit or None, config=config)

@@ -114,6 +114,9 @@ class TrainConfig(StrictModel):
     seed: int = 23
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (GPU); the paper trains fp32")
     gradient_checkpointing: bool | None = Field(None, description="None = on when a GPU is used")
+    compile: Literal["none", "regional"] = Field("none", description="torch.compile the UNet's repeated blocks "
+                                                                     "(GPU; pays off over long runs, see "
+                                                                     "benchmarks/RESULTS.md)")
     device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
     checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")

@@ -368,6 +368,10 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         checkpointing = accelerator.device.type == "cuda"
     if checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    if config.compile != "none" and accelerator.device.type == "cuda":
+        from customcrafter.performance import compile_unet
+
+        compile_unet(pipe.unet, config.compile)
     dataset = SubjectDataset(subject, config, class_images)
 
     stages = method.stages()
