@@ -320,7 +320,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
-                        help="FRAMES:ckpt|nockpt[:regional] (gradient checkpointing, torch.compile)")
+                        help="FRAMES:ckpt|nockpt[:regional][:bf16] (gradient checkpointing, torch.compile, "
+                             "frozen weights stored in bf16)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     args = parser.parse_args()
@@ -366,7 +367,14 @@ def main() -> None:
         for variant in args.train_variants:
             parts = variant.split(":")
             frames, checkpointing = int(parts[0]), parts[1] == "ckpt"
-            extra = {"compile": parts[2]} if len(parts) > 2 else {}
+            extra = {}
+            for option in parts[2:]:
+                if option == "bf16":
+                    extra["frozen_dtype"] = "bf16"
+                elif option in ("regional",):
+                    extra["compile"] = option
+                else:
+                    raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
             try:
                 report["training"].append(bench_training(args, frames, checkpointing, extra))
             except Exception as exc:  # noqa: BLE001
@@ -401,7 +409,8 @@ def print_table(report: dict) -> None:
                   f"ERROR {row['error'][:80]}")
             continue
         print(f"  training {row['frames']:>2} frames ckpt={row['gradient_checkpointing']!s:<5} "
-              f"compile={row.get('compile', 'none'):<8} {row['step_s']:.3f} s/step "
+              f"compile={row.get('compile', 'none'):<8} frozen={row.get('frozen_dtype', 'fp32')} "
+              f"{row['step_s']:.3f} s/step "
               f"({row['steps_per_s']} step/s) | peak {row['peak_memory_gib']} GiB | 10k steps "
               f"{row['hours_for_10000_steps']} h")
 

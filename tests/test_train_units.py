@@ -180,3 +180,26 @@ def test_dataset_draws_still_clips_with_captions(dreambooth_dir: Path):
     assert prior.caption == "a photo of a cat" and prior.mask.min() == 1
     again = SubjectDataset(subject, config, class_image_paths=subject.image_paths[:2]).next_batch()
     assert torch.equal(again["instance"].pixels, instance.pixels)  # seeded
+
+
+def test_frozen_weights_in_bf16_keep_trained_tensors_and_token_table_fp32():
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.methods import make_method
+    from customcrafter.training.tokens import add_placeholder_token
+    from customcrafter.training.trainer import store_frozen_in_bf16
+
+    pipe = load_base_pipeline("tiny")
+    config = TrainConfig(base_model="tiny", subject_dir="unused", mixed_precision="bf16", frozen_dtype="bf16")
+    method = make_method(config)
+    token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, "<new1>", "dog", config.token_init)
+    method.setup(pipe, [token_id])
+    assert store_frozen_in_bf16(pipe, method) > 0
+    for name, param in pipe.unet.named_parameters():
+        assert param.dtype == (torch.float32 if ".lora_" in name else torch.bfloat16), name
+    for param in pipe.text_encoder.get_input_embeddings().parameters():
+        assert param.dtype == torch.float32
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
+
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(subject_dir="unused", frozen_dtype="bf16")

@@ -114,6 +114,10 @@ class TrainConfig(StrictModel):
     seed: int = 23
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast (GPU); the paper trains fp32")
     gradient_checkpointing: bool | None = Field(None, description="None = on when a GPU is used")
+    frozen_dtype: Literal["fp32", "bf16"] = Field("fp32", description="storage of the frozen weights (UNet, text "
+                                                                   "encoder, VAE); 'bf16' (needs mixed_precision "
+                                                                   "bf16) skips autocast's per-op weight casts. The "
+                                                                   "trained tensors and the token table stay fp32")
     compile: Literal["none", "regional"] = Field("none", description="torch.compile the UNet's repeated blocks "
                                                                      "(GPU; pays off over long runs, see "
                                                                      "benchmarks/RESULTS.md)")
@@ -127,6 +131,9 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.frozen_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise ValueError("frozen_dtype 'bf16' needs mixed_precision 'bf16' (fp32 activations cannot meet bf16 "
+                             "weights)")
         height, width = self.resolution
         if height <= 0 or width <= 0 or height % 8 or width % 8:
             raise ValueError(f"resolution {self.resolution}: both sides must be positive multiples of 8")

@@ -272,6 +272,24 @@ def detach_start_token_kv(unet: nn.Module) -> list:
     return handles
 
 
+def store_frozen_in_bf16(pipe, method: SubjectMethod) -> int:
+    """Cast every frozen floating-point weight of the UNet, text encoder and VAE to bf16, in place.
+
+    Trained tensors (every stage's, and the token rows) and the token-embedding table stay fp32, so updates and the
+    saved token row keep full precision. Returns the number of tensors cast.
+    """
+    keep = {id(p) for p in method.all_unet_parameters().values()}
+    keep |= {id(p) for p in pipe.text_encoder.get_input_embeddings().parameters()}
+    cast = 0
+    for component in (pipe.unet, pipe.text_encoder, pipe.vae):
+        for param in component.parameters():
+            if id(param) not in keep and not param.requires_grad and param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+                cast += 1
+    logger.info("frozen weights stored in bf16: %d tensors", cast)
+    return cast
+
+
 def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
@@ -362,6 +380,12 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     token_id = add_placeholder_token(pipe.tokenizer, pipe.text_encoder, subject.token, subject.class_word,
                                      config.token_init)
     method.setup(pipe, [token_id])
+    if config.frozen_dtype == "bf16":
+        if accelerator.device.type == "cuda":
+            store_frozen_in_bf16(pipe, method)
+        else:  # CPU autocast keeps some norms in fp32 and rejects bf16 weights there
+            logger.warning("frozen_dtype 'bf16' applies on CUDA only; keeping fp32 weights on %s",
+                           accelerator.device.type)
     hooks = detach_start_token_kv(pipe.unet) if config.detach_sot_kv else []
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:

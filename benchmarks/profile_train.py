@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Profile CustomCrafter training steps on a GPU: where the time goes (CPU-side operator overhead vs GPU kernels).
+
+    python benchmarks/profile_train.py --frames 4 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from gpu import build_pipeline, synthetic_subject  # benchmarks/gpu.py
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", default="bf16")
+    args = parser.parse_args()
+
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
+
+    tmp = Path(tempfile.mkdtemp())
+    pipe = build_pipeline(None)
+    config = TrainConfig(base_model=pipe.base_model_id, subject_dir=str(synthetic_subject(tmp, 4, (512, 512))),
+                         class_word="dog", output_dir=str(tmp / "run"), num_frames=args.frames, steps=3,
+                         checkpoint_every=None, mixed_precision=args.mixed_precision,
+                         gradient_checkpointing=args.checkpointing,
+                         class_images_dir=str(synthetic_subject(tmp / "class", 4, (320, 512))), num_class_images=4)
+    train(config, pipe=pipe)  # warm-up (cuDNN autotuning, allocator)
+    config = config.model_copy(update={"steps": args.steps, "output_dir": str(tmp / "run2"), "log_every": args.steps})
+    pipe = build_pipeline(None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        train(config, pipe=pipe)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50))
+    print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
+    cuda_total = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"wall {wall:.2f} s for {args.steps} steps (+ setup); GPU kernel time {cuda_total:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
