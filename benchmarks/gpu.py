@@ -371,7 +371,7 @@ def main() -> None:
             for option in parts[2:]:
                 if option == "bf16":
                     extra["frozen_dtype"] = "bf16"
-                elif option in ("regional",):
+                elif option in ("regional", "full"):
                     extra["compile"] = option
                 else:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")

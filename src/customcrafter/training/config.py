@@ -118,9 +118,9 @@ class TrainConfig(StrictModel):
                                                                    "encoder, VAE); 'bf16' (needs mixed_precision "
                                                                    "bf16) skips autocast's per-op weight casts. The "
                                                                    "trained tensors and the token table stay fp32")
-    compile: Literal["none", "regional"] = Field("none", description="torch.compile the UNet's repeated blocks "
-                                                                     "(GPU; pays off over long runs, see "
-                                                                     "benchmarks/RESULTS.md)")
+    compile: Literal["none", "regional", "full"] = Field(
+        "none", description="torch.compile the UNet: 'regional' (its repeated blocks) or 'full' (the whole forward); "
+                            "GPU only, see benchmarks/RESULTS.md for what it buys")
     device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
     checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
