@@ -203,3 +203,23 @@ def test_frozen_weights_in_bf16_keep_trained_tensors_and_token_table_fp32():
 
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(subject_dir="unused", frozen_dtype="bf16")
+
+
+def test_still_clip_encoding_equals_encoding_every_frame():
+    """Training encodes a still clip's image once; the latents must equal encoding each of its T frames."""
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.models.vae import encode_still_clip, encode_video
+
+    vae = load_base_pipeline("tiny").vae
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 32, 48, generator=generator) * 2 - 1
+    clip = image.unsqueeze(2).expand(-1, -1, 4, -1, -1)  # (B, 3, T, H, W), every frame the same image
+    noise = torch.randn(2, 4, 4, 4, 6, generator=generator)
+    with torch.no_grad():
+        every_frame = encode_video(vae, clip, sample=True, noise=noise)
+        once = encode_still_clip(vae, image, noise)
+    assert once.shape == every_frame.shape == (2, 4, 4, 4, 6)
+    torch.testing.assert_close(once, every_frame, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(once[:, :, 0], once[:, :, 1])  # each frame has its own posterior noise
+    with pytest.raises(ValueError, match="noise"):
+        encode_still_clip(vae, image, noise[:1])

@@ -178,12 +178,15 @@ class DiffusionLoss(nn.Module):
 
     @torch.no_grad()
     def encode_clip(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
-        """Posterior sample mean + std · ``posterior_noise``, x 0.18215 (VideoCrafter2's x0 scale)."""
-        from customcrafter.models.vae import encode_video
+        """Posterior sample mean + std · ``posterior_noise``, x 0.18215 (VideoCrafter2's x0 scale).
 
-        vae = self.pipe.vae
-        return encode_video(vae, pixels.to(vae.device, vae.dtype), sample=True,
-                            noise=posterior_noise).to(torch.float32)
+        Training clips are still clips (one image repeated, see ``dataset._still_clip``): the image is encoded once
+        per clip and every frame gets its own posterior noise — the same latents as encoding each frame, for 1/T of
+        the VAE work and one encoder call per step instead of one per frame.
+        """
+        from customcrafter.models.vae import encode_still_clip
+
+        return encode_still_clip(self.pipe.vae, pixels[:, :, 0], posterior_noise).to(torch.float32)
 
     def forward(self, batch: _Batch) -> torch.Tensor:
         latents = self.encode_clip(batch.pixels, batch.posterior_noise)  # (B, 4, T, h, w), scaled
