@@ -271,6 +271,46 @@ def bench_training(args, frames: int, checkpointing: bool, extra: dict) -> dict:
     return out
 
 
+def graphs_check(args, frames: int, steps: int = 6) -> dict:
+    """Train the same steps eagerly and with CUDA graphs (same model, seed, data): losses and trained tensors agree
+    up to bf16 kernel non-determinism?"""
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
+
+    tmp = Path(tempfile.mkdtemp())
+    subject = synthetic_subject(tmp, 4, (512, 512))
+    class_dir = synthetic_subject(tmp / "class", 4, (320, 512))
+    runs = {}
+    for name, graphs in (("eager", False), ("eager_again", False), ("graphs", True)):
+        pipe = build_pipeline(args.weights)
+        config = TrainConfig(base_model=pipe.base_model_id, subject_dir=str(subject), class_word="dog",
+                             output_dir=str(tmp / name), num_frames=frames, steps=steps, log_every=1,
+                             checkpoint_every=None, mixed_precision="bf16", gradient_checkpointing=False,
+                             class_images_dir=str(class_dir), num_class_images=4, cuda_graphs=graphs, lr=1e-3)
+        result = train(config, pipe=pipe)
+        from safetensors.torch import load_file
+
+        weights = load_file(str(result.module_dir / "adapter_model.safetensors"))
+        token = load_file(str(result.module_dir / "token_embeddings.safetensors"))
+        runs[name] = (result.losses, weights, token)
+        free(pipe)
+
+    def compare(a: str, b: str) -> dict:
+        (losses_a, w_a, t_a), (losses_b, w_b, t_b) = runs[a], runs[b]
+        lora_b = [k for k in w_a if "lora_B" in k]
+        num = sum(float((w_a[k] - w_b[k]).norm() ** 2) for k in lora_b) ** 0.5
+        den = sum(float(w_a[k].norm() ** 2) for k in lora_b) ** 0.5
+        return {"max_abs_loss_diff": max(abs(x - y) for x, y in zip(losses_a, losses_b, strict=True)),
+                "lora_B_rel_diff": num / max(den, 1e-30),
+                "token_rel_diff": max(float((t_a[k] - t_b[k]).norm() / t_a[k].norm()) for k in t_a)}
+
+    out = {"frames": frames, "steps": steps, "lr": 1e-3,
+           "losses": {name: [round(x, 5) for x in run[0]] for name, run in runs.items()},
+           "eager_vs_eager_again": compare("eager", "eager_again"), "eager_vs_graphs": compare("eager", "graphs")}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- profile
 def profile(args, speed: SpeedConfig, out_dir: Path) -> None:
     """Where one CFG UNet forward spends GPU time: the top operators and kernels (and a Chrome trace)."""
@@ -311,7 +351,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="converted folder, checkpoint or hub id; default random")
     parser.add_argument("--sections", nargs="+", default=["sampling", "correctness", "training"],
-                        choices=["sampling", "correctness", "training", "profile"])
+                        choices=["sampling", "correctness", "training", "graphs-check", "profile"])
     parser.add_argument("--variants", nargs="+", default=list(SAMPLING_VARIANTS), choices=list(SAMPLING_VARIANTS))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--frames", type=int, default=16)
@@ -320,8 +360,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
-                        help="FRAMES:ckpt|nockpt[:regional][:bf16] (gradient checkpointing, torch.compile, "
-                             "frozen weights stored in bf16)")
+                        help="FRAMES:ckpt|nockpt[:regional|full][:bf16][:graphs] (gradient checkpointing, "
+                             "torch.compile, frozen weights stored in bf16, CUDA graphs)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     args = parser.parse_args()
@@ -367,12 +407,14 @@ def main() -> None:
         for variant in args.train_variants:
             parts = variant.split(":")
             frames, checkpointing = int(parts[0]), parts[1] == "ckpt"
-            extra = {}
+            extra = {"cuda_graphs": "graphs" in parts[2:]}
             for option in parts[2:]:
                 if option == "bf16":
                     extra["frozen_dtype"] = "bf16"
                 elif option in ("regional", "full"):
                     extra["compile"] = option
+                elif option == "graphs":
+                    pass
                 else:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
             try:
@@ -383,6 +425,9 @@ def main() -> None:
                 print(json.dumps(report["training"][-1]), flush=True)
                 free()
             save()
+    if "graphs-check" in args.sections:
+        report["training_graphs_check"] = graphs_check(args, frames=4)
+        save()
     if REFERENCE.is_file():
         report["reference_h100"] = json.loads(REFERENCE.read_text())
     save()

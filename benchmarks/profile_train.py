@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--mixed-precision", default="bf16")
+    parser.add_argument("--cuda-graphs", action="store_true")
     args = parser.parse_args()
 
     from customcrafter.training.config import TrainConfig
@@ -32,7 +33,7 @@ def main() -> None:
     config = TrainConfig(base_model=pipe.base_model_id, subject_dir=str(synthetic_subject(tmp, 4, (512, 512))),
                          class_word="dog", output_dir=str(tmp / "run"), num_frames=args.frames, steps=3,
                          checkpoint_every=None, mixed_precision=args.mixed_precision,
-                         gradient_checkpointing=args.checkpointing,
+                         gradient_checkpointing=args.checkpointing, cuda_graphs=args.cuda_graphs,
                          class_images_dir=str(synthetic_subject(tmp / "class", 4, (320, 512))), num_class_images=4)
     train(config, pipe=pipe)  # warm-up (cuDNN autotuning, allocator)
     config = config.model_copy(update={"steps": args.steps, "output_dir": str(tmp / "run2"), "log_every": args.steps})

@@ -129,6 +129,27 @@ def test_example_dropout_masks_do_not_depend_on_the_batch_layout():
     assert torch.equal(dropout.eval()(x), x)
 
 
+def test_static_dropout_masks_are_refilled_in_place_with_the_eager_values():
+    """CUDA-graph mode: masks live in fixed buffers (a captured graph reads one address) refilled by set()."""
+    from customcrafter.training.trainer import ExampleDropout, _ExampleSeeds
+
+    eager_seeds, static_seeds = _ExampleSeeds(), _ExampleSeeds()
+    static_seeds.use_static_masks(True)
+    eager = ExampleDropout(0.3, index=7, seeds=eager_seeds).train()
+    static = ExampleDropout(0.3, index=7, seeds=static_seeds).train()
+    x = torch.randn(2 * 3, 4, 5)
+    addresses = set()
+    for step_seeds in ([11, 12], [13, 14], [11, 12]):
+        eager_seeds.set(step_seeds)
+        static_seeds.set(step_seeds)
+        assert torch.equal(static(x), eager(x)), step_seeds
+        buffer = static_seeds.static[7][0]
+        addresses.add(buffer.data_ptr())
+    assert len(addresses) == 1  # refilled, never reallocated
+    with pytest.raises(RuntimeError, match="batch layout changed"):
+        static_seeds.set([1, 2, 3, 4])
+
+
 def test_encode_video_with_given_noise_is_the_posterior_sample():
     from customcrafter.loading import load_base_pipeline
     from customcrafter.models.vae import encode_video

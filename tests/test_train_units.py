@@ -223,3 +223,19 @@ def test_still_clip_encoding_equals_encoding_every_frame():
     assert not torch.equal(once[:, :, 0], once[:, :, 1])  # each frame has its own posterior noise
     with pytest.raises(ValueError, match="noise"):
         encode_still_clip(vae, image, noise[:1])
+
+
+def test_cuda_graphs_resolve_on_for_single_process_cuda_only():
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import use_cuda_graphs
+
+    def config(value, compile="none"):
+        return TrainConfig(base_model="tiny", subject_dir="x", class_word="dog", cuda_graphs=value, compile=compile)
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert use_cuda_graphs(config(None), cuda, num_processes=1)
+    assert not use_cuda_graphs(config(None), cuda, num_processes=4)  # untested with DDP: opt-in only
+    assert use_cuda_graphs(config(True), cuda, num_processes=4)
+    assert not use_cuda_graphs(config(False), cuda, num_processes=1)
+    assert not use_cuda_graphs(config(None, compile="full"), cuda, num_processes=1)
+    assert not use_cuda_graphs(config(True), cpu) and not use_cuda_graphs(config(None), cpu)

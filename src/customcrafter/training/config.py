@@ -121,6 +121,13 @@ class TrainConfig(StrictModel):
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile the UNet: 'regional' (its repeated blocks) or 'full' (the whole forward); "
                             "GPU only, see benchmarks/RESULTS.md for what it buys")
+    cuda_graphs: bool | None = Field(None, description="capture the UNet's and the text encoder's forward and "
+                                                        "backward as CUDA graphs once per stage and replay them every "
+                                                        "step (removes the per-kernel launch overhead that makes eager "
+                                                        "training host-bound: 2.5x faster on an H100). None = on when "
+                                                        "training on CUDA in one process (multi-GPU with graphs is "
+                                                        "untested; True forces it). Same losses and weights as eager "
+                                                        "up to kernel non-determinism; see benchmarks/RESULTS.md")
     device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
     checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")

@@ -43,7 +43,7 @@ from customcrafter.training.config import TrainConfig
 from customcrafter.training.dataset import SubjectDataset, resolve_subject
 from customcrafter.training.methods import SPATIAL_BLOCK_RE, Stage, SubjectMethod, make_method
 
-__all__ = ["TrainResult", "train", "DiffusionLoss", "ExampleDropout", "detach_start_token_kv", "epsilon_loss",
+__all__ = ["TrainResult", "train", "DiffusionLoss", "use_cuda_graphs", "ExampleDropout", "detach_start_token_kv", "epsilon_loss",
            "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout"]
 
 logger = logging.getLogger(__name__)
@@ -103,11 +103,39 @@ def draw_example_noise(seed: int, latent_shape: tuple[int, ...],
     return timestep, posterior, noise
 
 
+def _dropout_mask(seed: int, index: int, shape: tuple[int, ...], p: float, device: torch.device,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The keep-mask (bool) of one example at dropout layer ``index``: a function of (example seed, layer) only."""
+    generator = torch.Generator(device=device).manual_seed(_mix(seed, index))
+    return torch.lt(torch.rand(shape, generator=generator, device=device), 1.0 - p, out=out)
+
+
 class _ExampleSeeds:
     """The example seeds of the batch in the UNet now (set before each forward; still valid when gradient
-    checkpointing re-runs the forward during backward)."""
+    checkpointing re-runs the forward during backward).
 
-    current: list[int] | None = None
+    With ``static`` on (CUDA graphs), each dropout layer's masks live in a fixed buffer, allocated by the first
+    forward and refilled in place by :meth:`set` before every later step: a captured graph reads them from the same
+    address every replay. Eager runs draw the same masks inside the forward.
+    """
+
+    def __init__(self) -> None:
+        self.current: list[int] | None = None
+        self.static: dict[int, tuple[torch.Tensor, float]] | None = None
+
+    def set(self, seeds: list[int]) -> None:
+        self.current = list(seeds)
+        for index, (buffer, p) in (self.static or {}).items():
+            if buffer.shape[0] % len(seeds):
+                raise RuntimeError(f"dropout layer {index}: {buffer.shape[0]} rows do not split over {len(seeds)} "
+                                   "examples (the batch layout changed after capture)")
+            rows = buffer.shape[0] // len(seeds)
+            for j, seed in enumerate(seeds):
+                _dropout_mask(seed, index, (rows, *buffer.shape[1:]), p, buffer.device,
+                              out=buffer[j * rows:(j + 1) * rows])
+
+    def use_static_masks(self, enabled: bool) -> None:
+        self.static = {} if enabled else None
 
 
 class ExampleDropout(nn.Module):
@@ -127,12 +155,16 @@ class ExampleDropout(nn.Module):
             return F.dropout(x, self.p, training=True)
         if x.shape[0] % len(seeds):
             raise RuntimeError(f"dropout input {tuple(x.shape)} is not batch-major over {len(seeds)} examples")
-        rows, keep = x.shape[0] // len(seeds), 1.0 - self.p
-        masks = []
-        for seed in seeds:
-            generator = torch.Generator(device=x.device).manual_seed(_mix(seed, self.index))
-            masks.append(torch.rand((rows, *x.shape[1:]), generator=generator, device=x.device) < keep)
-        return x * torch.cat(masks).to(x.dtype) / keep
+        static = self.seeds.static
+        if static is not None and self.index in static:
+            mask = static[self.index][0]
+        else:
+            rows = x.shape[0] // len(seeds)
+            mask = torch.cat([_dropout_mask(seed, self.index, (rows, *x.shape[1:]), self.p, x.device)
+                              for seed in seeds])
+            if static is not None:
+                static[self.index] = (mask, self.p)
+        return x * mask.to(x.dtype) / (1.0 - self.p)
 
 
 def install_example_dropout(unet: nn.Module) -> tuple[_ExampleSeeds, list]:
@@ -154,27 +186,101 @@ def restore_dropout(replaced: list) -> None:
         setattr(parent, child, module)
 
 
+def use_cuda_graphs(config: TrainConfig, device: torch.device, num_processes: int = 1) -> bool:
+    """``config.cuda_graphs`` resolved: never off CUDA; None = on for single-process CUDA training without
+    ``torch.compile`` (compiled training recompiles per dropout layer under capture and did not pay, see
+    benchmarks/RESULTS.md)."""
+    if device.type != "cuda":
+        if config.cuda_graphs:
+            logger.warning("cuda_graphs applies on CUDA only; training eagerly on %s", device.type)
+        return False
+    if config.cuda_graphs is None:
+        return num_processes == 1 and config.compile == "none"
+    return config.cuda_graphs
+
+
+class _UNetCall(nn.Module):
+    """The UNet as a function of tensors only (what CUDA-graph capture takes)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timesteps, text, fps):
+        return self.unet(sample, timesteps, encoder_hidden_states=text, fps=fps).sample
+
+
+class _TextCall(nn.Module):
+    """Token ids → cross-attention context (see ``models.text.encode_prompt``), tensors only."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids=input_ids).last_hidden_state
+
+
 class DiffusionLoss(nn.Module):
     """The trainable graph as one module (what DDP wraps): text encoder + UNet; the VAE is a frozen helper.
 
     Instance and class clips of a process's slice go through the UNet as one batch; the loss is the mean over the
     slice of instance + ``prior_weight`` x class.
+
+    With ``config.cuda_graphs`` on CUDA, the text encoder's and the UNet's forward + backward are captured as CUDA
+    graphs at the first step of a stage (:meth:`reset_graphs` between stages) and replayed afterwards: a step then
+    launches two graphs instead of ~10,000 kernels. Inputs are copied into the graphs' static buffers; the dropout
+    masks are refilled in place (:class:`_ExampleSeeds`).
     """
 
     def __init__(self, pipe, config: TrainConfig, encode_text_with_grad: bool = True,
-                 dropout_seeds: _ExampleSeeds | None = None):
+                 dropout_seeds: _ExampleSeeds | None = None, num_processes: int = 1):
         super().__init__()
         self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
         self.__dict__["pipe"] = pipe  # not a submodule: the VAE and tokenizer are not part of what DDP syncs
         self.config = config
         self.encode_text_with_grad = encode_text_with_grad
         self.dropout_seeds = dropout_seeds or _ExampleSeeds()
+        self.use_cuda_graphs = use_cuda_graphs(config, self.unet.device, num_processes)
+        self.dropout_seeds.use_static_masks(self.use_cuda_graphs)
+        self.reset_graphs()
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        from customcrafter.models.text import encode_prompt
+    def reset_graphs(self) -> None:
+        """Drop captured graphs (a new stage changes what learns); the next step captures again. The call wrappers
+        are made anew: capture replaces their ``forward``. Plain attributes, not submodules (the UNet and the text
+        encoder already are)."""
+        self.__dict__["_calls"] = {"text": _TextCall(self.text_encoder), "unet": _UNetCall(self.unet)}
+        self.__dict__["_graphed"] = {}
+        self.dropout_seeds.use_static_masks(self.use_cuda_graphs)
 
+    def _call(self, name: str, *args: torch.Tensor) -> torch.Tensor:
+        if not self.use_cuda_graphs:
+            return self._calls[name](*args)
+        graphed = self._graphed.get(name)
+        if graphed is None:
+            graphed = self._graphed[name] = self._capture(self._calls[name], args)
+        return graphed(*args)
+
+    @staticmethod
+    def _capture(call: nn.Module, args: tuple[torch.Tensor, ...]):
+        """Capture ``call``'s forward and backward (``torch.cuda.make_graphed_callables``). Autocast, if on, is kept
+        with its weight-cast cache off (a cache cannot live across graph replays). A first forward without grad
+        allocates the dropout masks' static buffers outside the capture."""
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        # Capture from detached leaf copies: were a sample argument the text encoder's output itself, the capture of
+        # the backward would reach into the text encoder's graph (recorded outside the capture) and fail.
+        samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            with torch.no_grad():
+                call(*samples)
+            graphed = torch.cuda.make_graphed_callables(call, samples, num_warmup_iters=3)
+        logger.info("captured %s forward + backward as CUDA graphs", type(call).__name__.strip("_"))
+        return graphed
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.encode_text_with_grad and torch.is_grad_enabled()):
-            return encode_prompt(self.pipe.tokenizer, self.text_encoder, captions, device=self.unet.device)
+            return self._call("text", input_ids)
 
     @torch.no_grad()
     def encode_clip(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
@@ -192,11 +298,10 @@ class DiffusionLoss(nn.Module):
         latents = self.encode_clip(batch.pixels, batch.posterior_noise)  # (B, 4, T, h, w), scaled
         noise, timesteps = batch.noise.to(latents.device), batch.timesteps.to(latents.device)
         noisy = self.pipe.scheduler.add_noise(latents, noise, timesteps)
-        text = self.encode_text(batch.captions)
+        text = self.encode_text(batch.input_ids)
         fps = torch.full((latents.shape[0],), self.config.fps, device=latents.device, dtype=torch.long)
-        self.dropout_seeds.current = batch.seeds
-        pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=text.to(self.unet.dtype),
-                         fps=fps).sample
+        self.dropout_seeds.set(batch.seeds)
+        pred = self._call("unet", noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype), fps)
         masks = batch.mask.to(pred.device).split(batch.sizes)
         losses = [epsilon_loss(p, n, m, self.config.loss)
                   for p, n, m in zip(pred.split(batch.sizes), noise.split(batch.sizes), masks, strict=True)]
@@ -214,6 +319,7 @@ class _Batch:
     pixels: torch.Tensor  # (n, 3, T, H, W)
     mask: torch.Tensor  # (n, 1, T, h, w)
     captions: list[str]
+    input_ids: torch.Tensor  # (n, 77): the captions, tokenized on the host
     timesteps: torch.Tensor  # (n,) long
     posterior_noise: torch.Tensor  # (n, C, T, h, w): the VAE posterior sample's standard-normal noise
     noise: torch.Tensor  # (n, C, T, h, w): ε
@@ -246,9 +352,12 @@ def _collate(examples: list[dict], first_index: int, step: int, config: TrainCon
     shape = _latent_shape(pipe.vae, items[0].pixels.shape)
     draws = [draw_example_noise(seed, shape, num_timesteps) for seed in seeds]
     timesteps, posterior, noise = (torch.stack(column) for column in zip(*draws, strict=True))
+    from customcrafter.models.text import tokenize
+
+    captions = [e.caption for e in items]
     return _Batch(pixels=_to_device(torch.stack([e.pixels for e in items]), device),
                   mask=_to_device(torch.stack([e.mask for e in items]), device),
-                  captions=[e.caption for e in items],
+                  captions=captions, input_ids=_to_device(tokenize(pipe.tokenizer, captions), device),
                   timesteps=_to_device(timesteps, device),
                   posterior_noise=_to_device(posterior, device),
                   noise=_to_device(noise, device),
@@ -351,8 +460,10 @@ def _resume(config: TrainConfig, method: SubjectMethod, dataset: SubjectDataset,
 
 
 def _optimizer(params: list[nn.Parameter], stage: Stage, config: TrainConfig) -> torch.optim.Optimizer:
+    # fused: one kernel per step on CUDA instead of a few per tensor group (no host sync either way)
+    fused = all(p.device.type == "cuda" for p in params) or None
     return torch.optim.AdamW(params, lr=stage.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                             weight_decay=stage.weight_decay)
+                             weight_decay=stage.weight_decay, fused=fused)
 
 
 # --- the loop -----------------------------------------------------------------------------------------------------
@@ -414,13 +525,14 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
                     disable=not accelerator.is_local_main_process)
     log = _Log(accelerator, losses)
     dropout_seeds, dropouts = install_example_dropout(pipe.unet)
-    model = DiffusionLoss(pipe, config, dropout_seeds=dropout_seeds)
+    model = DiffusionLoss(pipe, config, dropout_seeds=dropout_seeds, num_processes=processes)
     try:
         for stage, first, end in _stage_ranges(stages):
             if end <= start_step:
                 continue
             params = method.begin_stage(stage)
             model.encode_text_with_grad = stage.train_token
+            model.reset_graphs()
             optimizer = _optimizer(params, stage, config)
             if checkpoint is not None and checkpoint.extra.get("stage") == stage.name and start_step > first:
                 optimizer.load_state_dict(checkpoint.optimizer)
