@@ -339,11 +339,16 @@ def profile(args, speed: SpeedConfig, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- main
 SAMPLING_VARIANTS = {
     "bf16-eager": SpeedConfig(compile="none", channels_last=False),
-    "bf16-eager-channels-last": SpeedConfig(compile="none"),
+    "bf16-eager-channels-last": SpeedConfig(compile="none", channels_last=True),
     "bf16-regional-compile": SpeedConfig(compile="regional"),
     "bf16-regional-compile-no-channels-last": SpeedConfig(compile="regional", channels_last=False),
     "bf16-full-compile": SpeedConfig(compile="full", channels_last=False),
     "bf16-full-compile-cudagraphs": SpeedConfig(compile="full", compile_mode="reduce-overhead", channels_last=False),
+    "bf16-full-compile-channels-last": SpeedConfig(compile="full", channels_last=True),
+    "bf16-full-compile-cudagraphs-channels-last": SpeedConfig(compile="full", compile_mode="reduce-overhead",
+                                                              channels_last=True),
+    "bf16-full-compile-channels-last-math-temporal": SpeedConfig(compile="full", channels_last=True,
+                                                                 temporal_attention="math"),
 }
 
 

@@ -2,8 +2,8 @@
 
 ``optimize_pipeline(pipe, SpeedConfig())`` turns a loaded pipeline into the fast one: bf16 weights (the scheduler's
 arithmetic and the latents between steps stay float32: see ``VideoCrafter2Pipeline``), PyTorch SDPA attention
-(flash attention on Hopper), channels-last convolutions, regional ``torch.compile`` of the UNet's repeated blocks,
-and batched VAE decoding. What each one buys on an H100 is in ``benchmarks/RESULTS.md``
+(flash attention on Hopper), ``torch.compile`` of the UNet (whole or its repeated blocks) with channels-last
+convolutions, and batched VAE decoding. What each one buys on an H100 is in ``benchmarks/RESULTS.md``
 (``python benchmarks/gpu.py``).
 
 Compilation is opt-in (``compile="full"``): it pays for itself after a few dozen videos (the evaluation set), not
@@ -37,18 +37,27 @@ class SpeedConfig(StrictModel):
 
     dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="weights and activations of the UNet, "
                                                                         "text encoder and VAE")
-    channels_last: bool = Field(False, description="channels-last weights for the UNet's and VAE's convs (measured "
-                                                   "slower on an H100: the temporal layers' reshapes convert back)")
+    channels_last: bool | None = Field(None, description="channels-last weights for the UNet's and VAE's convs. None "
+                                                          "= on when compiling (H100, full compile: 4.79 -> 4.44 s per "
+                                                          "video; cuDNN's NCHW<->NHWC conversions go), off in eager "
+                                                          "mode (no gain there)")
     compile: Literal["none", "regional", "full"] = Field(
-        "none", description="torch.compile: 'full' compiles the whole UNet forward (H100: 8.0 s -> 4.7 s per video "
-                            "after ~3 min of compilation, so for batches of videos), 'regional' its repeated blocks "
-                            "(~2 min, 6.7 s), 'none' runs eagerly")
+        "none", description="torch.compile: 'full' compiles the whole UNet forward (H100, with channels-last: 8.0 s "
+                            "-> 4.4 s per video after ~3 min of compilation, so for batches of videos), 'regional' "
+                            "its repeated blocks (~2 min, 6.7 s), 'none' runs eagerly")
     compile_mode: str | None = Field(None, description="torch.compile mode (None = default; 'reduce-overhead' adds "
                                                        "CUDA graphs: measured within 2%)")
     decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
                                                         "time; 8 is faster and keeps peak memory low)")
     tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
     sdpa: bool = Field(True, description="PyTorch scaled_dot_product_attention (flash / memory-efficient kernels)")
+    temporal_attention: Literal["sdpa", "math"] = Field(
+        "sdpa", description="the temporal transformers' attention (sequences of 16 frames): 'math' = plain batched "
+                            "matmul + softmax (diffusers' AttnProcessor), which flash kernels do not beat at such "
+                            "short sequences; needs sdpa for the spatial layers")
+
+    def resolved_channels_last(self) -> bool:
+        return self.compile != "none" if self.channels_last is None else self.channels_last
 
 
 def _set_sdpa(module: torch.nn.Module) -> None:
@@ -57,6 +66,20 @@ def _set_sdpa(module: torch.nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, Attention) and not isinstance(sub.processor, AttnProcessor2_0):
             sub.set_processor(AttnProcessor2_0())
+
+
+def _set_temporal_math_attention(unet: torch.nn.Module) -> int:
+    """diffusers' plain ``AttnProcessor`` for every attention inside a temporal transformer; returns how many."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    count = 0
+    for block in unet.modules():
+        if type(block).__name__ == "TransformerTemporalModel":
+            for sub in block.modules():
+                if isinstance(sub, Attention):
+                    sub.set_processor(AttnProcessor())
+                    count += 1
+    return count
 
 
 def _channels_last(module: torch.nn.Module) -> None:
@@ -111,7 +134,9 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
         _set_sdpa(pipe.unet)
         if pipe.vae is not None:
             _set_sdpa(pipe.vae)
-    if config.channels_last:
+    if config.sdpa and config.temporal_attention == "math":
+        logger.info("temporal attention as batched matmuls: %d layers", _set_temporal_math_attention(pipe.unet))
+    if config.resolved_channels_last():
         for component in (pipe.unet, pipe.vae):
             if component is not None:
                 _channels_last(component)

@@ -1,0 +1,60 @@
+"""GPU speed options that can be checked on the CPU: what they resolve to, and that the temporal-attention swap
+computes the same function."""
+
+from __future__ import annotations
+
+import torch
+
+
+def test_channels_last_follows_compilation_unless_set():
+    from customcrafter.performance import SpeedConfig
+
+    assert SpeedConfig(compile="full").resolved_channels_last()
+    assert SpeedConfig(compile="regional").resolved_channels_last()
+    assert not SpeedConfig(compile="none").resolved_channels_last()
+    assert SpeedConfig(compile="none", channels_last=True).resolved_channels_last()
+    assert not SpeedConfig(compile="full", channels_last=False).resolved_channels_last()
+
+
+def test_temporal_math_attention_swaps_only_temporal_layers_and_keeps_the_output():
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import _set_sdpa, _set_temporal_math_attention
+
+    unet = load_base_pipeline("tiny").unet
+    _set_sdpa(unet)
+    torch.manual_seed(0)
+    sample = torch.randn(2, 4, 3, 8, 8)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = unet(sample, torch.tensor([10, 700]), context, fps=16).sample
+        swapped = _set_temporal_math_attention(unet)
+        after = unet(sample, torch.tensor([10, 700]), context, fps=16).sample
+
+    temporal = [name for name, m in unet.named_modules() if isinstance(m, Attention) and
+                ("temp_attentions" in name or name.startswith("transformer_in"))]
+    spatial = [m for name, m in unet.named_modules() if isinstance(m, Attention) and name not in temporal]
+    assert swapped == len(temporal) > 0
+    assert all(type(unet.get_submodule(n).processor) is AttnProcessor for n in temporal)
+    assert spatial and all(type(m.processor) is AttnProcessor2_0 for m in spatial)
+    # A random UNet amplifies float32 rounding (~1e-7 per layer) ~1000x; a wrong attention would move it by O(1).
+    assert (after - before).abs().max() <= 1e-3 * before.abs().max()
+
+    layer = unet.get_submodule(temporal[0])
+    x = torch.randn(64, 3, layer.to_q.in_features)
+    with torch.no_grad():
+        math = layer(x)
+        layer.set_processor(AttnProcessor2_0())
+        torch.testing.assert_close(math, layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_optimize_pipeline_on_cpu_keeps_float32_and_eager():
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import SpeedConfig, optimize_pipeline
+
+    pipe = load_base_pipeline("tiny")
+    forward = pipe.unet.forward
+    optimize_pipeline(pipe, SpeedConfig(compile="full", temporal_attention="math", decode_chunk_size=3))
+    assert pipe.unet.dtype == torch.float32 and pipe.unet.forward == forward
+    assert pipe.decode_chunk_size == 3
