@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from customcrafter.orchestration.registry import (
@@ -136,8 +137,12 @@ def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkey
     calls = {}
 
     def load_base_pipeline(model, device=None, dtype=None):
-        calls["base"] = model
+        calls["base"], calls["device"] = model, device
         return types.SimpleNamespace(name="pipe")
+
+    def optimize_pipeline(pipe, speed):
+        calls["speed"] = speed
+        assert "module_files" in calls, "the subject module must be loaded before optimising (DWVSS fuses into it)"
 
     def load_subject_module(pipe, path, adapter_name=None):
         calls["module_files"] = sorted(os.listdir(path))
@@ -149,7 +154,9 @@ def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkey
 
     for name, attrs in {"customcrafter.loading": {"load_base_pipeline": load_base_pipeline},
                         "customcrafter.subject_module": {"load_subject_module": load_subject_module},
-                        "customcrafter.sampling": {"sample_video": sample_video}}.items():
+                        "customcrafter.sampling": {"sample_video": sample_video},
+                        "customcrafter.performance": {"optimize_pipeline": optimize_pipeline,
+                                                      "SpeedConfig": lambda **kw: kw}}.items():
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
 
     register_subject_model(uri, "dog", module_dir, "tiny", GOOD, TAGS)
@@ -159,6 +166,8 @@ def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkey
     videos = model.predict(pd.DataFrame({"prompt": ["<new1> dog runs", "<new1> dog sits"], "seed": [3, 4],
                                          "num_frames": [2, 2], "height": [8, 8], "width": [8, 8]}))
     assert calls["base"] == "tiny"
+    assert calls["device"].type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert calls["speed"] == {"dtype": "bf16", "compile": "none"}
     assert calls["module_files"] == ["adapter_config.json", "subject.json"]
     assert calls["samples"] == [("<new1> dog runs", 3, 2, "customcrafter"), ("<new1> dog sits", 4, 2, "customcrafter")]
     assert [v.shape for v in videos] == [(2, 8, 8, 3)] * 2

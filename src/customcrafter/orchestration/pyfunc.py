@@ -41,26 +41,35 @@ def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+#: ``model_config`` written with torch's dtype names (older registrations) → SpeedConfig's.
+_TORCH_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 class CustomCrafterVideoModel(mlflow.pyfunc.PythonModel):
-    """Prompts in, videos out. ``model_config``: ``base_model_id`` (required), ``method``, ``device``, ``dtype``."""
+    """Prompts in, videos out. ``model_config``: ``base_model_id`` (required), ``method``, ``device`` (default: CUDA
+    when available), ``dtype`` (``fp32``/``bf16``/``fp16``, default bf16 - GPU only, the CPU keeps fp32) and
+    ``compile`` (``none``/``regional``/``full``: see ``performance.SpeedConfig``; worth it for a long-lived server)."""
 
     def load_context(self, context) -> None:
         # Imported here: MLflow imports this module to unpickle the model long before the model code is needed,
         # and registration must not pull in the whole diffusion stack.
-        import torch
-
         from customcrafter.loading import load_base_pipeline
+        from customcrafter.performance import SpeedConfig, optimize_pipeline
         from customcrafter.subject_module import load_subject_module
+        from customcrafter.utils import pick_device
 
         config = dict(context.model_config or {})
         if "base_model_id" not in config:
             raise ValueError("model_config: 'base_model_id' is missing (registered without it?)")
         self.config = config
-        dtype = getattr(torch, config.get("dtype", "float32"))
+        dtype = str(config.get("dtype", "bf16"))
+        dtype = _TORCH_DTYPE_NAMES.get(dtype, dtype)
+        speed = SpeedConfig(dtype=dtype, compile=config.get("compile", "none"))
         module_dir = context.artifacts[SUBJECT_MODULE_ARTIFACT]
         logger.info("loading base model %r and subject module %s", config["base_model_id"], module_dir)
-        self.pipe = load_base_pipeline(config["base_model_id"], device=config.get("device"), dtype=dtype)
+        self.pipe = load_base_pipeline(config["base_model_id"], device=pick_device(config.get("device")))
         load_subject_module(self.pipe, module_dir)
+        optimize_pipeline(self.pipe, speed)  # after the module: DWVSS fuses LoRA scales into the optimised weights
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """``model_input``: a DataFrame with ``prompt`` and optional :data:`SAMPLING_COLUMNS` per row.
