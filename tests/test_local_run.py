@@ -55,6 +55,7 @@ def test_local_run_leaves_videos_report_metrics_and_a_registered_champion(first_
         assert set(METRICS) <= set(child.data.metrics)
         assert "train_loss" in child.data.metrics
         assert len(client.get_metric_history(child.info.run_id, "train_loss")) >= 2  # the loss curve
+        assert child.data.metrics["train_seconds_per_step"] > 0  # speed, from the loop's own clock
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"samples", "subject_module", "evaluation"} <= artifacts
         assert any(p.endswith(".mp4") for p in _all_files(client, child.info.run_id, "samples"))

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -259,6 +260,9 @@ def train_step(*, subject_data: str, subject_metadata: dict[str, Any], augmented
             tracker.log_metric("train_loss", float(loss), step=step, run=run)
         metrics = {"train_steps": float(result.steps), "train_seconds": float(result.seconds),
                    "final_loss": float(result.losses[-1]) if result.losses else float("nan")}
+        if result.step_seconds:  # the first log interval holds the warm-up (and CUDA-graph capture)
+            metrics["train_seconds_per_step"] = float(statistics.median(result.step_seconds[1:] or
+                                                                        result.step_seconds))
         tracker.log_metrics(metrics, run=run)
         tracker.log_artifacts(result.module_dir, "subject_module", run=run)
     metadata = {"subject": subject, "method": method, "base_model": base_model, "mlflow_run_id": run.run_id or "",
@@ -298,7 +302,8 @@ def _train_worker(config_path: str, result_path: str) -> None:
     result = train(TrainConfig.model_validate_json(Path(config_path).read_text()))
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_path).write_text(json.dumps({"module_dir": str(result.module_dir), "losses": list(result.losses),
-                                                 "steps": result.steps, "seconds": result.seconds}))
+                                                 "steps": result.steps, "seconds": result.seconds,
+                                                 "step_seconds": list(result.step_seconds)}))
 
 
 def sample_step(*, subject_data: str, module_dir: str, module_metadata: dict[str, Any], subject: str,
