@@ -239,3 +239,22 @@ def test_cuda_graphs_resolve_on_for_single_process_cuda_only():
     assert not use_cuda_graphs(config(False), cuda, num_processes=1)
     assert not use_cuda_graphs(config(None, compile="full"), cuda, num_processes=1)
     assert not use_cuda_graphs(config(True), cpu) and not use_cuda_graphs(config(None), cpu)
+
+
+def test_a_broken_class_image_is_reported_before_training(tmp_path: Path):
+    from PIL import Image
+
+    from customcrafter.data.subjects import SubjectDataError
+    from customcrafter.training.class_images import resolve_class_images
+    from customcrafter.training.config import TrainConfig
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    config = TrainConfig(base_model="tiny", subject_dir="x", class_word="dog", class_images_dir=str(folder),
+                         num_class_images=3)
+    assert len(resolve_class_images(config, pipe=None, class_word="dog")) == 3
+    (folder / "1.png").write_bytes(b"not a png")
+    with pytest.raises(SubjectDataError, match=r"class image .*1\.png: not a readable image"):
+        resolve_class_images(config, pipe=None, class_word="dog")

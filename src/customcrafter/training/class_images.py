@@ -54,6 +54,17 @@ def generate_class_images(pipe, prompt: str, count: int, out_dir: Path, resoluti
     return iter_image_files(out_dir)
 
 
+def _check_readable(paths: list[Path]) -> None:
+    from customcrafter.data.subjects import SubjectDataError
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise SubjectDataError(f"class image {path}: not a readable image ({exc})") from None
+
+
 def resolve_class_images(config, pipe, class_word: str) -> list[Path]:
     """The class images of a training run: ``config.class_images_dir`` or the cached generated set."""
     if config.class_images_dir:
@@ -66,7 +77,9 @@ def resolve_class_images(config, pipe, class_word: str) -> list[Path]:
         if len(images) < config.num_class_images:
             logger.info("class_images_dir %s holds %d images (< num_class_images %d): using all of them",
                         folder, len(images), config.num_class_images)
-        return images[: config.num_class_images]
+        images = images[: config.num_class_images]
+        _check_readable(images)  # before training starts, not at the step that first draws a broken one
+        return images
 
     from customcrafter.loading import base_model_signature
 
