@@ -88,7 +88,6 @@ def main() -> None:
         return collate(*a, **k)
 
     trainer._collate = counting_collate
-    label(counter, accelerate.Accelerator, "clip_grad_norm_", "other")
     tmp = Path(tempfile.mkdtemp())
     config = TrainConfig(base_model="random-full-size", subject_dir=str(synthetic_subject(tmp, 3, (128, 128))),
                          class_word="dog", output_dir=str(tmp / "run"), num_frames=args.frames, steps=2, log_every=1,

@@ -274,6 +274,8 @@ def bench_training(args, frames: int, checkpointing: bool, extra: dict) -> dict:
 def graphs_check(args, frames: int, steps: int = 6) -> dict:
     """Train the same steps eagerly and with CUDA graphs (same model, seed, data): losses and trained tensors agree
     up to bf16 kernel non-determinism?"""
+    from safetensors.torch import load_file
+
     from customcrafter.training.config import TrainConfig
     from customcrafter.training.trainer import train
 
@@ -288,8 +290,6 @@ def graphs_check(args, frames: int, steps: int = 6) -> dict:
                              checkpoint_every=None, mixed_precision="bf16", gradient_checkpointing=False,
                              class_images_dir=str(class_dir), num_class_images=4, cuda_graphs=graphs, lr=1e-3)
         result = train(config, pipe=pipe)
-        from safetensors.torch import load_file
-
         weights = load_file(str(result.module_dir / "adapter_model.safetensors"))
         token = load_file(str(result.module_dir / "token_embeddings.safetensors"))
         runs[name] = (result.losses, weights, token)

@@ -21,6 +21,7 @@ from customcrafter.models.text import encode_prompt as _encode_prompt
 from customcrafter.models.unet import VideoCrafter2UNet
 from customcrafter.models.vae import decode_video
 from customcrafter.scheduler import VideoCrafter2DDIMScheduler
+from customcrafter.utils import to_device_async
 
 #: Called before each denoising step as ``on_step_begin(pipe, step_index, timestep)`` (e.g. to change LoRA scales).
 StepHook = Callable[["VideoCrafter2Pipeline", int, int], None]
@@ -105,7 +106,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         if device.type != "cpu" and on_host:
             drawn = torch.stack([randn_tensor(shape, generator=generator, device=torch.device("cpu"),
                                               dtype=torch.float32) for _ in range(num_steps)])
-            drawn = drawn.pin_memory().to(device, non_blocking=True)
+            drawn = to_device_async(drawn, device)
             return lambda i, shape: drawn[i]
         return lambda i, shape: randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 

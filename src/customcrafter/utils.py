@@ -64,5 +64,13 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor → ``device`` without making the host wait for the GPU on CUDA (pinned memory, non-blocking copy;
+    a copy from pageable memory would synchronise)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

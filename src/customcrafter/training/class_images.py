@@ -55,14 +55,16 @@ def generate_class_images(pipe, prompt: str, count: int, out_dir: Path, resoluti
 
 
 def _check_readable(paths: list[Path]) -> None:
+    """Every class image decodes (``data.images.open_checked`` with no size or shape limits: any size is cropped)."""
+    from customcrafter.data.images import ImageLimits, ImageRejected, open_checked
     from customcrafter.data.subjects import SubjectDataError
 
+    any_size = ImageLimits(min_side=1, max_aspect=1e9)
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise SubjectDataError(f"class image {path}: not a readable image ({exc})") from None
+            open_checked(path, any_size).close()
+        except ImageRejected as exc:
+            raise SubjectDataError(f"class image {path}: not a readable image ({exc.reason})") from None
 
 
 def resolve_class_images(config, pipe, class_word: str) -> list[Path]:

@@ -327,40 +327,34 @@ class _Batch:
     sizes: list[int]  # clips per branch: [b] or [b, b]
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """CPU → device without a host sync on CUDA (pinned memory, non-blocking copy)."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def _latent_shape(vae, pixels_shape: torch.Size) -> tuple[int, int, int, int]:
+def _latent_shape(pipe, pixels_shape: torch.Size) -> tuple[int, int, int, int]:
     """(C, T, h, w) of a clip's latents."""
     _, frames, height, width = pixels_shape
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return (vae.config.latent_channels, frames, height // factor, width // factor)
+    factor = pipe.vae_scale_factor
+    return (pipe.vae.config.latent_channels, frames, height // factor, width // factor)
 
 
 def _collate(examples: list[dict], first_index: int, step: int, config: TrainConfig, pipe,
              device: torch.device) -> _Batch:
     """Stack a process's slice (global indices ``first_index`` ...) and draw each clip's noise on the CPU."""
+    from customcrafter.models.text import tokenize
+    from customcrafter.utils import to_device_async
+
     num_timesteps = pipe.scheduler.config.num_train_timesteps
     branches = [b for b in _BRANCHES if b in examples[0]]
     items = [element[branch] for branch in branches for element in examples]
     seeds = [example_seed(config.seed, step, first_index + j, branch)
              for branch in branches for j in range(len(examples))]
-    shape = _latent_shape(pipe.vae, items[0].pixels.shape)
+    shape = _latent_shape(pipe, items[0].pixels.shape)
     draws = [draw_example_noise(seed, shape, num_timesteps) for seed in seeds]
     timesteps, posterior, noise = (torch.stack(column) for column in zip(*draws, strict=True))
-    from customcrafter.models.text import tokenize
-
     captions = [e.caption for e in items]
-    return _Batch(pixels=_to_device(torch.stack([e.pixels for e in items]), device),
-                  mask=_to_device(torch.stack([e.mask for e in items]), device),
-                  captions=captions, input_ids=_to_device(tokenize(pipe.tokenizer, captions), device),
-                  timesteps=_to_device(timesteps, device),
-                  posterior_noise=_to_device(posterior, device),
-                  noise=_to_device(noise, device),
+    return _Batch(pixels=to_device_async(torch.stack([e.pixels for e in items]), device),
+                  mask=to_device_async(torch.stack([e.mask for e in items]), device),
+                  captions=captions, input_ids=to_device_async(tokenize(pipe.tokenizer, captions), device),
+                  timesteps=to_device_async(timesteps, device),
+                  posterior_noise=to_device_async(posterior, device),
+                  noise=to_device_async(noise, device),
                   seeds=seeds, sizes=[len(examples)] * len(branches))
 
 
