@@ -31,6 +31,7 @@ import torch
 from customcrafter.dwvss import DWVSSConfig, dwvss_sampling
 from customcrafter.performance import SpeedConfig, optimize_pipeline
 
+H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA's dense bf16 tensor-core figure for the H100 SXM
 PROMPT = "a <new1> dog is swimming in the pool, high quality"
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "reference_h100.json"
 
@@ -178,6 +179,7 @@ def bench_sampling_variant(name: str, speed: SpeedConfig, args, flops_per_step: 
         "text_encode_s": round(text_s, 4), "denoise_loop_s": round(loop_s, 3), "vae_decode_s": round(decode_s, 3),
         "unet_tflops_per_s": round(unet_flops_video / loop_s / 1e12, 1),
         "mfu_vs_measured_peak": round(unet_flops_video / loop_s / 1e12 / peak_tflops, 3),
+        "mfu_vs_h100_spec_peak": round(unet_flops_video / loop_s / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "peak_memory_gib": round(peak_gib, 2), "weights_gib": round(weights_gib, 2),
         "frames_finite": bool(np.isfinite(frames.astype(np.float32)).all()),
         "frames_shape": list(frames.shape), "frames_dtype": str(frames.dtype),
@@ -312,7 +314,7 @@ def graphs_check(args, frames: int, steps: int = 6) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- profile
-def profile(args, speed: SpeedConfig, out_dir: Path) -> None:
+def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None:
     """Where one CFG UNet forward spends GPU time: the top operators and kernels (and a Chrome trace)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -332,23 +334,76 @@ def profile(args, speed: SpeedConfig, out_dir: Path) -> None:
                 unet(x, t, context, fps=16)
             sync()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
-    prof.export_chrome_trace(str(out_dir / "unet_trace.json"))
+    trace = out_dir / f"{name}_trace.json"
+    prof.export_chrome_trace(str(trace))
+    summary = kernel_summary(trace, forwards=3)
+    (out_dir / f"{name}_kernels.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "top_kernels"}, indent=1))
+    for row in summary["top_kernels"][:40]:
+        print(f"{row['ms_per_forward']:8.3f} ms {row['calls_per_forward']:6.1f}x  {row['category']:10s} {row['name'][:110]}")
     free(pipe)
 
 
+KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of CUDA kernel names
+    ("attention", ("flash", "fmha", "attn", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "nhwc", "nchw")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "matmul", "_mm_")),
+    ("norm", ("group_norm", "native_layer_norm", "layer_norm", "red_fused", "per_fused")),
+    ("pointwise", ("poi_fused", "elementwise", "vectorized", "copy", "cat", "clone")),
+)
+
+
+def kernel_summary(trace: Path, forwards: int) -> dict:
+    """GPU time per kernel category (and the top kernels) from a Chrome trace, per UNet forward."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    by_name: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") == "kernel" and "dur" in event:
+            by_name.setdefault(event["name"], []).append(event["dur"] / 1000.0)
+
+    def category(name: str) -> str:
+        low = name.lower()
+        for label, needles in KERNEL_CATEGORIES:
+            if any(n in low for n in needles):
+                return label
+        return "other"
+
+    rows = sorted(({"name": n, "category": category(n), "ms_per_forward": sum(d) / forwards,
+                    "calls_per_forward": len(d) / forwards} for n, d in by_name.items()),
+                  key=lambda r: -r["ms_per_forward"])
+    total = sum(r["ms_per_forward"] for r in rows)
+    by_cat: dict[str, float] = {}
+    for row in rows:
+        by_cat[row["category"]] = by_cat.get(row["category"], 0.0) + row["ms_per_forward"]
+    return {"gpu_ms_per_forward": round(total, 3),
+            "kernels_per_forward": round(sum(r["calls_per_forward"] for r in rows), 1),
+            "ms_by_category": {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{**r, "ms_per_forward": round(r["ms_per_forward"], 4)} for r in rows[:80]]}
+
+
 # ---------------------------------------------------------------------------------------------------- main
+def _sdpa(**kwargs) -> SpeedConfig:
+    """A variant measured before the temporal layers' attention was pinned to the efficient kernel."""
+    return SpeedConfig(temporal_attention="sdpa", **kwargs)
+
+
 SAMPLING_VARIANTS = {
-    "bf16-eager": SpeedConfig(compile="none", channels_last=False),
-    "bf16-eager-channels-last": SpeedConfig(compile="none", channels_last=True),
-    "bf16-regional-compile": SpeedConfig(compile="regional"),
-    "bf16-regional-compile-no-channels-last": SpeedConfig(compile="regional", channels_last=False),
-    "bf16-full-compile": SpeedConfig(compile="full", channels_last=False),
-    "bf16-full-compile-cudagraphs": SpeedConfig(compile="full", compile_mode="reduce-overhead", channels_last=False),
-    "bf16-full-compile-channels-last": SpeedConfig(compile="full", channels_last=True),
-    "bf16-full-compile-cudagraphs-channels-last": SpeedConfig(compile="full", compile_mode="reduce-overhead",
-                                                              channels_last=True),
+    "bf16-eager": _sdpa(compile="none", channels_last=False),
+    "bf16-eager-channels-last": _sdpa(compile="none", channels_last=True),
+    "bf16-regional-compile": _sdpa(compile="regional"),
+    "bf16-regional-compile-no-channels-last": _sdpa(compile="regional", channels_last=False),
+    "bf16-full-compile": _sdpa(compile="full", channels_last=False),
+    "bf16-full-compile-cudagraphs": _sdpa(compile="full", compile_mode="reduce-overhead", channels_last=False),
+    "bf16-full-compile-channels-last": _sdpa(compile="full", channels_last=True),
+    "bf16-full-compile-cudagraphs-channels-last": _sdpa(compile="full", compile_mode="reduce-overhead",
+                                                        channels_last=True),
     "bf16-full-compile-channels-last-math-temporal": SpeedConfig(compile="full", channels_last=True,
                                                                  temporal_attention="math"),
+    # the defaults: temporal attention on the memory-efficient kernel
+    "bf16-eager-efficient-temporal": SpeedConfig(compile="none"),
+    "bf16-full-compile-channels-last-efficient-temporal": SpeedConfig(compile="full"),
+    "bf16-full-compile-cudagraphs-channels-last-efficient-temporal": SpeedConfig(compile="full",
+                                                                                 compile_mode="reduce-overhead"),
 }
 
 
@@ -365,8 +420,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
-                        help="FRAMES:ckpt|nockpt[:regional|full][:bf16][:graphs] (gradient checkpointing, "
-                             "torch.compile, frozen weights stored in bf16, CUDA graphs)")
+                        help="FRAMES:ckpt|nockpt[:regional|full][:bf16][:graphs][:eff] (gradient checkpointing, "
+                             "torch.compile, frozen weights stored in bf16, CUDA graphs, efficient temporal "
+                             "attention)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     args = parser.parse_args()
@@ -387,7 +443,7 @@ def main() -> None:
     if "profile" in args.sections:
         for name in args.variants:
             print(f"--- profile {name}", flush=True)
-            profile(args, SAMPLING_VARIANTS[name], Path(args.out).parent)
+            profile(args, SAMPLING_VARIANTS[name], Path(args.out).parent, name)
     if "sampling" in args.sections:
         probe = build_pipeline(args.weights)
         optimize_pipeline(probe, SpeedConfig(compile="none"))
@@ -420,6 +476,8 @@ def main() -> None:
                     extra["compile"] = option
                 elif option == "graphs":
                     pass
+                elif option == "eff":
+                    extra["temporal_attention"] = "efficient"
                 else:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
             try:

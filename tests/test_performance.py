@@ -3,6 +3,7 @@ computes the same function."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -16,11 +17,12 @@ def test_channels_last_follows_compilation_unless_set():
     assert not SpeedConfig(compile="full", channels_last=False).resolved_channels_last()
 
 
-def test_temporal_math_attention_swaps_only_temporal_layers_and_keeps_the_output():
+@pytest.mark.parametrize("kind", ["math", "efficient"])
+def test_temporal_attention_swaps_only_temporal_layers_and_keeps_the_output(kind):
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     from customcrafter.loading import load_base_pipeline
-    from customcrafter.performance import _set_sdpa, _set_temporal_math_attention
+    from customcrafter.performance import EfficientAttnProcessor, _set_sdpa, set_temporal_attention
 
     unet = load_base_pipeline("tiny").unet
     _set_sdpa(unet)
@@ -29,14 +31,15 @@ def test_temporal_math_attention_swaps_only_temporal_layers_and_keeps_the_output
     context = torch.randn(2, 77, unet.config.cross_attention_dim)
     with torch.no_grad():
         before = unet(sample, torch.tensor([10, 700]), context, fps=16).sample
-        swapped = _set_temporal_math_attention(unet)
+        swapped = set_temporal_attention(unet, kind)
         after = unet(sample, torch.tensor([10, 700]), context, fps=16).sample
 
     temporal = [name for name, m in unet.named_modules() if isinstance(m, Attention) and
                 ("temp_attentions" in name or name.startswith("transformer_in"))]
     spatial = [m for name, m in unet.named_modules() if isinstance(m, Attention) and name not in temporal]
     assert swapped == len(temporal) > 0
-    assert all(type(unet.get_submodule(n).processor) is AttnProcessor for n in temporal)
+    expected = AttnProcessor if kind == "math" else EfficientAttnProcessor
+    assert all(type(unet.get_submodule(n).processor) is expected for n in temporal)
     assert spatial and all(type(m.processor) is AttnProcessor2_0 for m in spatial)
     # A random UNet amplifies float32 rounding (~1e-7 per layer) ~1000x; a wrong attention would move it by O(1).
     assert (after - before).abs().max() <= 1e-3 * before.abs().max()
@@ -58,3 +61,4 @@ def test_optimize_pipeline_on_cpu_keeps_float32_and_eager():
     optimize_pipeline(pipe, SpeedConfig(compile="full", temporal_attention="math", decode_chunk_size=3))
     assert pipe.unet.dtype == torch.float32 and pipe.unet.forward == forward
     assert pipe.decode_chunk_size == 3
+

@@ -500,6 +500,10 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         checkpointing = accelerator.device.type == "cuda"
     if checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    if config.temporal_attention != "sdpa":
+        from customcrafter.performance import set_temporal_attention
+
+        set_temporal_attention(pipe.unet, config.temporal_attention)
     if config.compile != "none" and accelerator.device.type == "cuda":
         from customcrafter.performance import compile_unet
 

@@ -1,0 +1,172 @@
+"""Micro-benchmarks of the UNet's hot operations at their real shapes (one H100): which SDPA backend is fastest
+for the spatial and temporal attention, and what FP8 (``torch._scaled_mm``, row-wise scales) would buy over bf16
+for the linear layers. Prints a table and writes JSON; nothing here changes the product.
+
+    python benchmarks/micro_ops.py --out micro_ops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def cuda_time(fn, iters: int = 20) -> float:
+    """Median-free mean time in ms over ``iters`` calls after warm-up (CUDA events)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+# (name, batch, heads, q_len, kv_len, head_dim, layers per forward): 16 frames x CFG batch 2 at 320x512
+ATTENTION = [
+    ("spatial-self L0", 32, 5, 2560, 2560, 64, 5), ("spatial-cross L0", 32, 5, 2560, 77, 64, 5),
+    ("spatial-self L1", 32, 10, 640, 640, 64, 5), ("spatial-cross L1", 32, 10, 640, 77, 64, 5),
+    ("spatial-self L2", 32, 20, 160, 160, 64, 5), ("spatial-self L3", 32, 20, 40, 40, 64, 1),
+    ("temporal L0", 2 * 2560, 5, 16, 16, 64, 10), ("temporal L1", 2 * 640, 10, 16, 16, 64, 10),
+    ("temporal L2", 2 * 160, 20, 16, 16, 64, 10),
+]
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+# (name, M tokens, K, N): spatial transformer projections and feed-forward at each level
+LINEAR = [("L0 qkv/out", 81920, 320, 320), ("L0 ff-in (GEGLU)", 81920, 320, 2560), ("L0 ff-out", 81920, 1280, 320),
+          ("L1 qkv/out", 20480, 640, 640), ("L1 ff-in", 20480, 640, 5120), ("L1 ff-out", 20480, 2560, 640),
+          ("L2 qkv/out", 5120, 1280, 1280), ("L2 ff-in", 5120, 1280, 10240), ("L2 ff-out", 5120, 5120, 1280)]
+
+
+def attention_rows() -> list[dict]:
+    rows = []
+    for name, b, h, lq, lk, d, layers in ATTENTION:
+        q = torch.randn(b, h, lq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, h, lk, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        row = {"op": name, "layers_per_forward": layers}
+        for label, backend in BACKENDS.items():
+            try:
+                with sdpa_kernel([backend]):
+                    row[label + "_ms"] = round(cuda_time(lambda: F.scaled_dot_product_attention(q, k, v)), 4)
+            except RuntimeError as exc:
+                row[label + "_ms"] = None
+                row[label + "_error"] = str(exc).splitlines()[0][:120]
+        with sdpa_kernel(list(BACKENDS.values())):
+            row["default_ms"] = round(cuda_time(lambda: F.scaled_dot_product_attention(q, k, v)), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def temporal_rows() -> list[dict]:
+    """Temporal attention from and to the projections' (batch, frames, channels) layout, as the UNet runs it:
+    SDPA (with its transposes) per backend, compiled, vs the compiled pointwise formulation; forward and
+    forward + backward. (The pointwise formulation was tried as a processor and measured slower; kept here as
+    the record.)"""
+
+    def sdpa(q, k, v, heads):
+        b, s, c = q.shape
+        q, k, v = (t.view(b, s, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, c)
+
+    def pointwise(q, k, v, heads):
+        b, s, c = q.shape
+        d = c // heads
+        q, k, v = q.view(b, s, 1, heads, d).float(), k.view(b, 1, s, heads, d).float(), v.view(b, 1, s, heads, d).float()
+        p = ((q * k).sum(-1) * d ** -0.5).softmax(dim=2)
+        return (p.unsqueeze(-1) * v).sum(2).to(torch.bfloat16).reshape(b, s, c)
+
+    rows = []
+    for name, b, h, lq, _, d, layers in ATTENTION:
+        if not name.startswith("temporal"):
+            continue
+        q, k, v = (torch.randn(b, lq, h * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        row = {"op": name, "layers_per_forward": layers}
+        candidates = {"sdpa-" + label: (lambda q, k, v, backend=backend: _with(backend, sdpa, q, k, v, h))
+                      for label, backend in BACKENDS.items() if label != "math"}
+        candidates["sdpa-default-compiled"] = torch.compile(lambda q, k, v: sdpa(q, k, v, h), dynamic=False)
+        candidates["pointwise-compiled"] = torch.compile(lambda q, k, v: pointwise(q, k, v, h), dynamic=False)
+        reference = sdpa(q.float(), k.float(), v.float(), h)
+        for label, fn in candidates.items():
+            try:
+                with torch.no_grad():
+                    row[label + "_fwd_ms"] = round(cuda_time(lambda: fn(q, k, v)), 4)
+                    out = fn(q, k, v).float()
+                row[label + "_rel_err"] = round(((out - reference).norm() / reference.norm()).item(), 5)
+                grad = torch.randn(b, lq, h * d, device="cuda", dtype=torch.bfloat16)
+                row[label + "_fwd_bwd_ms"] = round(cuda_time(lambda: fn(q, k, v).backward(grad)), 4)
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot run these shapes is a finding too
+                row[label + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _with(backend, fn, *args):
+    with sdpa_kernel([backend]):
+        return fn(*args)
+
+
+def linear_rows() -> list[dict]:
+    rows = []
+    for name, m, k, n in LINEAR:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        flops = 2 * m * k * n
+        bf16 = cuda_time(lambda: F.linear(x, w))
+        row = {"op": name, "bf16_ms": round(bf16, 4), "bf16_tflops": round(flops / bf16 / 1e9, 1)}
+        try:
+            w8 = (w / (w.abs().amax(dim=1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+            w_scale = (w.abs().amax(dim=1, keepdim=True) / 448).float().t().contiguous()
+
+            def fp8():  # dynamic row-wise activation scale + the scaled matmul, as an inference path would run
+                x_scale = x.abs().amax(dim=1, keepdim=True).float() / 448
+                x8 = (x / x_scale).to(torch.float8_e4m3fn)
+                return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+
+            x_scale = x.abs().amax(dim=1, keepdim=True).float() / 448
+            x8 = (x / x_scale).to(torch.float8_e4m3fn)
+            mm_only = cuda_time(lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale,
+                                                         out_dtype=torch.bfloat16))
+            with_quant = cuda_time(fp8)
+            ref = F.linear(x.float(), w.float())
+            err = ((fp8().float() - ref).norm() / ref.norm()).item()
+            err_bf16 = ((F.linear(x, w).float() - ref).norm() / ref.norm()).item()
+            row.update(fp8_mm_ms=round(mm_only, 4), fp8_with_quant_ms=round(with_quant, 4),
+                       fp8_tflops=round(flops / mm_only / 1e9, 1), fp8_rel_err=round(err, 5),
+                       bf16_rel_err=round(err_bf16, 5))
+        except (RuntimeError, TypeError) as exc:
+            row["fp8_error"] = str(exc).splitlines()[0][:160]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="micro_ops.json")
+    parser.add_argument("--only", choices=["attention", "temporal", "linear"], default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/micro_ops.py needs a CUDA GPU")
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    for section, rows in (("attention", attention_rows), ("temporal", temporal_rows), ("linear", linear_rows)):
+        if args.only in (None, section):
+            report[section] = rows()
+    with open(args.out, "w") as handle:
+        json.dump(report, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
