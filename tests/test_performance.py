@@ -17,6 +17,15 @@ def test_channels_last_follows_compilation_unless_set():
     assert not SpeedConfig(compile="full", channels_last=False).resolved_channels_last()
 
 
+def test_vae_compilation_follows_full_compilation_unless_set():
+    from customcrafter.performance import SpeedConfig
+
+    assert SpeedConfig(compile="full").resolved_compile_vae()
+    assert not SpeedConfig(compile="regional").resolved_compile_vae()
+    assert not SpeedConfig(compile="none").resolved_compile_vae()
+    assert SpeedConfig(compile="none", compile_vae=True).resolved_compile_vae()
+
+
 @pytest.mark.parametrize("kind", ["math", "efficient"])
 def test_temporal_attention_swaps_only_temporal_layers_and_keeps_the_output(kind):
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
