@@ -8,6 +8,7 @@ for the linear layers. Prints a table and writes JSON; nothing here changes the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -48,24 +49,25 @@ LINEAR = [("L0 qkv/out", 81920, 320, 320), ("L0 ff-in (GEGLU)", 81920, 320, 2560
 
 
 def attention_rows() -> list[dict]:
-    rows = []
-    for name, b, h, lq, lk, d, layers in ATTENTION:
-        q = torch.randn(b, h, lq, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, h, lk, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        row = {"op": name, "layers_per_forward": layers}
-        for label, backend in BACKENDS.items():
-            try:
-                with sdpa_kernel([backend]):
-                    row[label + "_ms"] = round(cuda_time(lambda: F.scaled_dot_product_attention(q, k, v)), 4)
-            except RuntimeError as exc:
-                row[label + "_ms"] = None
-                row[label + "_error"] = str(exc).splitlines()[0][:120]
-        with sdpa_kernel(list(BACKENDS.values())):
-            row["default_ms"] = round(cuda_time(lambda: F.scaled_dot_product_attention(q, k, v)), 4)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+    return [attention_row(*shape) for shape in ATTENTION]
+
+
+def attention_row(name: str, b: int, h: int, lq: int, lk: int, d: int, layers: int) -> dict:
+    q = torch.randn(b, h, lq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, h, lk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    row = {"op": name, "layers_per_forward": layers}
+    for label, backend in BACKENDS.items():
+        try:
+            with sdpa_kernel([backend]):
+                row[label + "_ms"] = round(cuda_time(lambda: F.scaled_dot_product_attention(q, k, v)), 4)
+        except RuntimeError as exc:
+            row[label + "_ms"] = None
+            row[label + "_error"] = str(exc).splitlines()[0][:120]
+    with sdpa_kernel(list(BACKENDS.values())):
+        row["default_ms"] = round(cuda_time(lambda: F.scaled_dot_product_attention(q, k, v)), 4)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def temporal_rows() -> list[dict]:
@@ -82,35 +84,40 @@ def temporal_rows() -> list[dict]:
     def pointwise(q, k, v, heads):
         b, s, c = q.shape
         d = c // heads
-        q, k, v = q.view(b, s, 1, heads, d).float(), k.view(b, 1, s, heads, d).float(), v.view(b, 1, s, heads, d).float()
+        q = q.view(b, s, 1, heads, d).float()
+        k, v = k.view(b, 1, s, heads, d).float(), v.view(b, 1, s, heads, d).float()
         p = ((q * k).sum(-1) * d ** -0.5).softmax(dim=2)
         return (p.unsqueeze(-1) * v).sum(2).to(torch.bfloat16).reshape(b, s, c)
 
-    rows = []
-    for name, b, h, lq, _, d, layers in ATTENTION:
-        if not name.startswith("temporal"):
-            continue
-        q, k, v = (torch.randn(b, lq, h * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        row = {"op": name, "layers_per_forward": layers}
-        candidates = {"sdpa-" + label: (lambda q, k, v, backend=backend: _with(backend, sdpa, q, k, v, h))
-                      for label, backend in BACKENDS.items() if label != "math"}
-        candidates["sdpa-default-compiled"] = torch.compile(lambda q, k, v: sdpa(q, k, v, h), dynamic=False)
-        candidates["pointwise-compiled"] = torch.compile(lambda q, k, v: pointwise(q, k, v, h), dynamic=False)
-        reference = sdpa(q.float(), k.float(), v.float(), h)
-        for label, fn in candidates.items():
-            try:
-                with torch.no_grad():
-                    row[label + "_fwd_ms"] = round(cuda_time(lambda: fn(q, k, v)), 4)
-                    out = fn(q, k, v).float()
-                row[label + "_rel_err"] = round(((out - reference).norm() / reference.norm()).item(), 5)
-                grad = torch.randn(b, lq, h * d, device="cuda", dtype=torch.bfloat16)
-                row[label + "_fwd_bwd_ms"] = round(cuda_time(lambda: fn(q, k, v).backward(grad)), 4)
-            except Exception as exc:  # noqa: BLE001 - a backend that cannot run these shapes is a finding too
-                row[label + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+    return [temporal_row(sdpa, pointwise, *shape) for shape in ATTENTION if shape[0].startswith("temporal")]
+
+
+def temporal_row(sdpa, pointwise, name: str, b: int, h: int, lq: int, _lk: int, d: int, layers: int) -> dict:
+    q, k, v = (torch.randn(b, lq, h * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn(b, lq, h * d, device="cuda", dtype=torch.bfloat16)
+    row = {"op": name, "layers_per_forward": layers}
+    candidates = {"sdpa-" + label: (lambda q, k, v, backend=backend: _with(backend, sdpa, q, k, v, h))
+                  for label, backend in BACKENDS.items() if label != "math"}
+    candidates["sdpa-default-compiled"] = torch.compile(lambda q, k, v: sdpa(q, k, v, h), dynamic=False)
+    candidates["pointwise-compiled"] = torch.compile(lambda q, k, v: pointwise(q, k, v, h), dynamic=False)
+    reference = sdpa(q.float(), k.float(), v.float(), h)
+    for label, fn in candidates.items():
+        try:
+            forward = functools.partial(fn, q, k, v)
+            with torch.no_grad():
+                row[label + "_fwd_ms"] = round(cuda_time(forward), 4)
+                out = forward().float()
+            row[label + "_rel_err"] = round(((out - reference).norm() / reference.norm()).item(), 5)
+            row[label + "_fwd_bwd_ms"] = round(cuda_time(functools.partial(_backward, forward, grad)), 4)
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot run these shapes is a finding too
+            row[label + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _backward(forward, grad):
+    forward().backward(grad)
 
 
 def _with(backend, fn, *args):
@@ -119,38 +126,41 @@ def _with(backend, fn, *args):
 
 
 def linear_rows() -> list[dict]:
-    rows = []
-    for name, m, k, n in LINEAR:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        flops = 2 * m * k * n
-        bf16 = cuda_time(lambda: F.linear(x, w))
-        row = {"op": name, "bf16_ms": round(bf16, 4), "bf16_tflops": round(flops / bf16 / 1e9, 1)}
-        try:
-            w8 = (w / (w.abs().amax(dim=1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
-            w_scale = (w.abs().amax(dim=1, keepdim=True) / 448).float().t().contiguous()
+    return [linear_row(*shape) for shape in LINEAR]
 
-            def fp8():  # dynamic row-wise activation scale + the scaled matmul, as an inference path would run
-                x_scale = x.abs().amax(dim=1, keepdim=True).float() / 448
-                x8 = (x / x_scale).to(torch.float8_e4m3fn)
-                return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
 
-            x_scale = x.abs().amax(dim=1, keepdim=True).float() / 448
-            x8 = (x / x_scale).to(torch.float8_e4m3fn)
-            mm_only = cuda_time(lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale,
-                                                         out_dtype=torch.bfloat16))
-            with_quant = cuda_time(fp8)
-            ref = F.linear(x.float(), w.float())
-            err = ((fp8().float() - ref).norm() / ref.norm()).item()
-            err_bf16 = ((F.linear(x, w).float() - ref).norm() / ref.norm()).item()
-            row.update(fp8_mm_ms=round(mm_only, 4), fp8_with_quant_ms=round(with_quant, 4),
-                       fp8_tflops=round(flops / mm_only / 1e9, 1), fp8_rel_err=round(err, 5),
-                       bf16_rel_err=round(err_bf16, 5))
-        except (RuntimeError, TypeError) as exc:
-            row["fp8_error"] = str(exc).splitlines()[0][:160]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+def _fp8_linear(x, w8, w_scale):
+    """Dynamic row-wise activation scale + the scaled matmul, as an FP8 inference path would run."""
+    x_scale = x.abs().amax(dim=1, keepdim=True).float() / 448
+    x8 = (x / x_scale).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+
+
+def linear_row(name: str, m: int, k: int, n: int) -> dict:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    flops = 2 * m * k * n
+    bf16 = cuda_time(functools.partial(F.linear, x, w))
+    row = {"op": name, "bf16_ms": round(bf16, 4), "bf16_tflops": round(flops / bf16 / 1e9, 1)}
+    try:
+        w_scale = (w.abs().amax(dim=1, keepdim=True) / 448).float()
+        w8 = (w / w_scale).to(torch.float8_e4m3fn)
+        w_scale = w_scale.t().contiguous()
+        x_scale = x.abs().amax(dim=1, keepdim=True).float() / 448
+        x8 = (x / x_scale).to(torch.float8_e4m3fn)
+        mm_only = cuda_time(functools.partial(torch._scaled_mm, x8, w8.t(), scale_a=x_scale, scale_b=w_scale,
+                                              out_dtype=torch.bfloat16))
+        with_quant = cuda_time(functools.partial(_fp8_linear, x, w8, w_scale))
+        ref = F.linear(x.float(), w.float())
+        err = ((_fp8_linear(x, w8, w_scale).float() - ref).norm() / ref.norm()).item()
+        err_bf16 = ((F.linear(x, w).float() - ref).norm() / ref.norm()).item()
+        row.update(fp8_mm_ms=round(mm_only, 4), fp8_with_quant_ms=round(with_quant, 4),
+                   fp8_tflops=round(flops / mm_only / 1e9, 1), fp8_rel_err=round(err, 5),
+                   bf16_rel_err=round(err_bf16, 5))
+    except (RuntimeError, TypeError) as exc:
+        row["fp8_error"] = str(exc).splitlines()[0][:160]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main() -> None:

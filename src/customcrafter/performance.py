@@ -21,7 +21,8 @@ from pydantic import Field
 
 from customcrafter.config import StrictModel
 
-__all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES"]
+__all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
+           "UNET_REPEATED_BLOCKS", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,10 @@ class SpeedConfig(StrictModel):
     sdpa: bool = Field(True, description="PyTorch scaled_dot_product_attention (flash / memory-efficient kernels)")
     temporal_attention: Literal["sdpa", "efficient", "math"] = Field(
         "efficient", description="the temporal transformers' attention (sequences of 16 frames): 'efficient' = SDPA "
-                                 "pinned to the memory-efficient kernel (on CUDA), which beats the cuDNN/flash "
-                                 "kernels SDPA picks at such short sequences (H100, full compile: 4.32 -> 4.20 s per "
-                                 "video); 'sdpa' = SDPA's own choice; 'math' = plain batched matmul + softmax (diffusers' AttnProcessor). "
-                            "Both need sdpa for the spatial layers")
+                                 "pinned to the memory-efficient kernel on CUDA, which beats the cuDNN/flash kernels "
+                                 "SDPA picks at such short sequences (H100, full compile: 4.32 -> 4.20 s per video); "
+                                 "'sdpa' = SDPA's own choice; 'math' = plain batched matmul + softmax (diffusers' "
+                                 "AttnProcessor). 'efficient' and 'math' need sdpa for the spatial layers")
 
     def resolved_compile_vae(self) -> bool:
         return self.compile == "full" if self.compile_vae is None else self.compile_vae
