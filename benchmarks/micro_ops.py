@@ -1,6 +1,7 @@
 """Micro-benchmarks of the UNet's hot operations at their real shapes (one H100): which SDPA backend is fastest
 for the spatial and temporal attention, and what FP8 (``torch._scaled_mm``, row-wise scales) would buy over bf16
-for the linear layers. Prints a table and writes JSON; nothing here changes the product.
+for the linear layers. Prints one JSON line per shape and writes them all to a JSON file; nothing here changes the
+product.
 
     python benchmarks/micro_ops.py --out micro_ops.json
 """
@@ -18,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def cuda_time(fn, iters: int = 20) -> float:
-    """Median-free mean time in ms over ``iters`` calls after warm-up (CUDA events)."""
+    """Mean time in ms over ``iters`` back-to-back calls after 3 warm-up calls (CUDA events)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu import build_pipeline, synthetic_subject  # benchmarks/gpu.py
+from gpu import benchmark_train_config, build_pipeline  # benchmarks/gpu.py
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -25,16 +25,12 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true")
     args = parser.parse_args()
 
-    from customcrafter.training.config import TrainConfig
     from customcrafter.training.trainer import train
 
     tmp = Path(tempfile.mkdtemp())
     pipe = build_pipeline(None)
-    config = TrainConfig(base_model=pipe.base_model_id, subject_dir=str(synthetic_subject(tmp, 4, (512, 512))),
-                         class_word="dog", output_dir=str(tmp / "run"), num_frames=args.frames, steps=3,
-                         checkpoint_every=None, mixed_precision=args.mixed_precision,
-                         gradient_checkpointing=args.checkpointing, cuda_graphs=args.cuda_graphs,
-                         class_images_dir=str(synthetic_subject(tmp / "class", 4, (320, 512))), num_class_images=4)
+    config = benchmark_train_config(pipe, tmp, args.frames, steps=3, mixed_precision=args.mixed_precision,
+                                    gradient_checkpointing=args.checkpointing, cuda_graphs=args.cuda_graphs)
     train(config, pipe=pipe)  # warm-up (cuDNN autotuning, allocator)
     config = config.model_copy(update={"steps": args.steps, "output_dir": str(tmp / "run2"), "log_every": args.steps})
     pipe = build_pipeline(None)

@@ -8,7 +8,12 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture(autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_efficient_temporal_attention_matches_default_sdpa_forward_and_backward(dtype):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -31,7 +36,6 @@ def test_efficient_temporal_attention_matches_default_sdpa_forward_and_backward(
         assert ((a - b).norm() / a.norm()).item() < tol
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_efficient_processor_pins_the_kernel_on_cuda():
     """With only the memory-efficient kernel allowed, a shape it cannot run must fail: proof that it is pinned."""
     from diffusers.models.attention_processor import Attention

@@ -70,4 +70,3 @@ def test_optimize_pipeline_on_cpu_keeps_float32_and_eager():
     optimize_pipeline(pipe, SpeedConfig(compile="full", temporal_attention="math", decode_chunk_size=3))
     assert pipe.unet.dtype == torch.float32 and pipe.unet.forward == forward
     assert pipe.decode_chunk_size == 3
-

@@ -80,8 +80,8 @@ def _set_sdpa(module: torch.nn.Module) -> None:
 class EfficientAttnProcessor:
     """diffusers' SDPA processor with PyTorch's memory-efficient kernel pinned on CUDA (any backend elsewhere).
 
-    For the temporal layers (sequences of 16 frames, tens of thousands of them per call) it beats the flash kernels
-    that SDPA picks by default on Hopper (``benchmarks/micro_ops.py``)."""
+    For the temporal layers (sequences of 16 frames, tens of thousands of them per call) it beats the cuDNN flash
+    kernel that SDPA picks by default on Hopper (``benchmarks/micro_ops.py``)."""
 
     def __init__(self):
         from diffusers.models.attention_processor import AttnProcessor2_0

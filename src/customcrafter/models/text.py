@@ -96,5 +96,9 @@ def encode_prompt(
     No padding mask, as OpenCLIP (causal attention only).
     """
     device = device if device is not None else text_encoder.device
-    ids = tokenize(tokenizer, prompts).to(device)
-    return text_encoder(input_ids=ids).last_hidden_state
+    return encode_tokens(text_encoder, tokenize(tokenizer, prompts).to(device))
+
+
+def encode_tokens(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, 77) on the encoder's device → cross-attention context (B, 77, D) (see :func:`encode_prompt`)."""
+    return text_encoder(input_ids=input_ids).last_hidden_state

@@ -123,8 +123,9 @@ class TrainConfig(StrictModel):
                             "GPU only, see benchmarks/RESULTS.md for what it buys")
     temporal_attention: Literal["sdpa", "efficient"] = Field(
         "efficient", description="the UNet's temporal attention on CUDA: 'efficient' pins SDPA to the "
-                                 "memory-efficient kernel for these short (frames-long) sequences (H100, 4 frames "
-                                 "with checkpointing: 0.227 -> 0.222 s/step); 'sdpa' = SDPA's own choice")
+                                 "memory-efficient kernel for these short (frames-long) sequences, as sampling does; "
+                                 "'sdpa' = SDPA's own choice. For training the two measured within machine noise on "
+                                 "an H100 (-2 % to +3 % per step, benchmarks/RESULTS.md)")
     cuda_graphs: bool | None = Field(None, description="capture the UNet's and the text encoder's forward and "
                                                         "backward as CUDA graphs once per stage and replay them every "
                                                         "step (removes the per-kernel launch overhead that makes eager "

@@ -43,8 +43,8 @@ from customcrafter.training.config import TrainConfig
 from customcrafter.training.dataset import SubjectDataset, resolve_subject
 from customcrafter.training.methods import SPATIAL_BLOCK_RE, Stage, SubjectMethod, make_method
 
-__all__ = ["TrainResult", "train", "DiffusionLoss", "use_cuda_graphs", "ExampleDropout", "detach_start_token_kv", "epsilon_loss",
-           "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout"]
+__all__ = ["TrainResult", "train", "DiffusionLoss", "use_cuda_graphs", "ExampleDropout", "detach_start_token_kv",
+           "epsilon_loss", "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,14 +211,16 @@ class _UNetCall(nn.Module):
 
 
 class _TextCall(nn.Module):
-    """Token ids → cross-attention context (see ``models.text.encode_prompt``), tensors only."""
+    """Token ids → cross-attention context (``models.text.encode_tokens``), tensors only."""
 
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
     def forward(self, input_ids):
-        return self.text_encoder(input_ids=input_ids).last_hidden_state
+        from customcrafter.models.text import encode_tokens
+
+        return encode_tokens(self.text_encoder, input_ids)
 
 
 class DiffusionLoss(nn.Module):
@@ -242,7 +244,6 @@ class DiffusionLoss(nn.Module):
         self.encode_text_with_grad = encode_text_with_grad
         self.dropout_seeds = dropout_seeds or _ExampleSeeds()
         self.use_cuda_graphs = use_cuda_graphs(config, self.unet.device, num_processes)
-        self.dropout_seeds.use_static_masks(self.use_cuda_graphs)
         self.reset_graphs()
 
     def reset_graphs(self) -> None:
@@ -318,7 +319,6 @@ class _Batch:
 
     pixels: torch.Tensor  # (n, 3, T, H, W)
     mask: torch.Tensor  # (n, 1, T, h, w)
-    captions: list[str]
     input_ids: torch.Tensor  # (n, 77): the captions, tokenized on the host
     timesteps: torch.Tensor  # (n,) long
     posterior_noise: torch.Tensor  # (n, C, T, h, w): the VAE posterior sample's standard-normal noise
@@ -351,7 +351,7 @@ def _collate(examples: list[dict], first_index: int, step: int, config: TrainCon
     captions = [e.caption for e in items]
     return _Batch(pixels=to_device_async(torch.stack([e.pixels for e in items]), device),
                   mask=to_device_async(torch.stack([e.mask for e in items]), device),
-                  captions=captions, input_ids=to_device_async(tokenize(pipe.tokenizer, captions), device),
+                  input_ids=to_device_async(tokenize(pipe.tokenizer, captions), device),
                   timesteps=to_device_async(timesteps, device),
                   posterior_noise=to_device_async(posterior, device),
                   noise=to_device_async(noise, device),
