@@ -406,6 +406,11 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-channels-last-efficient-temporal-compiled-vae": SpeedConfig(compile="full"),
     "bf16-full-compile-cudagraphs-channels-last-efficient-temporal": SpeedConfig(
         compile="full", compile_mode="reduce-overhead", compile_vae=False),
+    # our Triton kernels (customcrafter.kernels) on top of the compiled defaults
+    "bf16-full-compile-triton-temporal": SpeedConfig(compile="full", temporal_attention="triton"),
+    "bf16-full-compile-fused-geglu": SpeedConfig(compile="full", fused_geglu=True),
+    "bf16-full-compile-triton-kernels": SpeedConfig(compile="full", temporal_attention="triton", fused_geglu=True),
+    "bf16-eager-triton-kernels": SpeedConfig(compile="none", temporal_attention="triton", fused_geglu=True),
 }
 
 
@@ -415,6 +420,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["sampling", "correctness", "training"],
                         choices=["sampling", "correctness", "training", "graphs-check", "profile"])
     parser.add_argument("--variants", nargs="+", default=list(SAMPLING_VARIANTS), choices=list(SAMPLING_VARIANTS))
+    parser.add_argument("--correctness-variant", default="bf16-eager-efficient-temporal",
+                        choices=list(SAMPLING_VARIANTS), help="the fast path that --sections correctness checks")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--height", type=int, default=320)
@@ -463,7 +470,8 @@ def main() -> None:
                 free()
             save()
     if "correctness" in args.sections:
-        report["correctness"] = correctness(args, SpeedConfig(compile="none"))
+        report["correctness"] = {"variant": args.correctness_variant,
+                                 **correctness(args, SAMPLING_VARIANTS[args.correctness_variant])}
         save()
     if "training" in args.sections:
         report["training"] = []

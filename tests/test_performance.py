@@ -26,12 +26,17 @@ def test_vae_compilation_follows_full_compilation_unless_set():
     assert SpeedConfig(compile="none", compile_vae=True).resolved_compile_vae()
 
 
-@pytest.mark.parametrize("kind", ["math", "efficient"])
+@pytest.mark.parametrize("kind", ["math", "efficient", "triton"])
 def test_temporal_attention_swaps_only_temporal_layers_and_keeps_the_output(kind):
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     from customcrafter.loading import load_base_pipeline
-    from customcrafter.performance import EfficientAttnProcessor, _set_sdpa, set_temporal_attention
+    from customcrafter.performance import (
+        EfficientAttnProcessor,
+        TritonTemporalAttnProcessor,
+        _set_sdpa,
+        set_temporal_attention,
+    )
 
     unet = load_base_pipeline("tiny").unet
     _set_sdpa(unet)
@@ -47,7 +52,7 @@ def test_temporal_attention_swaps_only_temporal_layers_and_keeps_the_output(kind
                 ("temp_attentions" in name or name.startswith("transformer_in"))]
     spatial = [m for name, m in unet.named_modules() if isinstance(m, Attention) and name not in temporal]
     assert swapped == len(temporal) > 0
-    expected = AttnProcessor if kind == "math" else EfficientAttnProcessor
+    expected = {"math": AttnProcessor, "efficient": EfficientAttnProcessor, "triton": TritonTemporalAttnProcessor}[kind]
     assert all(type(unet.get_submodule(n).processor) is expected for n in temporal)
     assert spatial and all(type(m.processor) is AttnProcessor2_0 for m in spatial)
     # A random UNet amplifies float32 rounding (~1e-7 per layer) ~1000x; a wrong attention would move it by O(1).
@@ -70,3 +75,30 @@ def test_optimize_pipeline_on_cpu_keeps_float32_and_eager():
     optimize_pipeline(pipe, SpeedConfig(compile="full", temporal_attention="math", decode_chunk_size=3))
     assert pipe.unet.dtype == torch.float32 and pipe.unet.forward == forward
     assert pipe.decode_chunk_size == 3
+
+
+def test_fused_geglu_keeps_parameter_names_and_output():
+    """The swap keeps the state dict (same keys, same tensors) and, on the CPU's PyTorch path, the UNet's output;
+    a projection wrapped by an adapter is left alone."""
+    from diffusers.models.activations import GEGLU
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import FusedGEGLU, use_fused_geglu
+
+    unet = load_base_pipeline("tiny").unet
+    keys = list(unet.state_dict())
+    torch.manual_seed(0)
+    sample = torch.randn(2, 4, 3, 8, 8)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    originals = [m for m in unet.modules() if isinstance(m, GEGLU)]
+    wrapped = originals[0]
+    wrapped.proj = torch.nn.Sequential(wrapped.proj)  # stands in for an adapter-wrapped projection
+    with torch.no_grad():
+        before = unet(sample, torch.tensor([10, 700]), context, fps=16).sample
+        assert use_fused_geglu(unet) == len(originals) - 1
+        after = unet(sample, torch.tensor([10, 700]), context, fps=16).sample
+    wrapped.proj = wrapped.proj[0]
+    assert list(unet.state_dict()) == keys
+    assert sum(isinstance(m, FusedGEGLU) for m in unet.modules()) == len(originals) - 1
+    assert any(m is wrapped for m in unet.modules())
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

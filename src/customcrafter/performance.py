@@ -22,7 +22,7 @@ from pydantic import Field
 from customcrafter.config import StrictModel
 
 __all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
-           "UNET_REPEATED_BLOCKS", "DTYPES"]
+           "TritonTemporalAttnProcessor", "FusedGEGLU", "use_fused_geglu", "UNET_REPEATED_BLOCKS", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,16 @@ class SpeedConfig(StrictModel):
                                                         "time; 8 is faster and keeps peak memory low)")
     tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
     sdpa: bool = Field(True, description="PyTorch scaled_dot_product_attention (flash / memory-efficient kernels)")
-    temporal_attention: Literal["sdpa", "efficient", "math"] = Field(
+    temporal_attention: Literal["sdpa", "efficient", "math", "triton"] = Field(
         "efficient", description="the temporal transformers' attention (sequences of 16 frames): 'efficient' = SDPA "
                                  "pinned to the memory-efficient kernel on CUDA, which beats the cuDNN/flash kernels "
                                  "SDPA picks at such short sequences (H100, full compile: 4.32 -> 4.20 s per video); "
-                                 "'sdpa' = SDPA's own choice; 'math' = plain batched matmul + softmax (diffusers' "
-                                 "AttnProcessor). 'efficient' and 'math' need sdpa for the spatial layers")
+                                 "'triton' = our short-sequence kernel (customcrafter.kernels; 'efficient' wherever "
+                                 "it does not apply); 'sdpa' = SDPA's own choice; 'math' = plain batched matmul + "
+                                 "softmax (diffusers' AttnProcessor). All but 'sdpa' need sdpa for the spatial layers")
+    fused_geglu: bool = Field(False, description="the feed-forwards' GEGLU as one Triton matrix product with the "
+                                                 "gating in its epilogue (customcrafter.kernels.geglu; CUDA, "
+                                                 "inference only)")
 
     def resolved_compile_vae(self) -> bool:
         return self.compile == "full" if self.compile_vae is None else self.compile_vae
@@ -77,6 +81,15 @@ def _set_sdpa(module: torch.nn.Module) -> None:
             sub.set_processor(AttnProcessor2_0())
 
 
+def _efficient_sdpa(tensor: torch.Tensor):
+    """SDPA pinned to the memory-efficient kernel for CUDA tensors; no restriction elsewhere."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class EfficientAttnProcessor:
     """diffusers' SDPA processor with PyTorch's memory-efficient kernel pinned on CUDA (any backend elsewhere).
 
@@ -89,17 +102,46 @@ class EfficientAttnProcessor:
         self.inner = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states: torch.Tensor, *args, **kwargs):
-        if not hidden_states.is_cuda:
-            return self.inner(attn, hidden_states, *args, **kwargs)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        with _efficient_sdpa(hidden_states):
             return self.inner(attn, hidden_states, *args, **kwargs)
 
 
-def set_temporal_attention(unet: torch.nn.Module, kind: Literal["math", "efficient"]) -> int:
+class TritonTemporalAttnProcessor:
+    """Self-attention through ``customcrafter.kernels.temporal_attention`` (the short-sequence Triton kernel, reading
+    the projections' layout as it is). Anything that kernel does not take — a mask, cross-attention, extra norms, a
+    gradient, the CPU — goes through ``EfficientAttnProcessor`` instead."""
+
+    def __init__(self):
+        self.fallback = EfficientAttnProcessor()
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        from customcrafter import kernels
+
+        plain = (encoder_hidden_states is None and attention_mask is None and not args and not kwargs
+                 and hidden_states.dim() == 3 and all(getattr(attn, name) is None for name in
+                                                      ("spatial_norm", "group_norm", "norm_q", "norm_k")))
+        if not plain:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if kernels.temporal_attention_supported(query, key, value, attn.heads):
+            out = kernels.temporal_attention(query, key, value, attn.heads)
+        else:
+            with _efficient_sdpa(query):
+                out = kernels.temporal_attention_reference(query, key, value, attn.heads)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+_TEMPORAL_PROCESSORS = {"efficient": EfficientAttnProcessor, "triton": TritonTemporalAttnProcessor}
+
+
+def set_temporal_attention(unet: torch.nn.Module, kind: Literal["math", "efficient", "triton"]) -> int:
     """Another processor for every attention inside a temporal transformer (diffusers' plain ``AttnProcessor``
-    for 'math', ``EfficientAttnProcessor`` for 'efficient'); returns how many layers changed."""
+    for 'math', ``EfficientAttnProcessor`` for 'efficient', ``TritonTemporalAttnProcessor`` for 'triton');
+    returns how many layers changed."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     count = 0
@@ -107,8 +149,36 @@ def set_temporal_attention(unet: torch.nn.Module, kind: Literal["math", "efficie
         if type(block).__name__ == "TransformerTemporalModel":
             for sub in block.modules():
                 if isinstance(sub, Attention):
-                    sub.set_processor(AttnProcessor() if kind == "math" else EfficientAttnProcessor())
+                    sub.set_processor(AttnProcessor() if kind == "math" else _TEMPORAL_PROCESSORS[kind]())
                     count += 1
+    return count
+
+
+class FusedGEGLU(torch.nn.Module):
+    """diffusers' ``GEGLU`` through ``customcrafter.kernels.geglu``; it keeps the original ``proj`` layer, so the
+    parameter names (``ff.net.0.proj.*``) and values are unchanged."""
+
+    def __init__(self, proj: torch.nn.Linear):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        from customcrafter import kernels
+
+        return kernels.geglu(hidden_states, self.proj.weight, self.proj.bias)
+
+
+def use_fused_geglu(module: torch.nn.Module) -> int:
+    """Put ``FusedGEGLU`` in place of every ``GEGLU`` whose projection is a plain ``nn.Linear`` (an adapter-wrapped
+    projection keeps the original module); returns how many were replaced."""
+    from diffusers.models.activations import GEGLU
+
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GEGLU) and type(child.proj) is torch.nn.Linear:
+                setattr(parent, name, FusedGEGLU(child.proj))
+                count += 1
     return count
 
 
@@ -167,6 +237,8 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
     if config.sdpa and config.temporal_attention != "sdpa":
         logger.info("temporal attention '%s': %d layers", config.temporal_attention,
                     set_temporal_attention(pipe.unet, config.temporal_attention))
+    if config.fused_geglu:
+        logger.info("fused GEGLU: %d feed-forwards", use_fused_geglu(pipe.unet))
     if config.resolved_channels_last():
         for component in (pipe.unet, pipe.vae):
             if component is not None:
