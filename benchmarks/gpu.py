@@ -406,11 +406,9 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-channels-last-efficient-temporal-compiled-vae": SpeedConfig(compile="full"),
     "bf16-full-compile-cudagraphs-channels-last-efficient-temporal": SpeedConfig(
         compile="full", compile_mode="reduce-overhead", compile_vae=False),
-    # our Triton kernels (customcrafter.kernels) on top of the compiled defaults
+    # our Triton temporal-attention kernel (customcrafter.kernels)
     "bf16-full-compile-triton-temporal": SpeedConfig(compile="full", temporal_attention="triton"),
-    "bf16-full-compile-fused-geglu": SpeedConfig(compile="full", fused_geglu=True),
-    "bf16-full-compile-triton-kernels": SpeedConfig(compile="full", temporal_attention="triton", fused_geglu=True),
-    "bf16-eager-triton-kernels": SpeedConfig(compile="none", temporal_attention="triton", fused_geglu=True),
+    "bf16-eager-triton-temporal": SpeedConfig(compile="none", temporal_attention="triton"),
 }
 
 

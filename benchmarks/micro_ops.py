@@ -1,6 +1,6 @@
 """Micro-benchmarks of the UNet's hot operations at their real shapes (one H100): which SDPA backend is fastest
 for the spatial and temporal attention, and what FP8 (``torch._scaled_mm``, row-wise scales) would buy over bf16
-for the linear layers, and what our Triton kernels (``customcrafter.kernels``) buy. Prints one JSON line per shape and writes them all to a JSON file; nothing here changes the
+for the linear layers, and what our Triton kernel (``customcrafter.kernels``) buys. Prints one JSON line per shape and writes them all to a JSON file; nothing here changes the
 product.
 
     python benchmarks/micro_ops.py --out micro_ops.json
@@ -165,12 +165,11 @@ def linear_row(name: str, m: int, k: int, n: int) -> dict:
 
 
 def fused_rows() -> list[dict]:
-    """Our Triton kernels (``customcrafter.kernels``) against what the UNet runs without them: temporal attention
-    vs SDPA's memory-efficient kernel (with its transposes), and the fused GEGLU vs the projection + gating eager
-    and compiled (inductor: cuBLAS + one Triton pointwise kernel). With the bandwidth floor of each."""
+    """Our Triton temporal-attention kernel (``customcrafter.kernels``) against SDPA's memory-efficient kernel
+    (with its transposes), as the UNet runs them, with the bandwidth floor of each shape. (A fused GEGLU kernel was
+    measured here too and removed: its Triton matmul lost more to cuBLAS than the fusion saved; RESULTS.md.)"""
     rows = [temporal_kernel_row(name, b, h, lq, d, layers) for name, b, h, lq, _lk, d, layers in ATTENTION
             if name.startswith("temporal")]
-    rows += [geglu_row(name, m, k, n) for name, m, k, n in LINEAR if "ff-in" in name]
     return rows
 
 
@@ -191,27 +190,6 @@ def temporal_kernel_row(name: str, b: int, h: int, s: int, d: int, layers: int) 
            "efficient_ms": round(cuda_time(efficient), 4), "efficient_rel_err": _rel_err(efficient(), ref),
            "triton_ms": round(cuda_time(triton), 4), "triton_rel_err": _rel_err(triton(), ref),
            "triton_config": str(kernels._temporal_attention_kernel.best_config)}
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def geglu_row(name: str, m: int, k: int, n2: int) -> dict:
-    from customcrafter import kernels
-
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n2, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-    bias = torch.randn(n2, device="cuda", dtype=torch.bfloat16) * 0.1
-    ref = kernels.geglu_reference(x.float(), w.float(), bias.float())
-    compiled = torch.compile(kernels.geglu_reference, dynamic=False)
-    flops = 2 * m * k * n2
-    row = {"op": name + " (fused GEGLU)", "bandwidth_floor_ms": round((m * k + m * n2 // 2) * 2 / 3.0e9, 4)}
-    with torch.no_grad():
-        for label, fn in (("eager", kernels.geglu_reference), ("compiled", compiled), ("fused", kernels.geglu)):
-            call = functools.partial(fn, x, w, bias)
-            ms = cuda_time(call)
-            row.update({label + "_ms": round(ms, 4), label + "_tflops": round(flops / ms / 1e9, 1),
-                        label + "_rel_err": _rel_err(call(), ref)})
-    row["fused_config"] = str(kernels._geglu_kernel.best_config)
     print(json.dumps(row), flush=True)
     return row
 

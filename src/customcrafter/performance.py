@@ -22,7 +22,7 @@ from pydantic import Field
 from customcrafter.config import StrictModel
 
 __all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
-           "TritonTemporalAttnProcessor", "FusedGEGLU", "use_fused_geglu", "UNET_REPEATED_BLOCKS", "DTYPES"]
+           "TritonTemporalAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,6 @@ class SpeedConfig(StrictModel):
                                  "'triton' = our short-sequence kernel (customcrafter.kernels; 'efficient' wherever "
                                  "it does not apply); 'sdpa' = SDPA's own choice; 'math' = plain batched matmul + "
                                  "softmax (diffusers' AttnProcessor). All but 'sdpa' need sdpa for the spatial layers")
-    fused_geglu: bool = Field(False, description="the feed-forwards' GEGLU as one Triton matrix product with the "
-                                                 "gating in its epilogue (customcrafter.kernels.geglu; CUDA, "
-                                                 "inference only)")
 
     def resolved_compile_vae(self) -> bool:
         return self.compile == "full" if self.compile_vae is None else self.compile_vae
@@ -154,34 +151,6 @@ def set_temporal_attention(unet: torch.nn.Module, kind: Literal["math", "efficie
     return count
 
 
-class FusedGEGLU(torch.nn.Module):
-    """diffusers' ``GEGLU`` through ``customcrafter.kernels.geglu``; it keeps the original ``proj`` layer, so the
-    parameter names (``ff.net.0.proj.*``) and values are unchanged."""
-
-    def __init__(self, proj: torch.nn.Linear):
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from customcrafter import kernels
-
-        return kernels.geglu(hidden_states, self.proj.weight, self.proj.bias)
-
-
-def use_fused_geglu(module: torch.nn.Module) -> int:
-    """Put ``FusedGEGLU`` in place of every ``GEGLU`` whose projection is a plain ``nn.Linear`` (an adapter-wrapped
-    projection keeps the original module); returns how many were replaced."""
-    from diffusers.models.activations import GEGLU
-
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GEGLU) and type(child.proj) is torch.nn.Linear:
-                setattr(parent, name, FusedGEGLU(child.proj))
-                count += 1
-    return count
-
-
 def _channels_last(module: torch.nn.Module) -> None:
     """Channels-last weights for the 2D convs (NHWC) and 3D convs (NDHWC); ``Module.to`` cannot mix the two."""
     for sub in module.modules():
@@ -237,8 +206,6 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
     if config.sdpa and config.temporal_attention != "sdpa":
         logger.info("temporal attention '%s': %d layers", config.temporal_attention,
                     set_temporal_attention(pipe.unet, config.temporal_attention))
-    if config.fused_geglu:
-        logger.info("fused GEGLU: %d feed-forwards", use_fused_geglu(pipe.unet))
     if config.resolved_channels_last():
         for component in (pipe.unet, pipe.vae):
             if component is not None:
