@@ -41,7 +41,7 @@ def _poison_empty(monkeypatch):
 # (sequences, frames, heads, head_dim): the UNet's levels, a ragged tail of sequences, training's 4 frames,
 # a frame count that is no power of two, and the kernel's longest sequence
 TEMPORAL_SHAPES = [(2 * 2560, 16, 5, 64), (2 * 160, 16, 20, 64), (37, 16, 2, 64), (96, 4, 5, 64), (50, 12, 3, 32),
-                   (9, 64, 2, 128)]
+                   (9, 64, 2, 128), (40, 16, 4, 16)]
 
 
 @pytest.mark.parametrize("shape", TEMPORAL_SHAPES)
@@ -100,19 +100,29 @@ def test_kernel_runs_inside_torch_compile():
     assert _rel(out, kernels.temporal_attention_reference(q, k, v, 5) * 2) < 1e-2
 
 
-def test_processors_in_a_unet_match_the_sdpa_path():
-    """The whole tiny UNet with the Triton temporal processor against the same UNet on SDPA."""
+def test_triton_processor_in_a_unet_is_as_accurate_as_sdpa(monkeypatch):
+    """The tiny UNet in bf16 with the Triton temporal processor is as close to the float32 UNet as the same bf16
+    UNet on SDPA (a random UNet amplifies bf16 rounding, so both are compared with the float32 reference)."""
+    from customcrafter import kernels
     from customcrafter.loading import load_base_pipeline
     from customcrafter.performance import _set_sdpa, set_temporal_attention
 
-    unet = load_base_pipeline("tiny").unet.cuda().to(torch.bfloat16)
+    calls = []
+    kernel = kernels.temporal_attention
+    monkeypatch.setattr(kernels, "temporal_attention", lambda *a: calls.append(1) or kernel(*a))
+    unet = load_base_pipeline("tiny").unet.cuda()
     _set_sdpa(unet)
     torch.manual_seed(0)
-    sample = torch.randn(2, 4, 16, 16, 16, device="cuda", dtype=torch.bfloat16)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.bfloat16)
+    sample = torch.randn(2, 4, 16, 16, 16, device="cuda")
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda")
     t = torch.tensor([10, 700], device="cuda")
     with torch.no_grad():
-        before = unet(sample, t, context, fps=16).sample
-        assert set_temporal_attention(unet, "triton") > 0
-        after = unet(sample, t, context, fps=16).sample
-    assert _rel(after, before) < 2e-2
+        reference = unet(sample, t, context, fps=16).sample
+        unet.to(torch.bfloat16)
+        args = (sample.bfloat16(), t, context.bfloat16())
+        sdpa = unet(*args, fps=16).sample
+        layers = set_temporal_attention(unet, "triton")
+        triton = unet(*args, fps=16).sample
+    assert len(calls) == layers > 0  # every temporal layer went through the kernel
+    err_sdpa, err_triton = _rel(sdpa, reference), _rel(triton, reference)
+    assert err_triton < 1.5 * err_sdpa + 1e-3, (err_triton, err_sdpa)
