@@ -75,6 +75,21 @@ def test_cfg_is_one_batch_of_two_and_skipped_at_scale_one(tiny, monkeypatch):
     assert batches == [1] * 3
 
 
+def test_prompt_and_negative_prompt_are_encoded_in_one_pass_with_the_same_result(tiny, monkeypatch):
+    calls = []
+    encode = tiny.encode_prompt
+    monkeypatch.setattr(tiny, "encode_prompt", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    g = torch.Generator().manual_seed(3)
+    from_text = tiny(["a dog", "a cat"], negative_prompt="blurry", generator=g, **SMALL, output_type="latent")
+    assert calls == [["blurry", "blurry", "a dog", "a cat"]]
+    cond, uncond = encode(["a dog", "a cat"]), encode(["blurry"])
+    g = torch.Generator().manual_seed(3)
+    from_embeds = tiny(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=g, **SMALL, output_type="latent")
+    torch.testing.assert_close(from_text, from_embeds, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
+        tiny(["a dog", "a cat"], negative_prompt=["x", "y", "z"], **SMALL)
+
+
 def test_save_and_load_round_trip(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "saved")
     assert {p.name for p in (tmp_path / "saved").iterdir()} >= {"model_index.json", "unet", "vae", "text_encoder",

@@ -153,11 +153,19 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         device = self._compute_device
 
         # 1. text conditioning: (B, L, D) cond, and uncond broadcast to the batch
+        do_cfg = guidance_scale > 1.0
         if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt)
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if do_cfg and negative_prompt_embeds is None:
+                # both in one text-encoder pass (it is host-bound at these sizes: one pass costs what two do)
+                negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+                if len(negative) != len(prompts):
+                    raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+                negative_prompt_embeds, prompt_embeds = self.encode_prompt(list(negative) + prompts).chunk(2)
+            else:
+                prompt_embeds = self.encode_prompt(prompts)
         prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)
         batch = prompt_embeds.shape[0]
-        do_cfg = guidance_scale > 1.0
         if do_cfg:
             if negative_prompt_embeds is None:
                 negative = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
