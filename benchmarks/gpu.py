@@ -417,6 +417,7 @@ SAMPLING_VARIANTS = {
         compile="full", compile_mode="reduce-overhead", compile_vae=False),
     # the defaults: our Triton temporal-attention kernel (customcrafter.kernels)
     "bf16-full-compile-triton-temporal": SpeedConfig(compile="full"),
+    "bf16-full-compile-triton-temporal-eager-text": SpeedConfig(compile="full", compile_text=False),
     "bf16-eager-triton-temporal": SpeedConfig(compile="none"),
 }
 

@@ -17,13 +17,18 @@ def test_channels_last_follows_compilation_unless_set():
     assert not SpeedConfig(compile="full", channels_last=False).resolved_channels_last()
 
 
-def test_vae_compilation_follows_full_compilation_unless_set():
+@pytest.mark.parametrize("part", ["vae", "text"])
+def test_vae_and_text_compilation_follow_full_compilation_unless_set(part):
     from customcrafter.performance import SpeedConfig
 
-    assert SpeedConfig(compile="full").resolved_compile_vae()
-    assert not SpeedConfig(compile="regional").resolved_compile_vae()
-    assert not SpeedConfig(compile="none").resolved_compile_vae()
-    assert SpeedConfig(compile="none", compile_vae=True).resolved_compile_vae()
+    def resolved(**kwargs) -> bool:
+        return getattr(SpeedConfig(**kwargs), f"resolved_compile_{part}")()
+
+    assert resolved(compile="full")
+    assert not resolved(compile="regional")
+    assert not resolved(compile="none")
+    assert resolved(compile="none", **{f"compile_{part}": True})
+    assert not resolved(compile="full", **{f"compile_{part}": False})
 
 
 @pytest.mark.parametrize("kind", ["math", "efficient", "triton"])
