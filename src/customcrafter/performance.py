@@ -52,8 +52,8 @@ class SpeedConfig(StrictModel):
                                                       "SiLU at full resolution; H100: decode 0.17 -> 0.09 s per "
                                                       "video). None = with compile='full'")
     compile_text: bool | None = Field(None, description="also torch.compile the text encoder (run eagerly it is "
-                                                        "host-bound: ~0.04-0.07 s per video for two 77-token "
-                                                        "prompts). None = with compile='full'")
+                                                        "host-bound; H100: 0.037 -> 0.027 s per video). None = with "
+                                                        "compile='full'")
     decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
                                                         "time; 8 is faster and keeps peak memory low)")
     tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
