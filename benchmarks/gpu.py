@@ -389,12 +389,12 @@ def kernel_summary(trace: Path, forwards: int) -> dict:
 def _sdpa(**kwargs) -> SpeedConfig:
     """A variant measured before the temporal layers' attention was pinned to the efficient kernel (and before the
     VAE decoder was compiled along with the UNet)."""
-    return SpeedConfig(temporal_attention="sdpa", compile_vae=False, **kwargs)
+    return SpeedConfig(temporal_attention="sdpa", compile_vae=False, compile_text=False, **kwargs)
 
 
 def _efficient(**kwargs) -> SpeedConfig:
-    """Session 4's settings: temporal attention on SDPA's memory-efficient kernel."""
-    return SpeedConfig(temporal_attention="efficient", **kwargs)
+    """Session 4's settings: temporal attention on SDPA's memory-efficient kernel, text encoder eager."""
+    return SpeedConfig(temporal_attention="efficient", compile_text=False, **kwargs)
 
 
 SAMPLING_VARIANTS = {

@@ -109,7 +109,7 @@ def temporal_row(sdpa, pointwise, name: str, b: int, h: int, lq: int, _lk: int, 
             with torch.no_grad():
                 row[label + "_fwd_ms"] = round(cuda_time(forward), 4)
                 out = forward().float()
-            row[label + "_rel_err"] = round(((out - reference).norm() / reference.norm()).item(), 5)
+            row[label + "_rel_err"] = _rel_err(out, reference)
             row[label + "_fwd_bwd_ms"] = round(cuda_time(functools.partial(_backward, forward, grad)), 4)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run these shapes is a finding too
             row[label + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"

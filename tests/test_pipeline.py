@@ -86,6 +86,9 @@ def test_prompt_and_negative_prompt_are_encoded_in_one_pass_with_the_same_result
     g = torch.Generator().manual_seed(3)
     from_embeds = tiny(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=g, **SMALL, output_type="latent")
     torch.testing.assert_close(from_text, from_embeds, rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    one_listed = tiny(["a dog", "a cat"], negative_prompt=["blurry"], generator=g, **SMALL, output_type="latent")
+    torch.testing.assert_close(one_listed, from_text, rtol=0, atol=0)  # a one-element list is repeated
     with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
         tiny(["a dog", "a cat"], negative_prompt=["x", "y", "z"], **SMALL)
 

@@ -4,7 +4,8 @@
 read straight from and written straight to the projections' ``(batch, frames, channels)`` layout. One program
 takes several whole sequences of one head as a ``(rows, head_dim)`` tile, does the ``QK^T`` and ``PV`` products as
 one block-diagonal tile product each (the off-diagonal blocks are masked out: a few wasted multiply-adds, which
-the tensor cores have to spare) and keeps the scores on chip. SDPA's kernels are built for long sequences: at 16 frames they run at a fraction of the memory bandwidth (``benchmarks/micro_ops.py``).
+the tensor cores have to spare) and keeps the scores on chip. SDPA's kernels are built for long sequences: at 16
+frames they run at a fraction of the memory bandwidth (``benchmarks/micro_ops.py``).
 
 It is registered with ``torch.library.triton_op``, so ``torch.compile`` sees through it. It is inference-only (no
 backward): callers fall back to PyTorch whenever a gradient is needed, as they do on the CPU.
@@ -89,10 +90,9 @@ if HAS_TRITON:
         b, s, c = q.shape
         head_dim = c // heads
         out = torch.empty((b, s, c), device=q.device, dtype=q.dtype)
-        n_seqs = b
 
         def grid(meta):
-            return (triton.cdiv(n_seqs, meta["BLOCK_R"] // s), heads)
+            return (triton.cdiv(b, meta["BLOCK_R"] // s), heads)  # whole sequences per program, one head
 
         wrap_triton(_temporal_attention_kernel)[grid](
             q, k, v, out, b * s, q.stride(1), k.stride(1), v.stride(1), out.stride(1),

@@ -129,11 +129,8 @@ class TritonTemporalAttnProcessor:
         if not plain:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if kernels.temporal_attention_supported(query, key, value, attn.heads):
+        with _efficient_sdpa(query):  # for the PyTorch fallback inside, where the kernel does not apply
             out = kernels.temporal_attention(query, key, value, attn.heads)
-        else:
-            with _efficient_sdpa(query):
-                out = kernels.temporal_attention_reference(query, key, value, attn.heads)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states

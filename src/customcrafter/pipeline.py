@@ -29,6 +29,16 @@ StepHook = Callable[["VideoCrafter2Pipeline", int, int], None]
 NoiseSampler = Callable[[int, tuple[int, ...]], torch.Tensor]
 
 
+def _negative_prompts(negative_prompt: str | list[str], batch: int) -> list[str]:
+    """One negative prompt per video: a string or a one-element list is repeated (as one negative embedding is
+    broadcast), any other list must have one per prompt."""
+    negative = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+    negative = negative * batch if len(negative) == 1 else negative
+    if len(negative) != batch:
+        raise ValueError(f"{len(negative)} negative prompts for {batch} prompts")
+    return negative
+
+
 @dataclass
 class VideoCrafter2PipelineOutput(BaseOutput):
     """``frames``: uint8 ndarray (B, T, H, W, 3) for "np"; float tensor (B, 3, T, H, W) in [-1, 1] for "pt";
@@ -158,18 +168,15 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if do_cfg and negative_prompt_embeds is None:
                 # both in one text-encoder pass (it is host-bound at these sizes: one pass costs what two do)
-                negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-                if len(negative) != len(prompts):
-                    raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-                negative_prompt_embeds, prompt_embeds = self.encode_prompt(list(negative) + prompts).chunk(2)
+                negative = _negative_prompts(negative_prompt, len(prompts))
+                negative_prompt_embeds, prompt_embeds = self.encode_prompt(negative + prompts).chunk(2)
             else:
                 prompt_embeds = self.encode_prompt(prompts)
         prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)
         batch = prompt_embeds.shape[0]
         if do_cfg:
             if negative_prompt_embeds is None:
-                negative = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
-                negative_prompt_embeds = self.encode_prompt(negative)
+                negative_prompt_embeds = self.encode_prompt(_negative_prompts(negative_prompt, batch))
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=self.unet.dtype)
             if negative_prompt_embeds.shape[0] == 1 and batch > 1:
                 negative_prompt_embeds = negative_prompt_embeds.expand(batch, -1, -1)
