@@ -151,6 +151,10 @@ def bench_sampling_variant(name: str, speed: SpeedConfig, args, flops_per_step: 
     sample(pipe, **shape)  # warm-up: compilation, cuDNN autotuning
     sync()
     warmup_s = time.perf_counter() - started
+    # The first few videos after a compilation ran 0.4-0.7 s slower (two machines, session 6); discard them too.
+    for _ in range(args.extra_warmup_videos):
+        sample(pipe, **shape)
+    sync()
 
     torch.cuda.reset_peak_memory_stats()
     weights_gib = torch.cuda.memory_allocated() / 2**30
@@ -386,15 +390,20 @@ def kernel_summary(trace: Path, forwards: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def _before_rewrites(**kwargs) -> SpeedConfig:
+    """Session 5's settings: none of the layer rewrites of ``customcrafter.fusions``."""
+    return SpeedConfig(**{"channel_stats_group_norm": False, "subpixel_upsample": False} | kwargs)
+
+
 def _sdpa(**kwargs) -> SpeedConfig:
     """A variant measured before the temporal layers' attention was pinned to the efficient kernel (and before the
     VAE decoder was compiled along with the UNet)."""
-    return SpeedConfig(temporal_attention="sdpa", compile_vae=False, compile_text=False, **kwargs)
+    return _before_rewrites(temporal_attention="sdpa", compile_vae=False, compile_text=False, **kwargs)
 
 
 def _efficient(**kwargs) -> SpeedConfig:
     """Session 4's settings: temporal attention on SDPA's memory-efficient kernel, text encoder eager."""
-    return SpeedConfig(temporal_attention="efficient", compile_text=False, **kwargs)
+    return _before_rewrites(temporal_attention="efficient", compile_text=False, **kwargs)
 
 
 SAMPLING_VARIANTS = {
@@ -407,18 +416,23 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-channels-last": _sdpa(compile="full", channels_last=True),
     "bf16-full-compile-cudagraphs-channels-last": _sdpa(compile="full", compile_mode="reduce-overhead",
                                                         channels_last=True),
-    "bf16-full-compile-channels-last-math-temporal": SpeedConfig(compile="full", channels_last=True,
-                                                                 temporal_attention="math"),
+    "bf16-full-compile-channels-last-math-temporal": _before_rewrites(compile="full", channels_last=True,
+                                                                      temporal_attention="math"),
     # temporal attention on the memory-efficient kernel (the defaults of session 4)
     "bf16-eager-efficient-temporal": _efficient(compile="none"),
     "bf16-full-compile-channels-last-efficient-temporal": _efficient(compile="full", compile_vae=False),
     "bf16-full-compile-channels-last-efficient-temporal-compiled-vae": _efficient(compile="full"),
     "bf16-full-compile-cudagraphs-channels-last-efficient-temporal": _efficient(
         compile="full", compile_mode="reduce-overhead", compile_vae=False),
-    # the defaults: our Triton temporal-attention kernel (customcrafter.kernels)
-    "bf16-full-compile-triton-temporal": SpeedConfig(compile="full"),
-    "bf16-full-compile-triton-temporal-eager-text": SpeedConfig(compile="full", compile_text=False),
-    "bf16-eager-triton-temporal": SpeedConfig(compile="none"),
+    # our Triton temporal-attention kernel (customcrafter.kernels; session 5)
+    "bf16-full-compile-triton-temporal": _before_rewrites(compile="full"),
+    "bf16-full-compile-triton-temporal-eager-text": _before_rewrites(compile="full", compile_text=False),
+    "bf16-eager-triton-temporal": _before_rewrites(compile="none"),
+    # the layer rewrites of customcrafter.fusions (session 6), each alone and together (= the defaults)
+    "bf16-full-compile-channel-stats-gn": SpeedConfig(compile="full", subpixel_upsample=False),
+    "bf16-full-compile-subpixel": SpeedConfig(compile="full", channel_stats_group_norm=False),
+    "bf16-full-compile-rewrites": SpeedConfig(compile="full"),
+    "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True),
 }
 
 
@@ -428,13 +442,15 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["sampling", "correctness", "training"],
                         choices=["sampling", "correctness", "training", "graphs-check", "profile"])
     parser.add_argument("--variants", nargs="+", default=list(SAMPLING_VARIANTS), choices=list(SAMPLING_VARIANTS))
-    parser.add_argument("--correctness-variant", default="bf16-eager-triton-temporal",
+    parser.add_argument("--correctness-variant", default="bf16-eager-rewrites",
                         choices=list(SAMPLING_VARIANTS), help="the fast path that --sections correctness checks")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--height", type=int, default=320)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--extra-warmup-videos", type=int, default=2,
+                        help="videos sampled and discarded after the (timed) first one, before the timed runs")
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
                         help="FRAMES:ckpt|nockpt[:regional|full][:bf16][:graphs][:sdpa] (gradient checkpointing, "

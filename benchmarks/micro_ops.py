@@ -194,16 +194,119 @@ def temporal_kernel_row(name: str, b: int, h: int, s: int, d: int, layers: int) 
     return row
 
 
+# (name, M tokens, channels, self-attention layers per CFG forward): spatial attn1 + temporal attn1/attn2
+PROJECTIONS = [("L0", 81920, 320, 15), ("L1", 20480, 640, 15), ("L2", 5120, 1280, 15), ("L3", 1280, 1280, 3)]
+
+# (name, images, channels, input height, input width): UNet upsamplers (CFG batch 2 x 16 frames) and VAE decoder
+# upsamplers (16 frames, 320x512 output)
+UPSAMPLERS = [("unet L3->L2", 32, 1280, 5, 8), ("unet L2->L1", 32, 1280, 10, 16), ("unet L1->L0", 32, 640, 20, 32),
+              ("vae 40x64", 16, 512, 40, 64), ("vae 80x128", 16, 512, 80, 128), ("vae 160x256", 16, 256, 160, 256)]
+
+
+def projection_rows() -> list[dict]:
+    """Self-attention q/k/v as three matmuls against one matmul with the weights stacked (and split after)."""
+    rows = []
+    for name, m, c, layers in PROJECTIONS:
+        x = torch.randn(m, c, device="cuda", dtype=torch.bfloat16)
+        weights = [torch.randn(c, c, device="cuda", dtype=torch.bfloat16) / c ** 0.5 for _ in range(3)]
+        stacked = torch.cat(weights)
+        separate = cuda_time(lambda x=x, weights=weights: [F.linear(x, w) for w in weights])
+        fused = cuda_time(lambda x=x, stacked=stacked, c=c: F.linear(x, stacked).split(c, dim=1))
+        row = {"op": f"{name} q/k/v", "layers_per_forward": layers, "separate_ms": round(separate, 4),
+               "stacked_ms": round(fused, 4), "saved_ms_per_forward": round((separate - fused) * layers, 3)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def upsample_rows() -> list[dict]:
+    """Nearest 2x upsampling + 3x3 conv against its sub-pixel form (``customcrafter.performance``: four 2x2 convs
+    on the input, interleaved), channels-last bf16, eager and compiled."""
+    from customcrafter.fusions import subpixel_upsample_conv
+
+    rows = []
+    for name, n, c, h, w in UPSAMPLERS:
+        x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(c, c, 3, padding=1, device="cuda", dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last)
+
+        def plain(x=x, conv=conv):
+            return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+        def subpixel(x=x, conv=conv):
+            return subpixel_upsample_conv(x, conv.weight, conv.bias)
+
+        with torch.no_grad():
+            ref = conv.float()(F.interpolate(x.float(), scale_factor=2.0, mode="nearest"))
+            conv.to(torch.bfloat16)
+            row = {"op": f"upsample+conv {name}", "images": n, "channels": c, "input": [h, w],
+                   "plain_tflop": round(2 * n * 4 * h * w * c * c * 9 / 1e12, 3),
+                   "plain_ms": round(cuda_time(plain), 4), "subpixel_ms": round(cuda_time(subpixel), 4),
+                   "plain_rel_err": _rel_err(plain(), ref), "subpixel_rel_err": _rel_err(subpixel(), ref)}
+            compiled_plain, compiled_subpixel = (torch.compile(f, dynamic=False) for f in (plain, subpixel))
+            row.update(plain_compiled_ms=round(cuda_time(compiled_plain), 4),
+                       subpixel_compiled_ms=round(cuda_time(compiled_subpixel), 4))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+# (name, input shapes concatenated on channels, groups): GroupNorm + SiLU inputs of the UNet (CFG batch 2 x 16 frames)
+GROUP_NORMS = [("resnet L0", [(32, 320, 40, 64)]), ("temporal conv L0", [(2, 320, 16, 40, 64)]),
+               ("up-block L0 (cat 640+320)", [(32, 640, 40, 64), (32, 320, 40, 64)]),
+               ("resnet L1", [(32, 640, 20, 32)]), ("temporal conv L1", [(2, 640, 16, 20, 32)]),
+               ("resnet L2", [(32, 1280, 10, 16)])]
+
+
+def group_norm_rows() -> list[dict]:
+    """GroupNorm + SiLU on channels-last inputs, compiled: inductor's own GroupNorm (its reduction walks each group's
+    channels, a few contiguous values per row) against ``customcrafter.fusions.channel_stats_group_norm``
+    (per-channel Welford statistics over positions, the channels contiguous), and each one's bandwidth."""
+    from customcrafter.fusions import channel_stats_group_norm
+
+    rows = []
+    for name, shapes in GROUP_NORMS:
+        fmt = torch.channels_last if len(shapes[0]) == 4 else torch.channels_last_3d
+        parts = [torch.randn(s, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt) * 3 + 1
+                 for s in shapes]
+        channels = sum(s[1] for s in shapes)
+        weight = (torch.rand(channels, device="cuda") + 0.5).to(torch.bfloat16)
+        bias = torch.randn(channels, device="cuda").to(torch.bfloat16)
+
+        def native(*xs, weight=weight, bias=bias):
+            return F.silu(F.group_norm(torch.cat(xs, dim=1), 32, weight, bias, 1e-6))
+
+        def channel_stats(*xs, weight=weight, bias=bias):
+            return F.silu(channel_stats_group_norm(torch.cat(xs, dim=1), 32, weight, bias, 1e-6))
+
+        ref = F.silu(F.group_norm(torch.cat([p.double() for p in parts], dim=1), 32, weight.double(), bias.double(),
+                                  1e-6))
+        moved = 2 * sum(p.numel() for p in parts) * 2  # bytes: read once, write once
+        row = {"op": f"group_norm+silu {name}", "floor_ms_at_3tb": round(moved / 3.0e9, 4)}
+        for label, fn in (("inductor", native), ("channel_stats", channel_stats)):
+            compiled = torch.compile(fn, dynamic=False)
+            with torch.no_grad():
+                ms = cuda_time(functools.partial(compiled, *parts))
+                row[label + "_ms"] = round(ms, 4)
+                row[label + "_tb_s"] = round(moved / ms / 1e9, 2)
+                row[label + "_rel_err"] = _rel_err(compiled(*parts), ref.float())
+        row["eager_ms"] = round(cuda_time(functools.partial(native, *parts)), 4)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="micro_ops.json")
-    parser.add_argument("--only", choices=["attention", "temporal", "linear", "fused"], default=None)
+    parser.add_argument("--only", choices=["attention", "temporal", "linear", "fused", "projections", "upsample", "groupnorm"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/micro_ops.py needs a CUDA GPU")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     for section, rows in (("attention", attention_rows), ("temporal", temporal_rows), ("linear", linear_rows),
-                          ("fused", fused_rows)):
+                          ("fused", fused_rows), ("projections", projection_rows), ("upsample", upsample_rows),
+                          ("groupnorm", group_norm_rows)):
         if args.only in (None, section):
             report[section] = rows()
     with open(args.out, "w") as handle:

@@ -1,0 +1,143 @@
+"""The exact layer rewrites of ``customcrafter.fusions`` compute the same function as the layers they replace (float64
+to rounding), keep the models' parameters and state dicts, and are switched on where ``SpeedConfig`` says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("size", [(5, 7), (1, 1), (4, 6)])
+def test_subpixel_upsample_conv_equals_upsample_then_conv(channels_last, bias, size):
+    from customcrafter.fusions import subpixel_upsample_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1, bias=bias).double()
+    expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = subpixel_upsample_conv(x, conv.weight, conv.bias)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (channels_last and size != (1, 1))
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 5, 7), (2, 64, 3, 4, 5)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_channel_stats_group_norm_equals_group_norm(shape, affine):
+    from customcrafter.fusions import channel_stats_group_norm
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 5).contiguous(memory_format=fmt)
+    weight = torch.rand(64, dtype=torch.float64) + 0.5 if affine else None
+    bias = torch.randn(64, dtype=torch.float64) if affine else None
+    torch.testing.assert_close(channel_stats_group_norm(x, 16, weight, bias, 1e-6),
+                               F.group_norm(x, 16, weight, bias, 1e-6), rtol=0, atol=1e-10)
+
+
+def test_channel_stats_group_norm_stays_accurate_far_from_zero_mean():
+    """Per-channel Welford statistics combined exactly: no E[x^2] - E[x]^2 cancellation when the mean dwarfs the
+    spread (float32 inputs with mean 100 and spread 3)."""
+    from customcrafter.fusions import channel_stats_group_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 6, 16, 16, dtype=torch.float64) * 3 + 100
+    expected = F.group_norm(x, 32, None, None, 1e-6)
+    out = channel_stats_group_norm(x.float(), 32, None, None, 1e-6)
+    assert out.dtype == torch.float32
+    assert (out.double() - expected).abs().max() < 1e-4
+
+
+def _tiny_pipeline():
+    from customcrafter.loading import load_base_pipeline
+
+    return load_base_pipeline("tiny")
+
+
+def _outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    sample = torch.randn(2, 4, 3, 16, 16)
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    latents = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        return (pipe.unet(sample, torch.tensor([10, 700]), context, fps=16).sample,
+                pipe.vae.decode(latents).sample)
+
+
+def test_rewritten_unet_and_vae_compute_the_same_function_with_the_same_state(monkeypatch):
+    from diffusers.models.upsampling import Upsample2D
+
+    from customcrafter import fusions
+
+    pipe = _tiny_pipeline()
+    keys = {name: list(part.state_dict()) for name, part in (("unet", pipe.unet), ("vae", pipe.vae))}
+    unet_before, vae_before = _outputs(pipe)
+    monkeypatch.setattr(fusions, "SUBPIXEL_MIN_POSITIONS", 0)  # the tiny model's maps are all small
+    calls = []
+    original = fusions.subpixel_upsample_conv
+    monkeypatch.setattr(fusions, "subpixel_upsample_conv", lambda *a: calls.append(a) or original(*a))
+
+    upsamplers = [m for part in (pipe.unet, pipe.vae.decoder) for m in part.modules() if isinstance(m, Upsample2D)]
+    norms = [m for part in (pipe.unet, pipe.vae.decoder) for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
+    switched = sum(fusions.use_subpixel_upsamplers(part) for part in (pipe.unet, pipe.vae.decoder))
+    assert switched == len(upsamplers) > 0
+    assert sum(fusions.use_channel_stats_group_norm(part) for part in (pipe.unet, pipe.vae.decoder)) == len(norms)
+    assert all(isinstance(m, fusions.SubpixelUpsample2D) and isinstance(m, Upsample2D) for m in upsamplers)
+    assert all(isinstance(m, fusions.ChannelStatsGroupNorm) for m in norms)
+    assert fusions.use_subpixel_upsamplers(pipe.unet) == 0 and fusions.use_channel_stats_group_norm(pipe.unet) == 0
+
+    unet_after, vae_after = _outputs(pipe)
+    assert len(calls) == switched  # every upsampler went through the sub-pixel form
+    # A random UNet amplifies float32 rounding (~1e-7 per layer) ~1000x; a wrong rewrite would move it by O(1).
+    assert (unet_after - unet_before).abs().max() <= 1e-4 * unet_before.abs().max()
+    assert (vae_after - vae_before).abs().max() <= 1e-4 * vae_before.abs().max()
+    assert {name: list(part.state_dict()) for name, part in (("unet", pipe.unet), ("vae", pipe.vae))} == keys
+
+
+def test_subpixel_upsampler_keeps_the_plain_form_for_small_maps_and_other_sizes(monkeypatch):
+    from diffusers.models.upsampling import Upsample2D
+
+    from customcrafter import fusions
+
+    upsampler = Upsample2D(8, use_conv=True).double()
+    fusions.use_subpixel_upsamplers(upsampler)
+
+    def forbidden(*args):
+        raise AssertionError("the sub-pixel form was used")
+
+    monkeypatch.setattr(fusions, "subpixel_upsample_conv", forbidden)
+    x = torch.randn(1, 8, 16, 16, dtype=torch.float64)  # 256 positions < SUBPIXEL_MIN_POSITIONS
+    with torch.no_grad():
+        plain = upsampler.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        torch.testing.assert_close(upsampler(x), plain)
+        monkeypatch.setattr(fusions, "SUBPIXEL_MIN_POSITIONS", 0)
+        odd = upsampler(x, output_size=(31, 33))  # a forced size that is not 2x: the original path
+        assert odd.shape[-2:] == (31, 33)
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "full"])
+def test_speed_config_switches_the_rewrites_on_where_they_pay(compile_mode):
+    """Sub-pixel upsampling whatever the mode; channel-statistics GroupNorm in what gets compiled (the UNet, and the
+    VAE decoder with compile_vae), never eagerly unless asked."""
+    from customcrafter import fusions
+    from customcrafter.performance import SpeedConfig, _exact_rewrites
+
+    pipe = _tiny_pipeline()
+    _exact_rewrites(pipe, SpeedConfig(compile=compile_mode))
+    compiled = compile_mode == "full"
+    for part in (pipe.unet, pipe.vae.decoder):
+        assert any(isinstance(m, fusions.SubpixelUpsample2D) for m in part.modules())
+        norms = [m for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and all(isinstance(m, fusions.ChannelStatsGroupNorm) == compiled for m in norms)
+    assert not any(isinstance(m, fusions.ChannelStatsGroupNorm) for m in pipe.vae.encoder.modules())
+
+    pipe = _tiny_pipeline()
+    _exact_rewrites(pipe, SpeedConfig(compile=compile_mode, subpixel_upsample=False, channel_stats_group_norm=True))
+    assert not any(isinstance(m, fusions.SubpixelUpsample2D) for m in pipe.unet.modules())
+    assert all(isinstance(m, fusions.ChannelStatsGroupNorm) for m in pipe.unet.modules()
+               if isinstance(m, torch.nn.GroupNorm))

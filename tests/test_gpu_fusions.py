@@ -1,0 +1,69 @@
+"""The layer rewrites of ``customcrafter.fusions`` in bf16 on a GPU, eagerly and compiled, at UNet and VAE shapes
+(opt-in: ``pytest -m gpu``; CI has no GPU). Each must be as close to the float64 result as the layer it replaces
+is in bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shapes", [[(32, 320, 40, 64)], [(2, 320, 16, 40, 64)], [(32, 640, 40, 64), (32, 320, 40, 64)],
+                                    [(8, 128, 80, 128)]], ids=["resnet-L0", "temporal-L0", "up-cat-L0", "vae"])
+def test_channel_stats_group_norm_in_bf16(shapes, compiled):
+    from customcrafter.fusions import channel_stats_group_norm
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if len(shapes[0]) == 4 else torch.channels_last_3d
+    parts = [(torch.randn(s, device="cuda") * 3 + 1).to(torch.bfloat16).contiguous(memory_format=fmt) for s in shapes]
+    channels = sum(s[1] for s in shapes)
+    weight = (torch.rand(channels, device="cuda") + 0.5).to(torch.bfloat16)
+    bias = torch.randn(channels, device="cuda").to(torch.bfloat16)
+
+    def ours(*xs):
+        return F.silu(channel_stats_group_norm(torch.cat(xs, dim=1), 32, weight, bias, 1e-6))
+
+    def native(*xs):
+        return F.silu(F.group_norm(torch.cat(xs, dim=1), 32, weight, bias, 1e-6))
+
+    with torch.no_grad():
+        expected = F.silu(F.group_norm(torch.cat([p.double() for p in parts], dim=1), 32, weight.double(),
+                                       bias.double(), 1e-6))
+        fn = torch.compile(ours, dynamic=False) if compiled else ours
+        out = fn(*parts)
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert _rel(out, expected) <= 1.1 * _rel(native(*parts), expected) + 1e-4
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape", [(32, 640, 20, 32), (8, 256, 160, 256)], ids=["unet-L1-L0", "vae-last"])
+def test_subpixel_upsample_conv_in_bf16(shape, compiled):
+    from customcrafter.fusions import subpixel_upsample_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1, device="cuda").to(torch.bfloat16).to(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), conv.weight.double(),
+                            conv.bias.double(), padding=1)
+        plain = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        fn = torch.compile(subpixel_upsample_conv, dynamic=False) if compiled else subpixel_upsample_conv
+        out = fn(x, conv.weight, conv.bias)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # the summed 2x2 weights are rounded to bf16 once more: allow a little over the plain layer's error
+    assert _rel(out, expected) <= 1.5 * _rel(plain, expected)
