@@ -2,7 +2,8 @@
 
 ``optimize_pipeline(pipe, SpeedConfig())`` turns a loaded pipeline into the fast one: bf16 weights (the scheduler's
 arithmetic and the latents between steps stay float32: see ``VideoCrafter2Pipeline``), PyTorch SDPA attention
-(flash attention on Hopper), ``torch.compile`` of the UNet (whole or its repeated blocks) with channels-last
+(flash attention on Hopper), our Triton temporal-attention kernel (``customcrafter.kernels``), exact layer
+rewrites (``customcrafter.fusions``), ``torch.compile`` of the UNet (whole or its repeated blocks) with channels-last
 convolutions, and batched VAE decoding. What each one buys on an H100 is in ``benchmarks/RESULTS.md``
 (``python benchmarks/gpu.py``).
 
@@ -43,8 +44,8 @@ class SpeedConfig(StrictModel):
                                                           "video; cuDNN's NCHW<->NHWC conversions go), off in eager "
                                                           "mode (no gain there)")
     compile: Literal["none", "regional", "full"] = Field(
-        "none", description="torch.compile: 'full' compiles the whole UNet forward (H100, with channels-last: 8.0 s "
-                            "-> 4.1-4.4 s per video after ~3 min of compilation, so for batches of videos), 'regional' "
+        "none", description="torch.compile: 'full' compiles the whole UNet forward (H100, with channels-last and the "
+                            "rewrites: 8.0 s -> 3.6 s per video after ~3 min of compilation, so for batches of videos), 'regional' "
                             "its repeated blocks (~2 min, 6.7 s), 'none' runs eagerly")
     compile_mode: str | None = Field(None, description="torch.compile mode (None = default; 'reduce-overhead' adds "
                                                        "CUDA graphs: measured within 2%)")
