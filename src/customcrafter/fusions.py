@@ -50,6 +50,8 @@ def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     if bias is not None:
         shift = shift + bias.to(compute).view(num_groups, -1)
     shape = (n, c) + (1,) * len(dims)
+    # x converted again rather than reused: under torch.compile each conversion fuses into its own kernel, where one
+    # value read by two kernels could be materialized in float32 (this function runs compiled; eagerly only if asked)
     return (x.to(compute) * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
 
 
