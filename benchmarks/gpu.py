@@ -332,6 +332,13 @@ def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None
         for _ in range(3):
             unet(x, t, context, fps=16)
         sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            unet(x, t, context, fps=16)
+        end.record()
+        sync()
+        wall_ms = start.elapsed_time(end) / 10  # back to back, as in the denoising loop: kernels + the gaps between
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 unet(x, t, context, fps=16)
@@ -339,7 +346,7 @@ def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     trace = out_dir / f"{name}_trace.json"
     prof.export_chrome_trace(str(trace))
-    summary = kernel_summary(trace, forwards=3)
+    summary = {"wall_ms_per_forward": round(wall_ms, 3)} | kernel_summary(trace, forwards=3)
     (out_dir / f"{name}_kernels.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "top_kernels"}, indent=1))
     for row in summary["top_kernels"][:40]:
@@ -392,7 +399,13 @@ def kernel_summary(trace: Path, forwards: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- main
 def _before_rewrites(**kwargs) -> SpeedConfig:
     """Session 5's settings: none of the layer rewrites of ``customcrafter.fusions``."""
-    return SpeedConfig(**{"channel_stats_group_norm": False, "subpixel_upsample": False} | kwargs)
+    return SpeedConfig(**{"channel_stats_group_norm": False, "subpixel_upsample": False,
+                          "unfused_linear_bias": False, "compile_mode": "default"} | kwargs)
+
+
+def _session6(**kwargs) -> SpeedConfig:
+    """Session 6's settings: its two layer rewrites (GroupNorm, upsampling), biased linears still fused."""
+    return SpeedConfig(**{"unfused_linear_bias": False, "compile_mode": "default"} | kwargs)
 
 
 def _sdpa(**kwargs) -> SpeedConfig:
@@ -429,10 +442,13 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-triton-temporal-eager-text": _before_rewrites(compile="full", compile_text=False),
     "bf16-eager-triton-temporal": _before_rewrites(compile="none"),
     # the layer rewrites of customcrafter.fusions (session 6), each alone and together (= the defaults)
-    "bf16-full-compile-channel-stats-gn": SpeedConfig(compile="full", subpixel_upsample=False),
-    "bf16-full-compile-subpixel": SpeedConfig(compile="full", channel_stats_group_norm=False),
-    "bf16-full-compile-rewrites": SpeedConfig(compile="full"),
-    "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True),
+    "bf16-full-compile-channel-stats-gn": _session6(compile="full", subpixel_upsample=False),
+    "bf16-full-compile-subpixel": _session6(compile="full", channel_stats_group_norm=False),
+    "bf16-full-compile-rewrites": _session6(compile="full"),
+    # + biased linears as a plain matmul and a separate bias add (session 7), then CUDA graphs on top (the defaults)
+    "bf16-full-compile-unfused-bias": SpeedConfig(compile="full", compile_mode="default"),
+    "bf16-full-compile-unfused-bias-cudagraphs": SpeedConfig(compile="full"),
+    "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True, unfused_linear_bias=True),
 }
 
 

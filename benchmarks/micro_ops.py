@@ -297,8 +297,36 @@ def group_norm_rows() -> list[dict]:
     return rows
 
 
+def bias_rows() -> list[dict]:
+    """The UNet's linear layers with their bias in cuBLAS's epilogue (``F.linear``) against the plain matmul whose
+    bias add ``customcrafter.fusions.unfused_bias_linear`` leaves to the next fused kernel, and how many memsets
+    each call issues (one per cuBLAS call, whatever the form)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for name, m, k, n in LINEAR:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        row = {"op": name, "shape_mkn": [m, k, n]}
+        forms = (("bias_epilogue", functools.partial(F.linear, x, weight, bias)),
+                 ("plain_mm", functools.partial(torch.mm, x, weight.t())))
+        for label, fn in forms:
+            row[label + "_ms"] = round(cuda_time(fn), 4)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            memsets = sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "emset" in e.name)
+            row[label + "_memsets_per_call"] = memsets / 10
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
-            "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows}
+            "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
+            "bias": bias_rows}
 
 
 def main() -> None:

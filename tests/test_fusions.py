@@ -53,6 +53,36 @@ def test_channel_stats_group_norm_stays_accurate_far_from_zero_mean():
     assert (out.double() - expected).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(5, 6), (2, 3, 6)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_unfused_bias_linear_equals_linear(shape, bias):
+    from customcrafter.fusions import unfused_bias_linear
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(shape, dtype=torch.float64), torch.randn(4, shape[-1], dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64) if bias else None
+    torch.testing.assert_close(unfused_bias_linear(x, weight, b), F.linear(x, weight, b), rtol=1e-12, atol=1e-12)
+
+
+def test_unfused_bias_linears_leave_lora_layers_working():
+    """peft wraps the LoRA targets (bias-free q/k/v) around plain Linear layers: only biased layers switch, and the
+    LoRA branch still adds its update."""
+    from peft import LoraConfig, get_peft_model
+
+    from customcrafter import fusions
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6, bias=False), torch.nn.Linear(6, 3)).double()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        before = peft_model(x)
+        assert fusions.use_unfused_bias_linears(peft_model) == 1
+        torch.testing.assert_close(peft_model(x), before, rtol=1e-12, atol=1e-12)
+        with peft_model.disable_adapter():
+            assert (peft_model(x) - before).abs().max() > 1e-3  # the LoRA branch did contribute
+
+
 def _tiny_pipeline():
     from customcrafter.loading import load_base_pipeline
 
@@ -84,12 +114,17 @@ def test_rewritten_unet_and_vae_compute_the_same_function_with_the_same_state(mo
 
     upsamplers = [m for part in (pipe.unet, pipe.vae.decoder) for m in part.modules() if isinstance(m, Upsample2D)]
     norms = [m for part in (pipe.unet, pipe.vae.decoder) for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
+    linears = [m for part in (pipe.unet, pipe.vae.decoder) for m in part.modules()
+               if isinstance(m, torch.nn.Linear) and m.bias is not None]
     switched = sum(fusions.use_subpixel_upsamplers(part) for part in (pipe.unet, pipe.vae.decoder))
     assert switched == len(upsamplers) > 0
     assert sum(fusions.use_channel_stats_group_norm(part) for part in (pipe.unet, pipe.vae.decoder)) == len(norms)
+    assert sum(fusions.use_unfused_bias_linears(part) for part in (pipe.unet, pipe.vae.decoder)) == len(linears) > 0
     assert all(isinstance(m, fusions.SubpixelUpsample2D) and isinstance(m, Upsample2D) for m in upsamplers)
     assert all(isinstance(m, fusions.ChannelStatsGroupNorm) for m in norms)
+    assert all(isinstance(m, fusions.UnfusedBiasLinear) for m in linears)
     assert fusions.use_subpixel_upsamplers(pipe.unet) == 0 and fusions.use_channel_stats_group_norm(pipe.unet) == 0
+    assert fusions.use_unfused_bias_linears(pipe.unet) == 0
 
     unet_after, vae_after = _outputs(pipe)
     assert len(calls) == switched  # every upsampler went through the sub-pixel form
@@ -135,6 +170,10 @@ def test_speed_config_switches_the_rewrites_on_where_they_pay(compile_mode):
         norms = [m for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
         assert norms and all(isinstance(m, fusions.ChannelStatsGroupNorm) == compiled for m in norms)
     assert not any(isinstance(m, fusions.ChannelStatsGroupNorm) for m in pipe.vae.encoder.modules())
+    biased = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert biased and all(isinstance(m, fusions.UnfusedBiasLinear) == compiled for m in biased)
+    assert not any(isinstance(m, fusions.UnfusedBiasLinear) for m in pipe.unet.modules()
+                   if isinstance(m, torch.nn.Linear) and m.bias is None)
 
     pipe = _tiny_pipeline()
     _exact_rewrites(pipe, SpeedConfig(compile=compile_mode, subpixel_upsample=False, channel_stats_group_norm=True))

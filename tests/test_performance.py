@@ -31,6 +31,16 @@ def test_vae_and_text_compilation_follow_full_compilation_unless_set(part):
     assert not resolved(compile="full", **{f"compile_{part}": False})
 
 
+def test_cuda_graphs_follow_full_compilation_unless_a_mode_is_set():
+    from customcrafter.performance import SpeedConfig
+
+    assert SpeedConfig(compile="full").resolved_compile_mode() == "reduce-overhead"
+    assert SpeedConfig(compile="regional").resolved_compile_mode() is None
+    assert SpeedConfig(compile="none").resolved_compile_mode() is None
+    assert SpeedConfig(compile="full", compile_mode="default").resolved_compile_mode() == "default"
+    assert SpeedConfig(compile="regional", compile_mode="max-autotune").resolved_compile_mode() == "max-autotune"
+
+
 @pytest.mark.parametrize("kind", ["math", "efficient", "triton"])
 def test_temporal_attention_swaps_only_temporal_layers_and_keeps_the_output(kind):
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0

@@ -2,9 +2,9 @@
 
 ``optimize_pipeline(pipe, SpeedConfig())`` turns a loaded pipeline into the fast one: bf16 weights (the scheduler's
 arithmetic and the latents between steps stay float32: see ``VideoCrafter2Pipeline``), PyTorch SDPA attention
-(flash attention on Hopper), our Triton temporal-attention kernel (``customcrafter.kernels``), exact layer
-rewrites (``customcrafter.fusions``), ``torch.compile`` of the UNet (whole or its repeated blocks) with channels-last
-convolutions, and batched VAE decoding. What each one buys on an H100 is in ``benchmarks/RESULTS.md``
+(flash attention on Hopper), our Triton temporal-attention kernel (``customcrafter.kernels``), layer rewrites
+that compute the same function (``customcrafter.fusions``), ``torch.compile`` of the UNet (whole or its repeated
+blocks) with channels-last convolutions and, for the whole UNet, CUDA graphs, and batched VAE decoding. What each one buys on an H100 is in ``benchmarks/RESULTS.md``
 (``python benchmarks/gpu.py``).
 
 Compilation is opt-in (``compile="full"``): it pays for itself after a few dozen videos (the evaluation set), not
@@ -44,11 +44,14 @@ class SpeedConfig(StrictModel):
                                                           "video; cuDNN's NCHW<->NHWC conversions go), off in eager "
                                                           "mode (no gain there)")
     compile: Literal["none", "regional", "full"] = Field(
-        "none", description="torch.compile: 'full' compiles the whole UNet forward (H100, with channels-last and the "
-                            "rewrites: 8.0 s -> 3.6 s per video after ~3 min of compilation, so for batches of videos), 'regional' "
-                            "its repeated blocks (~2 min, 6.7 s), 'none' runs eagerly")
-    compile_mode: str | None = Field(None, description="torch.compile mode (None = default; 'reduce-overhead' adds "
-                                                       "CUDA graphs: measured within 2%)")
+        "none", description="torch.compile: 'full' compiles the whole UNet forward (H100, with channels-last, the "
+                            "rewrites and CUDA graphs: 8.0 s -> 3.6-3.7 s per video after ~3 min of compilation, so "
+                            "for batches of videos), 'regional' its repeated blocks (~2 min, 6.7 s), 'none' runs eagerly")
+    compile_mode: str | None = Field(
+        None, description="torch.compile mode of the compiled parts. None = 'reduce-overhead' (CUDA graphs) with "
+                          "compile='full', the default mode otherwise; 'default' compiles without graphs. H100: 3.83 "
+                          "-> 3.68 s per video (the host, launching ~2,000 GPU operations per step, had become as slow "
+                          "as the GPU); outputs a caller keeps are copied (prompt embeddings, decoded chunks)")
     compile_vae: bool | None = Field(None, description="also torch.compile the VAE decoder (fuses its GroupNorm + "
                                                       "SiLU at full resolution; H100: decode 0.17 -> 0.09 s per "
                                                       "video). None = with compile='full'")
@@ -63,6 +66,11 @@ class SpeedConfig(StrictModel):
         None, description="run each upsampler's nearest 2x + 3x3 conv as 2x2 convs on its input (customcrafter."
                           "fusions: 2.25x fewer FLOPs, exact up to rounding; maps under 512 positions keep the plain "
                           "form). None = on")
+    unfused_linear_bias: bool | None = Field(
+        None, description="run each biased linear layer as a plain matmul and a separate bias add (customcrafter."
+                          "fusions): under torch.compile the add fuses into the next kernel and cuBLAS skips its "
+                          "slower bias-epilogue GEMMs. None = in whatever is compiled (eagerly the add would be one "
+                          "more pass over the output)")
     decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
                                                         "time; 8 is faster and keeps peak memory low)")
     tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
@@ -77,6 +85,11 @@ class SpeedConfig(StrictModel):
                               "'math' = plain batched matmul + softmax (diffusers' AttnProcessor). All but 'sdpa' need "
                               "sdpa for the spatial layers")
 
+    def resolved_compile_mode(self) -> str | None:
+        if self.compile_mode is None:
+            return "reduce-overhead" if self.compile == "full" else None
+        return self.compile_mode
+
     def resolved_compile_vae(self) -> bool:
         return self.compile == "full" if self.compile_vae is None else self.compile_vae
 
@@ -89,6 +102,10 @@ class SpeedConfig(StrictModel):
     def resolved_channel_stats_group_norm(self, compiled: bool) -> bool:
         """For a component that is (``compiled``) or is not compiled."""
         return compiled if self.channel_stats_group_norm is None else self.channel_stats_group_norm
+
+    def resolved_unfused_linear_bias(self, compiled: bool) -> bool:
+        """For a component that is (``compiled``) or is not compiled."""
+        return compiled if self.unfused_linear_bias is None else self.unfused_linear_bias
 
     def resolved_channels_last(self) -> bool:
         return self.compile != "none" if self.channels_last is None else self.channels_last
@@ -212,6 +229,8 @@ def _exact_rewrites(pipe, config: SpeedConfig) -> None:
             fusions.use_subpixel_upsamplers(module)
         if config.resolved_channel_stats_group_norm(compiled):
             fusions.use_channel_stats_group_norm(module)
+        if config.resolved_unfused_linear_bias(compiled):
+            fusions.use_unfused_bias_linears(module)
 
 
 def optimize_pipeline(pipe, config: SpeedConfig | None = None):
@@ -246,10 +265,11 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
             if component is not None:
                 _channels_last(component)
     _exact_rewrites(pipe, config)
+    mode = config.resolved_compile_mode()
     if config.compile != "none":
-        compile_unet(pipe.unet, config.compile, config.compile_mode)
+        compile_unet(pipe.unet, config.compile, mode)
     if config.resolved_compile_vae() and pipe.vae is not None:
-        pipe.vae.decoder.compile(mode=config.compile_mode, dynamic=False)
+        pipe.vae.decoder.compile(mode=mode, dynamic=False)
     if config.resolved_compile_text() and pipe.text_encoder is not None:
-        pipe.text_encoder.compile(mode=config.compile_mode, dynamic=False)
+        pipe.text_encoder.compile(mode=mode, dynamic=False)
     return pipe

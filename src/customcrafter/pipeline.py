@@ -78,7 +78,9 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts → (B, 77, D) cross-attention context (penultimate block + ln_final), on the UNet's device/dtype."""
         embeds = _encode_prompt(self.tokenizer, self.text_encoder, prompts, device=self.text_encoder.device)
-        return embeds.to(device=self._compute_device, dtype=self.unet.dtype)
+        # a copy (77 tokens: negligible) the caller may keep: under CUDA graphs (SpeedConfig.compile_mode=
+        # "reduce-overhead") the encoder's own output is overwritten by its next replay
+        return embeds.to(device=self._compute_device, dtype=self.unet.dtype, copy=True)
 
     def check_inputs(self, prompt, prompt_embeds, height, width, num_frames, num_inference_steps, output_type):
         if (prompt is None) == (prompt_embeds is None):
