@@ -397,15 +397,15 @@ def kernel_summary(trace: Path, forwards: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def _session6(**kwargs) -> SpeedConfig:
+    """Session 6's settings: its two layer rewrites (GroupNorm, upsampling), biased linears still fused, no CUDA
+    graphs unless asked."""
+    return SpeedConfig(**{"unfused_linear_bias": False, "compile_mode": "default"} | kwargs)
+
+
 def _before_rewrites(**kwargs) -> SpeedConfig:
     """Session 5's settings: none of the layer rewrites of ``customcrafter.fusions``."""
-    return SpeedConfig(**{"channel_stats_group_norm": False, "subpixel_upsample": False,
-                          "unfused_linear_bias": False, "compile_mode": "default"} | kwargs)
-
-
-def _session6(**kwargs) -> SpeedConfig:
-    """Session 6's settings: its two layer rewrites (GroupNorm, upsampling), biased linears still fused."""
-    return SpeedConfig(**{"unfused_linear_bias": False, "compile_mode": "default"} | kwargs)
+    return _session6(**{"channel_stats_group_norm": False, "subpixel_upsample": False} | kwargs)
 
 
 def _sdpa(**kwargs) -> SpeedConfig:

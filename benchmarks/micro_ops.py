@@ -1,7 +1,8 @@
 """Micro-benchmarks of the UNet's hot operations at their real shapes (one H100): which SDPA backend is fastest
 for the spatial and temporal attention, and what FP8 (``torch._scaled_mm``, row-wise scales) would buy over bf16
-for the linear layers, and what our Triton kernel (``customcrafter.kernels``) buys. Prints one JSON line per shape and writes them all to a JSON file; nothing here changes the
-product.
+for the linear layers, what our Triton kernel (``customcrafter.kernels``) and the layer rewrites
+(``customcrafter.fusions``) buy. Prints one JSON line per shape and writes them all to a JSON file; nothing here
+changes the product.
 
     python benchmarks/micro_ops.py --out micro_ops.json
 """
@@ -168,9 +169,8 @@ def fused_rows() -> list[dict]:
     """Our Triton temporal-attention kernel (``customcrafter.kernels``) against SDPA's memory-efficient kernel
     (with its transposes), as the UNet runs them, with the bandwidth floor of each shape. (A fused GEGLU kernel was
     measured here too and removed: its Triton matmul lost more to cuBLAS than the fusion saved; RESULTS.md.)"""
-    rows = [temporal_kernel_row(name, b, h, lq, d, layers) for name, b, h, lq, _lk, d, layers in ATTENTION
+    return [temporal_kernel_row(name, b, h, lq, d, layers) for name, b, h, lq, _lk, d, layers in ATTENTION
             if name.startswith("temporal")]
-    return rows
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

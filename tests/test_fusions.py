@@ -160,10 +160,10 @@ def test_speed_config_switches_the_rewrites_on_where_they_pay(compile_mode):
     """Sub-pixel upsampling whatever the mode; channel-statistics GroupNorm in what gets compiled (the UNet, and the
     VAE decoder with compile_vae), never eagerly unless asked."""
     from customcrafter import fusions
-    from customcrafter.performance import SpeedConfig, _exact_rewrites
+    from customcrafter.performance import SpeedConfig, _layer_rewrites
 
     pipe = _tiny_pipeline()
-    _exact_rewrites(pipe, SpeedConfig(compile=compile_mode))
+    _layer_rewrites(pipe, SpeedConfig(compile=compile_mode))
     compiled = compile_mode == "full"
     for part in (pipe.unet, pipe.vae.decoder):
         assert any(isinstance(m, fusions.SubpixelUpsample2D) for m in part.modules())
@@ -176,7 +176,7 @@ def test_speed_config_switches_the_rewrites_on_where_they_pay(compile_mode):
                    if isinstance(m, torch.nn.Linear) and m.bias is None)
 
     pipe = _tiny_pipeline()
-    _exact_rewrites(pipe, SpeedConfig(compile=compile_mode, subpixel_upsample=False, channel_stats_group_norm=True))
+    _layer_rewrites(pipe, SpeedConfig(compile=compile_mode, subpixel_upsample=False, channel_stats_group_norm=True))
     assert not any(isinstance(m, fusions.SubpixelUpsample2D) for m in pipe.unet.modules())
     assert all(isinstance(m, fusions.ChannelStatsGroupNorm) for m in pipe.unet.modules()
                if isinstance(m, torch.nn.GroupNorm))

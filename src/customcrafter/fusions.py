@@ -10,12 +10,12 @@ each channel's mean and variance over all positions first keeps the channels as 
 
 ``subpixel_upsample_conv``: nearest 2x upsampling followed by a 3x3 convolution (diffusers' ``Upsample2D``: the
 UNet's three upsamplers and the VAE decoder's three) equals a 2x2 convolution on the *input* per output pixel
-parity (the four run as one convolution with four times the output channels), interleaved. Each output pixel of the original sees a 3x3 window of the upsampled map, i.e. only a
-2x2 window of the input with some taps repeated, so the repeated taps' weights can be summed beforehand: 16
-multiply-adds per pixel and channel pair instead of 36 (2.25x fewer FLOPs), and the 4x-sized upsampled map is
-never written. The summed weights are computed in float32 from the layer's own weights at every call, so they
-never go stale. ``use_subpixel_upsamplers(module)`` switches every eligible ``Upsample2D`` inside a model over (its
-state dict is unchanged).
+parity (the four run as one convolution with four times the output channels), interleaved. Each output pixel of
+the original sees a 3x3 window of the upsampled map, i.e. only a 2x2 window of the input with some taps repeated,
+so the repeated taps' weights can be summed beforehand: 16 multiply-adds per pixel and channel pair instead of 36
+(2.25x fewer FLOPs), and the 4x-sized upsampled map is never written. The summed weights are computed in float32
+from the layer's own weights at every call, so they never go stale. ``use_subpixel_upsamplers(module)`` switches
+every eligible ``Upsample2D`` inside a model over (its state dict is unchanged).
 
 ``unfused_bias_linear``: a linear layer as a plain matmul followed by its bias add. Under ``torch.compile`` the add
 fuses into the next pointwise or normalization kernel, and cuBLAS runs its plain GEMM: its bias-epilogue GEMMs ran up
@@ -165,37 +165,34 @@ def _swap_class(module: torch.nn.Module, marker: type, forward) -> None:
     module.__class__ = _SUBCLASSES[cls, marker]
 
 
+def _switch_all(module: torch.nn.Module, eligible, marker: type, forward, what: str) -> int:
+    """Give every ``eligible`` submodule of ``module`` not yet switched the ``marker`` subclass with ``forward``;
+    returns how many switched."""
+    count = 0
+    for sub in module.modules():
+        if not isinstance(sub, marker) and eligible(sub):
+            _swap_class(sub, marker, forward)
+            count += 1
+    logger.info("%s: %d layers", what, count)
+    return count
+
+
 def use_subpixel_upsamplers(module: torch.nn.Module) -> int:
     """Switch every eligible ``Upsample2D`` inside ``module`` to the sub-pixel form; returns how many switched."""
     from diffusers.models.upsampling import Upsample2D
 
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, Upsample2D) and not isinstance(sub, SubpixelUpsample2D) and _subpixel_eligible(sub):
-            _swap_class(sub, SubpixelUpsample2D, _subpixel_forward)
-            count += 1
-    logger.info("sub-pixel upsampling: %d upsamplers", count)
-    return count
+    return _switch_all(module, lambda sub: isinstance(sub, Upsample2D) and _subpixel_eligible(sub),
+                       SubpixelUpsample2D, _subpixel_forward, "sub-pixel upsampling")
 
 
 def use_channel_stats_group_norm(module: torch.nn.Module) -> int:
     """Switch every ``nn.GroupNorm`` inside ``module`` to ``channel_stats_group_norm``; returns how many switched."""
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.GroupNorm) and not isinstance(sub, ChannelStatsGroupNorm):
-            _swap_class(sub, ChannelStatsGroupNorm, _group_norm_forward)
-            count += 1
-    logger.info("channel-statistics GroupNorm: %d layers", count)
-    return count
+    return _switch_all(module, lambda sub: isinstance(sub, torch.nn.GroupNorm), ChannelStatsGroupNorm,
+                       _group_norm_forward, "channel-statistics GroupNorm")
 
 
 def use_unfused_bias_linears(module: torch.nn.Module) -> int:
     """Switch every ``nn.Linear`` with a bias inside ``module`` to ``unfused_bias_linear``; returns how many switched.
     Layers without a bias are left alone (they already run the plain matmul)."""
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Linear) and sub.bias is not None and not isinstance(sub, UnfusedBiasLinear):
-            _swap_class(sub, UnfusedBiasLinear, _linear_forward)
-            count += 1
-    logger.info("unfused linear bias: %d layers", count)
-    return count
+    return _switch_all(module, lambda sub: isinstance(sub, torch.nn.Linear) and sub.bias is not None,
+                       UnfusedBiasLinear, _linear_forward, "unfused linear bias")

@@ -4,8 +4,8 @@
 arithmetic and the latents between steps stay float32: see ``VideoCrafter2Pipeline``), PyTorch SDPA attention
 (flash attention on Hopper), our Triton temporal-attention kernel (``customcrafter.kernels``), layer rewrites
 that compute the same function (``customcrafter.fusions``), ``torch.compile`` of the UNet (whole or its repeated
-blocks) with channels-last convolutions and, for the whole UNet, CUDA graphs, and batched VAE decoding. What each one buys on an H100 is in ``benchmarks/RESULTS.md``
-(``python benchmarks/gpu.py``).
+blocks) with channels-last convolutions and, for the whole UNet, CUDA graphs, and batched VAE decoding. What each
+one buys on an H100 is in ``benchmarks/RESULTS.md`` (``python benchmarks/gpu.py``).
 
 Compilation is opt-in (``compile="full"``): it pays for itself after a few dozen videos (the evaluation set), not
 for one. On the CPU ``optimize_pipeline`` only sets what is safe (no compile, float32), so the same call can sit in
@@ -46,7 +46,8 @@ class SpeedConfig(StrictModel):
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile: 'full' compiles the whole UNet forward (H100, with channels-last, the "
                             "rewrites and CUDA graphs: 8.0 s -> 3.6-3.7 s per video after ~3 min of compilation, so "
-                            "for batches of videos), 'regional' its repeated blocks (~2 min, 6.7 s), 'none' runs eagerly")
+                            "for batches of videos), 'regional' its repeated blocks (~2 min, 6.7 s), 'none' runs "
+                            "eagerly")
     compile_mode: str | None = Field(
         None, description="torch.compile mode of the compiled parts. None = 'reduce-overhead' (CUDA graphs) with "
                           "compile='full', the default mode otherwise; 'default' compiles without graphs. H100: 3.83 "
@@ -217,7 +218,7 @@ def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "reg
     logger.info("regional torch.compile: %d UNet blocks", count)
 
 
-def _exact_rewrites(pipe, config: SpeedConfig) -> None:
+def _layer_rewrites(pipe, config: SpeedConfig) -> None:
     """The layer rewrites of ``customcrafter.fusions`` that ``config`` asks for, in the UNet and the VAE decoder."""
     from customcrafter import fusions
 
@@ -264,7 +265,7 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
         for component in (pipe.unet, pipe.vae):
             if component is not None:
                 _channels_last(component)
-    _exact_rewrites(pipe, config)
+    _layer_rewrites(pipe, config)
     mode = config.resolved_compile_mode()
     if config.compile != "none":
         compile_unet(pipe.unet, config.compile, mode)

@@ -114,11 +114,11 @@ def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 1)
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     frames = _frames(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor)
     decoded = None
-    for start, chunk in zip(range(0, frames.shape[0], chunk_size), frames.split(chunk_size), strict=True):
-        out = vae.decode(chunk).sample
+    for start in range(0, frames.shape[0], chunk_size):
+        out = vae.decode(frames[start:start + chunk_size]).sample
         if decoded is None:
             decoded = out.new_empty((frames.shape[0],) + out.shape[1:])
         # copied out before the next chunk runs: under CUDA graphs (SpeedConfig.compile_mode="reduce-overhead") a
         # replay overwrites the previous replay's output
-        decoded[start:start + chunk.shape[0]] = out
+        decoded[start:start + out.shape[0]] = out
     return _video(decoded, latents.shape[0])
