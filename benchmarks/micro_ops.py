@@ -324,9 +324,67 @@ def bias_rows() -> list[dict]:
     return rows
 
 
+def graph_rows() -> list[dict]:
+    """What a GEMM or a convolution costs inside a CUDA graph beyond its kernel: kernel time and memsets per call
+    (under the profiler, for each BLAS library PyTorch can pick), and the replay time per op of a graph of 100
+    back-to-back calls. A pointwise add (no memset) is the yardstick for the gap a graph leaves between kernels.
+    ``CUBLAS_WORKSPACE_CONFIG`` in the environment changes cuBLAS's workspace (``:0:0`` = none)."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.backends.cudnn.benchmark = True
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    x1, w1 = torch.randn(20480, 640, **bf16), torch.randn(640, 640, **bf16)
+    x2, w2 = torch.randn(5120, 5120, **bf16), torch.randn(1280, 5120, **bf16)
+    x0, w0 = torch.randn(81920, 320, **bf16), torch.randn(960, 320, **bf16)
+    c1 = torch.randn(32, 640, 40, 64, **bf16).contiguous(memory_format=torch.channels_last)
+    k1 = torch.randn(640, 640, 3, 3, **bf16).contiguous(memory_format=torch.channels_last)
+    c2 = torch.randn(32, 1280, 10, 16, **bf16).contiguous(memory_format=torch.channels_last)
+    k2 = torch.randn(1280, 1280, 3, 3, **bf16).contiguous(memory_format=torch.channels_last)
+    a, b = torch.randn(20480, 640, **bf16), torch.randn(20480, 640, **bf16)
+    cases = [("add 20480x640", lambda: a + b), ("mm 20480x640x640", lambda: x1 @ w1.t()),
+             ("mm 81920x320x960 (stacked L0 q/k/v)", lambda: x0 @ w0.t()),
+             ("mm 5120x5120x1280 (L2 ff-out)", lambda: x2 @ w2.t()),
+             ("conv3x3 32x640x40x64", lambda: F.conv2d(c1, k1, padding=1)),
+             ("conv3x3 32x1280x10x16", lambda: F.conv2d(c2, k2, padding=1))]
+    rows = []
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        for name, fn in cases:
+            row = {"op": name, "blas": library, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+            row["eager_us"] = round(1000 * cuda_time(fn), 2)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+            memsets = [e for e in events if "emset" in e.name]
+            row["memsets_per_call"] = len(memsets) / 10
+            row["kernel_us"] = round(sum(e.time_range.elapsed_us() for e in events if e not in memsets) / 10, 2)
+            row["kernels"] = sorted({e.name[:80] for e in events if e not in memsets})
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(100):
+                    fn()
+            row["graph_us_per_op"] = round(1000 * cuda_time(graph.replay, iters=10) / 100, 2)
+            row["graph_gap_us"] = round(row["graph_us_per_op"] - row["kernel_us"], 2)
+            del graph
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return rows
+
+
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
-            "bias": bias_rows}
+            "bias": bias_rows, "graph": graph_rows}
 
 
 def main() -> None:
