@@ -343,7 +343,9 @@ def graph_rows() -> list[dict]:
     c2 = torch.randn(32, 1280, 10, 16, **bf16).contiguous(memory_format=torch.channels_last)
     k2 = torch.randn(1280, 1280, 3, 3, **bf16).contiguous(memory_format=torch.channels_last)
     a, b = torch.randn(20480, 640, **bf16), torch.randn(20480, 640, **bf16)
+    bias1 = torch.randn(640, **bf16)
     cases = [("add 20480x640", lambda: a + b), ("mm 20480x640x640", lambda: x1 @ w1.t()),
+             ("linear+bias 20480x640x640 (cuBLASLt epilogue)", lambda: F.linear(x1, w1, bias1)),
              ("mm 81920x320x960 (stacked L0 q/k/v)", lambda: x0 @ w0.t()),
              ("mm 5120x5120x1280 (L2 ff-out)", lambda: x2 @ w2.t()),
              ("conv3x3 32x640x40x64", lambda: F.conv2d(c1, k1, padding=1)),
@@ -352,8 +354,15 @@ def graph_rows() -> list[dict]:
     for library in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(library)
         for name, fn in cases:
-            row = {"op": name, "blas": library, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
-            row["eager_us"] = round(1000 * cuda_time(fn), 2)
+            row = {"op": name, "blas": library, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                   "cublaslt_workspace_size": os.environ.get("CUBLASLT_WORKSPACE_SIZE")}
+            try:
+                row["eager_us"] = round(1000 * cuda_time(fn), 2)
+            except RuntimeError as exc:  # e.g. cuBLASLt refusing to run without a workspace
+                row["error"] = str(exc)[:200]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
                     fn()
