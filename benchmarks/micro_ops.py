@@ -1,6 +1,6 @@
 """Micro-benchmarks of the UNet's hot operations at their real shapes (one H100): which SDPA backend is fastest
 for the spatial and temporal attention, and what FP8 (``torch._scaled_mm``, row-wise scales) would buy over bf16
-for the linear layers, what our Triton kernels (``customcrafter.kernels``) and the layer rewrites
+for the linear layers, what our Triton kernel (``customcrafter.kernels``) and the layer rewrites
 (``customcrafter.fusions``) buy. Prints one JSON line per shape and writes them all to a JSON file; nothing here
 changes the product.
 
@@ -168,8 +168,7 @@ def linear_row(name: str, m: int, k: int, n: int) -> dict:
 def fused_rows() -> list[dict]:
     """Our Triton temporal-attention kernel (``customcrafter.kernels``) against SDPA's memory-efficient kernel
     (with its transposes), as the UNet runs them, with the bandwidth floor of each shape. (A fused GEGLU kernel was
-    measured here too and removed: its Triton matmul lost more to cuBLAS than the fusion saved; RESULTS.md. The
-``geglu`` section measures the variant that leaves the value half to cuBLAS.)"""
+    measured here too and removed: its Triton matmul lost more to cuBLAS than the fusion saved; RESULTS.md.)"""
     return [temporal_kernel_row(name, b, h, lq, d, layers) for name, b, h, lq, _lk, d, layers in ATTENTION
             if name.startswith("temporal")]
 
@@ -392,63 +391,9 @@ def graph_rows() -> list[dict]:
     return rows
 
 
-# (name, M tokens, K, N = GEGLU's output width, feed-forward layers per CFG forward): the spatial transformers' GEGLU
-GEGLU = [("L0", 81920, 320, 1280, 10), ("L1", 20480, 640, 2560, 10), ("L2", 5120, 1280, 5120, 10)]
-
-
-def _geglu_current(x, w, b):
-    """The feed-forward input projection as the product runs it under compile: one 2N-wide matmul, its bias added
-    after (``fusions.unfused_bias_linear``), then the gating."""
-    h, g = (F.linear(x, w) + b).chunk(2, dim=-1)
-    return h * F.gelu(g)
-
-
-def geglu_rows() -> list[dict]:
-    """GEGLU (``h * gelu(gate)`` of a 2N-wide projection) as the product runs it, compiled, against the value half
-    as a cuBLAS matmul + the gate half as our Triton GEMM with the gating in its epilogue (eager and compiled); the
-    Triton kernel alone (gate GEMM + epilogue reading the value tile) against the same-shape cuBLAS matmul."""
-    from customcrafter import kernels
-
-    def fused(x, w, b):
-        """The value half through cuBLAS, the gate half and the gating through ``kernels.gated_gelu_linear``."""
-        n = w.shape[0] // 2
-        return kernels.gated_gelu_linear(x, w[n:], b[n:], x @ w[:n].t(), b[:n])
-
-    rows = []
-    for name, m, k, n, layers in GEGLU:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        b = torch.randn(2 * n, device="cuda", dtype=torch.bfloat16) * 0.1
-        value = x @ w[:n].t()
-        flops = 2 * m * n * k  # one half's GEMM
-        with torch.no_grad():
-            ref = _geglu_current(x.double(), w.double(), b.double())
-            current = torch.compile(_geglu_current, dynamic=False)
-            fused_compiled = torch.compile(fused, dynamic=False)
-            kernel = functools.partial(torch.ops.customcrafter.gated_gelu_linear, x, w[n:], b[n:], value, b[:n])
-            row = {"op": f"GEGLU {name}", "shape_mkn": [m, k, n], "layers_per_forward": layers,
-                   "triton_path": kernels.gated_gelu_linear_supported(x, w[n:], b[n:], value, b[:n]),
-                   "current_ms": round(cuda_time(functools.partial(current, x, w, b)), 4),
-                   "fused_ms": round(cuda_time(functools.partial(fused, x, w, b)), 4),
-                   "fused_compiled_ms": round(cuda_time(functools.partial(fused_compiled, x, w, b)), 4)}
-            gate_triton, gate_cublas = cuda_time(kernel), cuda_time(functools.partial(torch.matmul, x, w[n:].t()))
-            row.update(triton_gate_kernel_ms=round(gate_triton, 4), cublas_gate_mm_ms=round(gate_cublas, 4),
-                       triton_gate_tflops=round(flops / gate_triton / 1e9, 1),
-                       cublas_gate_tflops=round(flops / gate_cublas / 1e9, 1),
-                       current_rel_err=_rel_err(current(x, w, b), ref),
-                       fused_rel_err=_rel_err(fused(x, w, b), ref),
-                       saved_ms_per_forward=round((row["current_ms"] - row["fused_ms"]) * layers, 3),
-                       saved_compiled_ms_per_forward=round((row["current_ms"] - row["fused_compiled_ms"]) * layers, 3),
-                       triton_config=str(kernels._gated_gelu_linear_kernel.best_config))
-            del ref
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
-            "bias": bias_rows, "graph": graph_rows, "geglu": geglu_rows}
+            "bias": bias_rows, "graph": graph_rows}
 
 
 def main() -> None:

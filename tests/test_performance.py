@@ -117,31 +117,3 @@ def test_optimize_pipeline_on_cpu_keeps_float32_and_eager():
     optimize_pipeline(pipe, SpeedConfig(compile="full", temporal_attention="math", decode_chunk_size=3))
     assert pipe.unet.dtype == torch.float32 and pipe.unet.forward == forward
     assert pipe.decode_chunk_size == 3
-
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gated_gelu_linear_on_cpu_is_the_gated_projection_and_diffusers_geglu(dtype, bias):
-    """``kernels.gated_gelu_linear`` on the CPU (its PyTorch path) is ``(value + bv) * gelu(x W_g^T + bg)``, and with
-    the value half ``x W[:N]^T`` and the gate half ``W[N:]`` of a GEGLU projection it is diffusers' ``GEGLU``."""
-    import torch.nn.functional as F
-    from diffusers.models.activations import GEGLU
-
-    from customcrafter import kernels
-
-    torch.manual_seed(0)
-    k, n = 48, 32
-    x = torch.randn(2, 5, 7, k, dtype=dtype)
-    wg, value = torch.randn(n, k, dtype=dtype), torch.randn(2, 5, 7, n, dtype=dtype)
-    bg, bv = (torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)) if bias else (None, None)
-    assert not kernels.gated_gelu_linear_supported(x, wg, bg, value, bv)
-    expected = (value if bv is None else value + bv) * F.gelu(F.linear(x, wg, bg))
-    torch.testing.assert_close(kernels.gated_gelu_linear(x, wg, bg, value, bv), expected, rtol=0, atol=0)
-
-    geglu = GEGLU(dim_in=k, dim_out=n, bias=bias).to(dtype)
-    w, b = geglu.proj.weight, geglu.proj.bias
-    with torch.no_grad():
-        out = kernels.gated_gelu_linear(x, w[n:], None if b is None else b[n:], F.linear(x, w[:n]),
-                                        None if b is None else b[:n])
-        torch.testing.assert_close(out, geglu(x))  # float32: the value's bias added after its matmul, ~1 ulp
