@@ -11,6 +11,14 @@ UNet forward. Writes a JSON (``--out``) and prints a table.
     python benchmarks/gpu.py --sections sampling      # sampling, variants, correctness
     python benchmarks/gpu.py --sections training --train-variants 4:ckpt 16:nockpt
 
+Two compiled variants on one machine in the time of one compilation: two runs side by side, taking turns to time
+(A compiles and warms up alongside B, times while B waits, then B times):
+
+    python benchmarks/gpu.py --sections sampling --variants A --ready-file /tmp/a --wait-for /tmp/b \
+        --done-file /tmp/a.done --out a.json &
+    sleep 20; python benchmarks/gpu.py --sections sampling --variants B --ready-file /tmp/b \
+        --wait-for /tmp/b /tmp/a.done --out b.json
+
 Nothing here is asserted: the figures go into benchmarks/RESULTS.md.
 """
 
@@ -141,6 +149,20 @@ def matmul_peak_tflops() -> float:
     return 20 * 2 * 8192**3 / seconds / 1e12
 
 
+def wait_turn(args) -> None:
+    """Two runs of this script side by side on one GPU (``--ready-file``/``--wait-for``/``--done-file``): each
+    compiles and warms up while the other does, and the timed parts take turns. So two compiled variants are
+    compared on one machine in the time of one compilation."""
+    if args.ready_file:
+        Path(args.ready_file).touch()
+    deadline = time.monotonic() + args.wait_timeout
+    for path in args.wait_for:
+        while not Path(path).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"--wait-for {path}: not there after {args.wait_timeout} s")
+            time.sleep(0.2)
+
+
 def bench_sampling_variant(name: str, speed: SpeedConfig, args, flops_per_step: int, peak_tflops: float) -> dict:
     pipe = build_pipeline(args.weights)
     add_subject_lora(pipe)
@@ -156,6 +178,7 @@ def bench_sampling_variant(name: str, speed: SpeedConfig, args, flops_per_step: 
         sample(pipe, **shape)
     sync()
 
+    wait_turn(args)
     torch.cuda.reset_peak_memory_stats()
     weights_gib = torch.cuda.memory_allocated() / 2**30
     end_to_end, runs = timed(lambda: sample(pipe, **shape), runs=args.runs, warmup=0)
@@ -482,7 +505,20 @@ def main() -> None:
                              "SDPA's own kernel choice instead of the default memory-efficient one)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
+    parser.add_argument("--ready-file", default=None, help="touched when a sampling variant is warm, before timing")
+    parser.add_argument("--wait-for", nargs="*", default=[], help="files that must exist before timing a sampling "
+                                                                    "variant (another run's --ready-file/--done-file)")
+    parser.add_argument("--done-file", default=None, help="touched when this run ends (also on errors)")
+    parser.add_argument("--wait-timeout", type=float, default=900.0)
     args = parser.parse_args()
+    try:
+        run(args)
+    finally:
+        if args.done_file:
+            Path(args.done_file).touch()
+
+
+def run(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
 
