@@ -19,6 +19,8 @@ Two compiled variants on one machine in the time of one compilation: two runs si
     sleep 20; python benchmarks/gpu.py --sections sampling --variants B --ready-file /tmp/b \
         --wait-for /tmp/b /tmp/a.done --out b.json
 
+(B's matmul peak is measured while A compiles: take A's.)
+
 Nothing here is asserted: the figures go into benchmarks/RESULTS.md.
 """
 
@@ -420,15 +422,10 @@ def kernel_summary(trace: Path, forwards: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def _session7(**kwargs) -> SpeedConfig:
-    """Session 7's settings: separate q/k/v projections."""
-    return SpeedConfig(**{"stacked_projections": False} | kwargs)
-
-
 def _session6(**kwargs) -> SpeedConfig:
     """Session 6's settings: its two layer rewrites (GroupNorm, upsampling), biased linears still fused, no CUDA
     graphs unless asked."""
-    return _session7(**{"unfused_linear_bias": False, "compile_mode": "default"} | kwargs)
+    return SpeedConfig(**{"unfused_linear_bias": False, "compile_mode": "default"} | kwargs)
 
 
 def _before_rewrites(**kwargs) -> SpeedConfig:
@@ -474,12 +471,9 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-subpixel": _session6(compile="full", channel_stats_group_norm=False),
     "bf16-full-compile-rewrites": _session6(compile="full"),
     # + biased linears as a plain matmul and a separate bias add (session 7), then CUDA graphs on top (the defaults)
-    "bf16-full-compile-unfused-bias": _session7(compile="full", compile_mode="default"),
-    "bf16-full-compile-unfused-bias-cudagraphs": _session7(compile="full"),
-    # + stacked q/k/v projections (session 8: the defaults)
-    "bf16-full-compile-stacked-projections": SpeedConfig(compile="full"),
-    "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True, unfused_linear_bias=True,
-                                       stacked_projections=True),
+    "bf16-full-compile-unfused-bias": SpeedConfig(compile="full", compile_mode="default"),
+    "bf16-full-compile-unfused-bias-cudagraphs": SpeedConfig(compile="full"),
+    "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True, unfused_linear_bias=True),
 }
 
 

@@ -113,9 +113,6 @@ class LoraPhaseFuser:
         self._entered = False
 
     def __enter__(self) -> LoraPhaseFuser:
-        from customcrafter.fusions import check_stacked_projections
-
-        check_stacked_projections(self.model)  # fusing must reach the stacked q/k/v weights (fusions)
         self.originals = [m.get_base_layer().weight.detach().clone() for _, m, _ in self.layers]
         self._was_disabled = [m.disable_adapters for _, m, _ in self.layers]
         for _, module, _ in self.layers:

@@ -23,14 +23,6 @@ to 1.6x slower at the UNet's level-0 shapes (H100: 81920x320 by 320x320 0.070 ag
 split itself only when every consumer of the output is pointwise, which leaves the attention output projections and
 the feed-forward layers with the slow kernel. ``use_unfused_bias_linears(module)`` switches every biased
 ``nn.Linear`` inside a model over.
-
-``stacked projections``: a self-attention's q, k and v projections as one matmul with the three weights stacked
-(a cross-attention's k and v: both read the text), split after. One GEMM of three times the width runs closer to
-the GPU's peak than three narrow ones and issues one cuBLAS call instead of three (H100, level-0 q/k/v: 0.127 ->
-0.101 ms). The three weights become views into the stacked tensor, so whatever changes them in place (DWVSS fusing
-the LoRA into them per phase, ``load_state_dict``) changes the stacked weight too, and the state dict is unchanged.
-``use_stacked_projections(module)`` stacks every eligible ``Attention`` inside a model; ``project_qkv`` is what the
-attention processors call.
 """
 
 from __future__ import annotations
@@ -42,8 +34,7 @@ import torch.nn.functional as F
 
 __all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_stats_group_norm", "subpixel_kernels",
            "subpixel_upsample_conv", "SubpixelUpsample2D", "use_subpixel_upsamplers", "SUBPIXEL_MIN_POSITIONS",
-           "unfused_bias_linear", "UnfusedBiasLinear", "use_unfused_bias_linears", "StackedProjections",
-           "use_stacked_projections", "project_qkv", "check_stacked_projections"]
+           "unfused_bias_linear", "UnfusedBiasLinear", "use_unfused_bias_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,13 +155,13 @@ class UnfusedBiasLinear:
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def _swap_class(module: torch.nn.Module, marker: type, forward, **methods) -> None:
-    """Give ``module`` a subclass of its class and ``marker`` with ``forward`` (and ``methods``): behaviour changes,
-    parameters, buffers, hooks and state dict stay (``isinstance`` against the original class still holds)."""
+def _swap_class(module: torch.nn.Module, marker: type, forward) -> None:
+    """Give ``module`` a subclass of its class and ``marker`` with ``forward``: behaviour changes, parameters,
+    buffers, hooks and state dict stay (``isinstance`` against the original class still holds)."""
     cls = type(module)
     if (cls, marker) not in _SUBCLASSES:
         _SUBCLASSES[cls, marker] = type(f"{marker.__name__}{cls.__name__}", (cls, marker),
-                                        {"forward": forward, "__module__": __name__, **methods})
+                                        {"forward": forward, "__module__": __name__})
     module.__class__ = _SUBCLASSES[cls, marker]
 
 
@@ -205,99 +196,3 @@ def use_unfused_bias_linears(module: torch.nn.Module) -> int:
     Layers without a bias are left alone (they already run the plain matmul)."""
     return _switch_all(module, lambda sub: isinstance(sub, torch.nn.Linear) and sub.bias is not None,
                        UnfusedBiasLinear, _linear_forward, "unfused linear bias")
-
-
-class StackedProjections:
-    """Marker base of the classes ``use_stacked_projections`` gives each eligible ``Attention`` instance. Their
-    ``_apply`` (under ``.to``, ``.cuda``, ``.half`` ...) stacks again afterwards: it gives the weights new memory."""
-
-
-def _stacked_apply(self, fn, recurse=True):
-    type(self).__mro__[1]._apply(self, fn, recurse)  # the original class's
-    _stack(self)
-    return self
-
-
-def _base_linear(layer: torch.nn.Module) -> torch.nn.Module:
-    """The ``nn.Linear`` under a peft LoRA wrapper (or the layer itself)."""
-    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-
-
-def _stacked_names(attn: torch.nn.Module) -> tuple[str, ...]:
-    return ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
-
-
-def _stack_eligible(attn: torch.nn.Module) -> bool:
-    from diffusers.models.attention_processor import Attention
-
-    if not isinstance(attn, Attention) or getattr(attn, "to_k", None) is None or attn.norm_cross:
-        return False
-    linears = [_base_linear(getattr(attn, name)) for name in _stacked_names(attn)]
-    return (all(type(lin) is torch.nn.Linear and lin.bias is None for lin in linears)
-            and len({(lin.in_features, lin.weight.dtype, lin.weight.device) for lin in linears}) == 1)
-
-
-def _stack(attn: torch.nn.Module) -> None:
-    """Copy the projection weights into one tensor and make each weight a view of its rows."""
-    linears = [_base_linear(getattr(attn, name)) for name in _stacked_names(attn)]
-    stacked = torch.cat([lin.weight.detach() for lin in linears])
-    start = 0
-    for lin in linears:
-        rows = lin.weight.shape[0]
-        lin.weight = torch.nn.Parameter(stacked[start:start + rows], requires_grad=lin.weight.requires_grad)
-        start += rows
-    attn.register_buffer("stacked_weight", stacked, persistent=False)
-
-
-def use_stacked_projections(module: torch.nn.Module) -> int:
-    """Stack the projections of every eligible ``Attention`` inside ``module`` (bias-free ``to_q/to_k/to_v``, peft
-    LoRA wrappers allowed); returns how many changed. Call after moving ``module`` to its device and dtype (later
-    moves stack again) and after loading adapters."""
-    count = 0
-    for sub in module.modules():
-        if not isinstance(sub, StackedProjections) and _stack_eligible(sub):
-            _swap_class(sub, StackedProjections, type(sub).forward, _apply=_stacked_apply)
-            _stack(sub)
-            count += 1
-    logger.info("stacked projections: %d attention layers", count)
-    return count
-
-
-def _plain(layer: torch.nn.Module) -> bool:
-    """Whether ``layer``'s output is its base linear's: no LoRA branch added (none active, adapters disabled and
-    unmerged, or merged into the weight)."""
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(layer, LoraLayer):
-        return True
-    if layer.disable_adapters:
-        return not layer.merged  # peft would unmerge first: leave that to peft
-    return layer.merged or not any(name in layer.lora_A for name in layer.active_adapters)
-
-
-def project_qkv(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(attn.to_q(x), attn.to_k(c), attn.to_v(c))`` with ``c`` = the context or ``x``; through the stacked weight
-    (one matmul, split after: the results are strided views) where the layer is stacked and no LoRA branch runs."""
-    stacked = getattr(attn, "stacked_weight", None)
-    if stacked is not None and all(_plain(getattr(attn, name)) for name in _stacked_names(attn)):
-        cross = attn.is_cross_attention
-        if (encoder_hidden_states is not None) == cross:
-            if not cross:
-                return F.linear(hidden_states, stacked).chunk(3, dim=-1)
-            key, value = F.linear(encoder_hidden_states, stacked).chunk(2, dim=-1)
-            return attn.to_q(hidden_states), key, value
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-
-
-def check_stacked_projections(module: torch.nn.Module) -> None:
-    """Raise if a stacked layer's weights no longer share the stacked tensor's memory (something replaced a
-    weight's ``.data`` after stacking): its stacked weight would be stale."""
-    for name, sub in module.named_modules():
-        if isinstance(sub, StackedProjections):
-            base = sub.stacked_weight.untyped_storage().data_ptr()
-            for proj in _stacked_names(sub):
-                if _base_linear(getattr(sub, proj)).weight.untyped_storage().data_ptr() != base:
-                    raise RuntimeError(f"{name}.{proj}: its weight no longer shares the stacked projection's memory "
-                                       "(replaced after use_stacked_projections); stack again after loading weights")

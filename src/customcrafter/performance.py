@@ -22,7 +22,7 @@ from pydantic import Field
 
 from customcrafter.config import StrictModel
 
-__all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "SDPAProcessor", "EfficientAttnProcessor",
+__all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
            "TritonTemporalAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES"]
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,6 @@ class SpeedConfig(StrictModel):
                           "fusions): under torch.compile the add fuses into the next kernel and cuBLAS skips its "
                           "slower bias-epilogue GEMMs. None = in whatever is compiled (eagerly the add would be one "
                           "more pass over the output)")
-    stacked_projections: bool | None = Field(
-        None, description="each self-attention's q/k/v projections (a cross-attention's k/v) as one matmul with the "
-                          "weights stacked, the weights views into the stack (customcrafter.fusions; same function, "
-                          "DWVSS's in-place LoRA fusing included). None = on")
     decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
                                                         "time; 8 is faster and keeps peak memory low)")
     tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
@@ -101,9 +97,6 @@ class SpeedConfig(StrictModel):
     def resolved_compile_text(self) -> bool:
         return self.compile == "full" if self.compile_text is None else self.compile_text
 
-    def resolved_stacked_projections(self) -> bool:
-        return True if self.stacked_projections is None else self.stacked_projections
-
     def resolved_subpixel_upsample(self) -> bool:
         return True if self.subpixel_upsample is None else self.subpixel_upsample
 
@@ -120,48 +113,11 @@ class SpeedConfig(StrictModel):
 
 
 def _set_sdpa(module: torch.nn.Module) -> None:
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     for sub in module.modules():
-        if isinstance(sub, Attention) and not isinstance(sub.processor, SDPAProcessor):
-            sub.set_processor(SDPAProcessor())
-
-
-def _plain_call(attn, hidden_states: torch.Tensor, encoder_hidden_states, attention_mask, args, kwargs) -> bool:
-    """A call whose attention is just softmax(q k^T / sqrt(d)) v on 3-D tokens: no mask, no extra norms."""
-    return (attention_mask is None and not args and not kwargs and hidden_states.dim() == 3
-            and not (encoder_hidden_states is not None and attn.norm_cross)
-            and all(getattr(attn, name) is None for name in ("spatial_norm", "group_norm", "norm_q", "norm_k")))
-
-
-def _attention_output(attn, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Output projection, dropout, residual and rescaling, as diffusers' processors end."""
-    out = attn.to_out[1](attn.to_out[0](out))
-    if attn.residual_connection:
-        out = out + hidden_states
-    return out / attn.rescale_output_factor
-
-
-class SDPAProcessor:
-    """diffusers' ``AttnProcessor2_0`` (PyTorch SDPA) whose plain calls take their q/k/v from
-    ``fusions.project_qkv`` (one matmul where the layer's projections are stacked); anything else (masks, extra
-    norms, 4-D inputs) goes through ``AttnProcessor2_0`` itself."""
-
-    def __init__(self):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.fallback = AttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        from customcrafter import fusions
-
-        if not _plain_call(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs):
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        query, key, value = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-                             for t in fusions.project_qkv(attn, hidden_states, encoder_hidden_states))
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value)
-        return _attention_output(attn, out.transpose(1, 2).flatten(2).to(query.dtype), hidden_states)
+        if isinstance(sub, Attention) and not isinstance(sub.processor, AttnProcessor2_0):
+            sub.set_processor(AttnProcessor2_0())
 
 
 def _efficient_sdpa(tensor: torch.Tensor):
@@ -191,7 +147,7 @@ class EfficientAttnProcessor:
 
 class TritonTemporalAttnProcessor:
     """Self-attention through ``customcrafter.kernels.temporal_attention`` (the short-sequence Triton kernel, reading
-    the projections' layout as it is, stacked or not: ``fusions.project_qkv``). Anything that kernel does not take — a mask, cross-attention, extra norms, a
+    the projections' layout as it is). Anything that kernel does not take — a mask, cross-attention, extra norms, a
     gradient, the CPU — goes through ``EfficientAttnProcessor`` instead."""
 
     def __init__(self):
@@ -199,15 +155,20 @@ class TritonTemporalAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        from customcrafter import fusions, kernels
+        from customcrafter import kernels
 
-        if encoder_hidden_states is not None or not _plain_call(attn, hidden_states, None, attention_mask, args,
-                                                                kwargs):
+        plain = (encoder_hidden_states is None and attention_mask is None and not args and not kwargs
+                 and hidden_states.dim() == 3 and all(getattr(attn, name) is None for name in
+                                                      ("spatial_norm", "group_norm", "norm_q", "norm_k")))
+        if not plain:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        query, key, value = fusions.project_qkv(attn, hidden_states)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         with _efficient_sdpa(query):  # for the PyTorch fallback inside, where the kernel does not apply
             out = kernels.temporal_attention(query, key, value, attn.heads)
-        return _attention_output(attn, out, hidden_states)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
 
 
 _TEMPORAL_PROCESSORS = {"efficient": EfficientAttnProcessor, "triton": TritonTemporalAttnProcessor}
@@ -271,8 +232,6 @@ def _layer_rewrites(pipe, config: SpeedConfig) -> None:
             fusions.use_channel_stats_group_norm(module)
         if config.resolved_unfused_linear_bias(compiled):
             fusions.use_unfused_bias_linears(module)
-    if config.resolved_stacked_projections():
-        fusions.use_stacked_projections(pipe.unet)
 
 
 def optimize_pipeline(pipe, config: SpeedConfig | None = None):
