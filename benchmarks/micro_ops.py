@@ -297,12 +297,26 @@ def group_norm_rows() -> list[dict]:
     return rows
 
 
+def gpu_work_per_call(fn, calls: int = 10) -> dict:
+    """What one call of ``fn`` runs on the GPU, under the profiler: memsets, kernel time (memsets left out) and the
+    kernels' names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    kernels = [e for e in events if "emset" not in e.name]
+    return {"memsets_per_call": (len(events) - len(kernels)) / calls,
+            "kernel_us": round(sum(e.time_range.elapsed_us() for e in kernels) / calls, 2),
+            "kernels": sorted({e.name[:80] for e in kernels})}
+
+
 def bias_rows() -> list[dict]:
     """The UNet's linear layers with their bias in cuBLAS's epilogue (``F.linear``) against the plain matmul whose
     bias add ``customcrafter.fusions.unfused_bias_linear`` leaves to the next fused kernel, and how many memsets
     each call issues (one per cuBLAS call, whatever the form)."""
-    from torch.profiler import ProfilerActivity, profile
-
     rows = []
     for name, m, k, n in LINEAR:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -313,12 +327,7 @@ def bias_rows() -> list[dict]:
                  ("plain_mm", functools.partial(torch.mm, x, weight.t())))
         for label, fn in forms:
             row[label + "_ms"] = round(cuda_time(fn), 4)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
-            memsets = sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "emset" in e.name)
-            row[label + "_memsets_per_call"] = memsets / 10
+            row[label + "_memsets_per_call"] = gpu_work_per_call(fn)["memsets_per_call"]
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -330,8 +339,6 @@ def graph_rows() -> list[dict]:
     back-to-back calls. A pointwise add (no memset) is the yardstick for the gap a graph leaves between kernels.
     ``CUBLAS_WORKSPACE_CONFIG`` in the environment changes cuBLAS's workspace (``:0:0`` = none)."""
     import os
-
-    from torch.profiler import ProfilerActivity, profile
 
     torch.backends.cudnn.benchmark = True
     bf16 = {"device": "cuda", "dtype": torch.bfloat16}
@@ -351,6 +358,7 @@ def graph_rows() -> list[dict]:
              ("conv3x3 32x640x40x64", lambda: F.conv2d(c1, k1, padding=1)),
              ("conv3x3 32x1280x10x16", lambda: F.conv2d(c2, k2, padding=1))]
     rows = []
+    library_before = torch.backends.cuda.preferred_blas_library()
     for library in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(library)
         for name, fn in cases:
@@ -360,34 +368,24 @@ def graph_rows() -> list[dict]:
                 row["eager_us"] = round(1000 * cuda_time(fn), 2)
             except RuntimeError as exc:  # e.g. cuBLASLt refusing to run without a workspace
                 row["error"] = str(exc)[:200]
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                continue
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
-            events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-            memsets = [e for e in events if "emset" in e.name]
-            row["memsets_per_call"] = len(memsets) / 10
-            row["kernel_us"] = round(sum(e.time_range.elapsed_us() for e in events if e not in memsets) / 10, 2)
-            row["kernels"] = sorted({e.name[:80] for e in events if e not in memsets})
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(100):
-                    fn()
-            row["graph_us_per_op"] = round(1000 * cuda_time(graph.replay, iters=10) / 100, 2)
-            row["graph_gap_us"] = round(row["graph_us_per_op"] - row["kernel_us"], 2)
-            del graph
+            else:
+                row |= gpu_work_per_call(fn)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(3):
+                        fn()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(100):
+                        fn()
+                row["graph_us_per_op"] = round(1000 * cuda_time(graph.replay, iters=10) / 100, 2)
+                row["graph_gap_us"] = round(row["graph_us_per_op"] - row["kernel_us"], 2)
+                del graph
             print(json.dumps(row), flush=True)
             rows.append(row)
-    torch.backends.cuda.preferred_blas_library("cublas")
+    torch.backends.cuda.preferred_blas_library(library_before)
     return rows
 
 
