@@ -59,20 +59,22 @@ def test_outputs_are_reproducible_and_typed(tiny):
     assert not np.array_equal(video, other)
 
 
-def test_cfg_is_one_batch_of_two_and_skipped_at_scale_one(tiny, monkeypatch):
+def test_cfg_is_one_call_with_the_latents_once_and_skipped_at_scale_one(tiny, monkeypatch):
+    """CFG: one UNet call per step with the latents once and the (negative, positive) contexts (the UNet repeats
+    the latents after what sees no context)."""
     batches = []
     forward = tiny.unet.forward
 
-    def spy(sample, *args, **kwargs):
-        batches.append(sample.shape[0])
-        return forward(sample, *args, **kwargs)
+    def spy(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        batches.append((sample.shape[0], timestep.shape[0], kwargs["fps"].shape[0], encoder_hidden_states.shape[0]))
+        return forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(tiny.unet, "forward", spy)
     tiny(["a", "b"], **SMALL, output_type="latent")
-    assert batches == [4] * 3
+    assert batches == [(2, 2, 2, 4)] * 3
     batches.clear()
     tiny("a", guidance_scale=1.0, **SMALL, output_type="latent")
-    assert batches == [1] * 3
+    assert batches == [(1, 1, 1, 1)] * 3
 
 
 def test_prompt_and_negative_prompt_are_encoded_in_one_pass_with_the_same_result(tiny, monkeypatch):

@@ -63,6 +63,47 @@ def test_without_fps_cond_has_no_fps_embedding():
     assert not any(k.startswith("fps_embedding") for k in unet.state_dict())
 
 
+def test_one_latent_for_several_contexts_equals_the_repeated_latent(tiny_unet):
+    """CFG: the latents once with the (negative, positive) contexts give what the latents repeated give, while the
+    first resnet and temporal convolution run on half the batch. In float64: the tiny random UNet amplifies float32
+    rounding (different batch sizes round differently) to ~1e-3."""
+    unet = VideoCrafter2UNet.from_config(tiny_unet.config)
+    unet.load_state_dict(tiny_unet.state_dict())
+    unet.double().eval()
+    x, _, _ = _inputs(batch=2)
+    x = x.double()
+    contexts = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t, fps = torch.tensor([10, 700]), torch.tensor([8, 28])
+    calls = []
+    unet.down_blocks[0].resnets[0].register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    with torch.no_grad():
+        shared = unet(x, t, contexts, fps=fps).sample
+        repeated = unet(x.repeat(2, 1, 1, 1, 1), t.repeat(2), contexts, fps=fps.repeat(2)).sample
+    assert calls == [2 * 3, 4 * 3]  # (batch × frames) rows: the shared call ran the first resnet once per latent
+    assert shared.shape == repeated.shape == (4, 4, 3, 8, 8)
+    torch.testing.assert_close(shared, repeated, rtol=1e-9, atol=1e-10)
+    # the negative halves differ from the positive ones: the contexts did reach the shared latents
+    assert (shared[:2] - shared[2:]).abs().max() > 1e-3
+
+    with pytest.raises(ValueError, match="not a multiple of the sample's batch 2"):
+        unet(x, t, contexts[:3], fps=fps)
+
+
+def test_one_latent_for_several_contexts_under_gradient_checkpointing(tiny_unet):
+    unet = VideoCrafter2UNet.from_config(tiny_unet.config)
+    unet.load_state_dict(tiny_unet.state_dict())
+    unet.enable_gradient_checkpointing()
+    unet.double().eval()  # no dropout: both calls see the same network
+    x, t, _ = _inputs(batch=1, frames=2)
+    x = x.double()
+    contexts = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    shared = unet(x, t, contexts, fps=16).sample
+    repeated = unet(x.repeat(2, 1, 1, 1, 1), t.repeat(2), contexts, fps=16).sample
+    torch.testing.assert_close(shared, repeated, rtol=1e-9, atol=1e-10)
+    shared.square().mean().backward()  # gradients flow through the repeated activations
+    assert unet.conv_in.weight.grad is not None and unet.conv_in.weight.grad.abs().sum() > 0
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_unet):
     unet = VideoCrafter2UNet.from_config(tiny_unet.config)
     unet.load_state_dict(tiny_unet.state_dict())

@@ -185,7 +185,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} != prompt_embeds "
                                  f"{tuple(prompt_embeds.shape)}")
-            # one UNet call per step on (uncond, cond)
+            # one UNet call per step on the (uncond, cond) contexts
             context = torch.cat([negative_prompt_embeds, prompt_embeds])
         else:
             context = prompt_embeds
@@ -194,7 +194,7 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps.tolist()
         latents = self.prepare_latents(batch, num_frames, height, width, generator, latents)
-        fps_tensor = torch.full((context.shape[0],), fps, device=device, dtype=torch.long)
+        fps_tensor = torch.full((batch,), fps, device=device, dtype=torch.long)
         step_noise = self._step_noise(generator, tuple(latents.shape), len(timesteps), noise_sampler) if eta > 0 \
             else None
 
@@ -202,8 +202,10 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
             if on_step_begin is not None:
                 on_step_begin(self, i, t)
-            model_input = (torch.cat([latents] * 2) if do_cfg else latents).to(self.unet.dtype)
-            t_batch = torch.full((context.shape[0],), t, device=device, dtype=torch.long)
+            # With CFG the latents go in once for both contexts: the UNet runs what sees no context (up to its first
+            # cross-attention) once per latent, then repeats it for the (negative, positive) pair.
+            model_input = latents.to(self.unet.dtype)
+            t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
             eps = self.unet(model_input, t_batch, context, fps=fps_tensor, return_dict=False)[0].float()
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)

@@ -32,6 +32,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 
 # DiffusionPipeline.from_pretrained finds a component's base class (its load method) in the component's module.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from diffusers.models.unets.unet_3d_blocks import CrossAttnDownBlock3D
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionModel, UNet3DConditionOutput
 
 #: fps used when ``forward`` gets ``fps=None``: the frame rate VideoCrafter2 is sampled with (its inference
@@ -113,6 +114,40 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
         fps = fps.reshape(-1).to(device).expand(batch)
         return self.fps_embedding(self.time_proj(fps).to(dtype=self.dtype))
 
+    def _context_free_prefix(self, sample: torch.Tensor, emb: torch.Tensor, num_frames: int, repeats: int):
+        """One latent for ``repeats`` contexts: the first down block's first resnet and temporal convolution (they
+        see no context) run once per latent; then everything is repeated for the contexts. Returns the activations,
+        the first skip connection (``transformer_in``'s output) and the time embedding, all repeated, and whether
+        the first layer's resnet and temporal convolution ran (not under gradient checkpointing, which checkpoints
+        whole blocks)."""
+        block = self.down_blocks[0]
+        skip = sample.repeat(repeats, 1, 1, 1)
+        done = isinstance(block, CrossAttnDownBlock3D) and not (torch.is_grad_enabled() and self.gradient_checkpointing)
+        if done:
+            sample = block.temp_convs[0](block.resnets[0](sample, emb), num_frames=num_frames)
+        return sample.repeat(repeats, 1, 1, 1), skip, emb.repeat(repeats, 1), done
+
+    @staticmethod
+    def _rest_of_first_block(block, sample, emb, encoder_hidden_states, num_frames, cross_attention_kwargs):
+        """``CrossAttnDownBlock3D.forward`` from its first spatial transformer on (its first resnet and temporal
+        convolution ran in ``_context_free_prefix``)."""
+        output_states = ()
+        for index, (resnet, temp_conv, attn, temp_attn) in enumerate(
+            zip(block.resnets, block.temp_convs, block.attentions, block.temp_attentions, strict=True)
+        ):
+            if index:
+                sample = temp_conv(resnet(sample, emb), num_frames=num_frames)
+            sample = attn(sample, encoder_hidden_states=encoder_hidden_states,
+                          cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+            sample = temp_attn(sample, num_frames=num_frames, cross_attention_kwargs=cross_attention_kwargs,
+                               return_dict=False)[0]
+            output_states += (sample,)
+        if block.downsamplers is not None:
+            for downsampler in block.downsamplers:
+                sample = downsampler(sample)
+            output_states += (sample,)
+        return sample, output_states
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -129,7 +164,11 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
         """ε prediction.
 
         Args:
-            sample: noisy latents (B, C, T, H, W).
+            sample: noisy latents (B, C, T, H, W); or (B/k, C, T, H, W), one latent for k contexts each, as in
+                classifier-free guidance (the same latents with the negative and with the positive prompt). Then
+                what sees no context (``conv_in``, ``transformer_in``, the first resnet and temporal convolution)
+                runs once per latent and is repeated, as if ``sample`` were ``sample.repeat(k, 1, 1, 1, 1)``;
+                ``timestep`` and ``fps`` are then per latent.
             timestep: scalar or (B,) diffusion timesteps.
             encoder_hidden_states: text embeddings (B, L, D).
             fps: frame-rate condition, scalar or (B,); None means ``DEFAULT_FPS`` (28, VideoCrafter2's sampling
@@ -140,6 +179,10 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
             ``UNet3DConditionOutput(sample)`` with ``sample`` (B, C_out, T, H, W), or a 1-tuple.
         """
         batch, _, num_frames, height, width = sample.shape
+        repeats, remainder = divmod(encoder_hidden_states.shape[0], batch)
+        if remainder or not repeats:
+            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}: not a multiple of "
+                             f"the sample's batch {batch}")
         up_factor = 2**self.num_upsamplers
         # Odd sizes: force the upsamplers to the skip connection's size (as the base class does).
         forward_upsample_size = height % up_factor != 0 or width % up_factor != 0
@@ -173,9 +216,18 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
         )[0]
 
         # 3. down
-        down_block_res_samples = (sample,)
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
+        first_layer_done = False
+        if repeats > 1:
+            sample, skip, emb, first_layer_done = self._context_free_prefix(sample, emb, num_frames, repeats)
+        else:
+            skip = sample
+        down_block_res_samples = (skip,)
+        for index, block in enumerate(self.down_blocks):
+            if index == 0 and first_layer_done:
+                sample, res_samples = self._rest_of_first_block(
+                    block, sample, emb, encoder_hidden_states, num_frames, cross_attention_kwargs
+                )
+            elif getattr(block, "has_cross_attention", False):
                 sample, res_samples = self._run_block(
                     block, sample, emb, encoder_hidden_states, attention_mask,
                     num_frames=num_frames, cross_attention_kwargs=cross_attention_kwargs,
@@ -219,7 +271,7 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
         if self.conv_norm_out is not None:
             sample = self.conv_act(self.conv_norm_out(sample))
         sample = self.conv_out(sample)
-        sample = sample.reshape((batch, num_frames) + sample.shape[1:]).permute(0, 2, 1, 3, 4)
+        sample = sample.reshape((batch * repeats, num_frames) + sample.shape[1:]).permute(0, 2, 1, 3, 4)
 
         if not return_dict:
             return (sample,)

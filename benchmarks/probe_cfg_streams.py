@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Probe: what one compiled CFG UNet forward costs under a CUDA graph, arranged in different ways.
+
+Roles: ``batch`` (one batch-2 forward, as the pipeline runs it), ``shared`` (one latent for the two contexts: the
+part before the first cross-attention runs once, ``VideoCrafter2UNet.forward``), ``split`` (two batch-1 forwards,
+one after the other and on two CUDA streams forked and joined inside one graph: does one branch's memory-bound
+work overlap the other's GEMMs?). ``--inductor KEY=VALUE`` sets a ``torch._inductor.config`` entry; environment
+variables (``TORCHINDUCTOR_ENABLE_PDL=1``, ``CUBLAS_WORKSPACE_CONFIG=:0:0``) are whatever the command sets.
+
+Each role compiles the full-size UNet (random weights, the product's layer rewrites, channels-last, compile mode
+"default") and captures its forwards in CUDA graphs by hand; replays are timed with CUDA events.
+
+    python benchmarks/probe_cfg_streams.py --role batch --out batch.json      # one batch-2 forward per replay
+    python benchmarks/probe_cfg_streams.py --role split --out split.json      # two batch-1 forwards per replay
+    python benchmarks/probe_cfg_streams.py --role shared --out shared.json    # one latent, two contexts
+
+Run both side by side (``--ready-file``/``--wait-for``/``--done-file`` as in gpu.py) to compare them on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import add_subject_lora, build_pipeline  # noqa: E402
+
+from customcrafter.performance import SpeedConfig, optimize_pipeline  # noqa: E402
+
+
+def wait_turn(args) -> None:
+    """As gpu.py's, but a run that never gets ready (a compile that overran) only delays the others: after
+    ``--wait-timeout`` seconds they time anyway."""
+    if args.ready_file:
+        Path(args.ready_file).touch()
+    deadline = time.monotonic() + args.wait_timeout
+    while not all(Path(path).exists() for path in args.wait_for) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def inputs(unet, batch: int, frames: int, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(batch, 4, frames, 40, 64, device="cuda", dtype=unet.dtype, generator=g)
+    context = torch.randn(batch, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype, generator=g)
+    t = torch.full((batch,), 500, device="cuda", dtype=torch.long)
+    fps = torch.full((batch,), 16, device="cuda", dtype=torch.long)
+    return x, t, context, fps
+
+
+def capture(fn, warmup: int = 3):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def replay_ms(graph, replays: int = 20) -> float:
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=["batch", "shared", "split"], required=True)
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config entries (dotted keys, Python literals)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ready-file", default=None)
+    parser.add_argument("--wait-for", nargs="*", default=[])
+    parser.add_argument("--done-file", default=None)
+    parser.add_argument("--wait-timeout", type=float, default=900.0)
+    args = parser.parse_args()
+    try:
+        run(args)
+    finally:  # a run that fails must not keep the others waiting
+        for path in (args.ready_file, args.done_file):
+            if path:
+                Path(path).touch()
+
+
+def set_inductor(entries: list[str]) -> dict:
+    import ast
+
+    import torch._inductor.config as config
+
+    applied = {}
+    for entry in entries:
+        key, value = entry.split("=", 1)
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, ast.literal_eval(value))
+        applied[key] = getattr(target, name)
+    return applied
+
+
+def run(args) -> None:
+    import os
+
+    started = time.perf_counter()
+    inductor = set_inductor(args.inductor)
+    pipe = build_pipeline(None)
+    add_subject_lora(pipe)
+    optimize_pipeline(pipe, SpeedConfig(compile="full", compile_mode="default"))
+    unet = pipe.unet
+    report: dict = {"role": args.role, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "inductor": inductor, "enable_pdl": getattr(torch._inductor.config.triton, "enable_pdl", None),
+                    "env": {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR", "CUBLAS"))}}
+
+    def forward(x, t, context, fps):
+        return unet(x, t, context, fps=fps, return_dict=False)[0]
+
+    graphs: dict[str, torch.cuda.CUDAGraph] = {}
+    outputs: dict[str, object] = {}
+    with torch.no_grad():
+        if args.role == "batch":
+            both = inputs(unet, 2, args.frames, 0)
+            graphs["batch2"], outputs["batch2"] = capture(lambda: forward(*both))
+        elif args.role == "shared":
+            x, t, context, fps = inputs(unet, 2, args.frames, 0)
+            one = (x[:1], t[:1], context, fps[:1])
+            graphs["shared_latent_batch2"], outputs["shared"] = capture(lambda: forward(*one))
+        else:
+            a, b = inputs(unet, 1, args.frames, 1), inputs(unet, 1, args.frames, 2)
+            graphs["one_batch1"], _ = capture(lambda: forward(*a))
+            graphs["two_batch1_sequential"], outputs["seq"] = capture(lambda: (forward(*a), forward(*b)))
+            for name, priority in (("two_batch1_streams", 0), ("two_batch1_streams_priority", -1)):
+                side = torch.cuda.Stream(priority=priority)
+
+                def forked(side=side):
+                    main = torch.cuda.current_stream()
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        out_b = forward(*b)
+                    out_a = forward(*a)
+                    main.wait_stream(side)
+                    return out_a, out_b
+
+                graphs[name], outputs[name] = capture(forked)
+            # the same results either way (the graphs read the same inputs)
+            for name in ("two_batch1_streams", "two_batch1_streams_priority"):
+                graphs[name].replay()
+                graphs["two_batch1_sequential"].replay()
+                torch.cuda.synchronize()
+                seq, par = outputs["seq"], outputs[name]
+                report[f"{name}_max_abs_diff_vs_sequential"] = max(
+                    float((s.float() - p.float()).abs().max()) for s, p in zip(seq, par, strict=True))
+    report["warmup_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report), flush=True)
+
+    wait_turn(args)
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(args.rounds):
+        for name, graph in graphs.items():
+            times[name].append(round(replay_ms(graph), 3))
+    report["ms_per_replay"] = times
+    report["ms_per_replay_min"] = {name: min(v) for name, v in times.items()}
+    report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
