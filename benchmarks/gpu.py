@@ -350,9 +350,10 @@ def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None
     pipe = build_pipeline(args.weights)
     optimize_pipeline(pipe, speed)
     unet = pipe.unet
-    x = torch.randn(2, 4, args.frames, args.height // 8, args.width // 8, device="cuda", dtype=unet.dtype)
+    # as the pipeline calls it with CFG: the latents once, the (negative, positive) contexts
+    x = torch.randn(1, 4, args.frames, args.height // 8, args.width // 8, device="cuda", dtype=unet.dtype)
     context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
-    t = torch.tensor([500, 500], device="cuda")
+    t = torch.tensor([500], device="cuda")
     with torch.no_grad():
         for _ in range(3):
             unet(x, t, context, fps=16)
