@@ -131,16 +131,18 @@ def sample(pipe, steps: int, frames: int, height: int, width: int, seed: int = 0
                     on_step_begin=callback, progress=False, **kwargs).frames
 
 
-def unet_flops(pipe, frames: int, height: int, width: int) -> int:
-    """FLOPs of one UNet forward on the CFG batch (2 videos)."""
+def unet_flops(pipe, frames: int, height: int, width: int, latents: int = 2) -> int:
+    """FLOPs of one UNet forward with the CFG pair of contexts: ``latents=2`` counts the whole batch of 2 (the
+    reference's work per step, what MFU is quoted against), ``latents=1`` what the pipeline executes (the latents
+    once: the part before the first cross-attention runs once)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = pipe.unet
-    x = torch.randn(2, 4, frames, height // 8, width // 8, device="cuda", dtype=unet.dtype)
+    x = torch.randn(latents, 4, frames, height // 8, width // 8, device="cuda", dtype=unet.dtype)
     context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        unet(x, torch.tensor([500, 500], device="cuda"), context, fps=16)
+        unet(x, torch.full((latents,), 500, device="cuda"), context, fps=16)
     return int(counter.get_total_flops())
 
 
@@ -536,8 +538,9 @@ def run(args) -> None:
         probe = build_pipeline(args.weights)
         optimize_pipeline(probe, SpeedConfig(compile="none"))
         flops = unet_flops(probe, args.frames, args.height, args.width)
-        free(probe)
         report["unet_flops_per_step_cfg_batch"] = flops
+        report["unet_flops_per_step_executed"] = unet_flops(probe, args.frames, args.height, args.width, latents=1)
+        free(probe)
         report["sampling"] = []
         for name in args.variants:
             try:
