@@ -45,7 +45,7 @@ class SpeedConfig(StrictModel):
                                                           "mode (no gain there)")
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile: 'full' compiles the whole UNet forward (H100, with channels-last, the "
-                            "rewrites and CUDA graphs: 8.0 s -> 3.6-3.7 s per video after ~3 min of compilation, so "
+                            "rewrites and CUDA graphs: 8.0 s -> 3.5 s per video after ~3-4 min of compilation, so "
                             "for batches of videos), 'regional' its repeated blocks (~2 min, 6.7 s), 'none' runs "
                             "eagerly")
     compile_mode: str | None = Field(
