@@ -153,16 +153,28 @@ def matmul_peak_tflops() -> float:
     return 20 * 2 * 8192**3 / seconds / 1e12
 
 
-def wait_turn(args) -> None:
+def add_turn_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options with which runs side by side on one GPU take turns to time (``wait_turn``)."""
+    parser.add_argument("--ready-file", default=None, help="touched when a run is warm, before timing")
+    parser.add_argument("--wait-for", nargs="*", default=[], help="files that must exist before timing (another "
+                                                                    "run's --ready-file/--done-file)")
+    parser.add_argument("--done-file", default=None, help="touched when this run ends (also on errors)")
+    parser.add_argument("--wait-timeout", type=float, default=900.0)
+
+
+def wait_turn(args, proceed_after_timeout: bool = False) -> None:
     """Two runs of this script side by side on one GPU (``--ready-file``/``--wait-for``/``--done-file``): each
     compiles and warms up while the other does, and the timed parts take turns. So two compiled variants are
-    compared on one machine in the time of one compilation."""
+    compared on one machine in the time of one compilation. After ``--wait-timeout`` seconds: raise, or with
+    ``proceed_after_timeout`` time anyway (a run that never got ready then only delays the others)."""
     if args.ready_file:
         Path(args.ready_file).touch()
     deadline = time.monotonic() + args.wait_timeout
     for path in args.wait_for:
         while not Path(path).exists():
             if time.monotonic() > deadline:
+                if proceed_after_timeout:
+                    return
                 raise TimeoutError(f"--wait-for {path}: not there after {args.wait_timeout} s")
             time.sleep(0.2)
 
@@ -502,11 +514,7 @@ def main() -> None:
                              "SDPA's own kernel choice instead of the default memory-efficient one)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
-    parser.add_argument("--ready-file", default=None, help="touched when a sampling variant is warm, before timing")
-    parser.add_argument("--wait-for", nargs="*", default=[], help="files that must exist before timing a sampling "
-                                                                    "variant (another run's --ready-file/--done-file)")
-    parser.add_argument("--done-file", default=None, help="touched when this run ends (also on errors)")
-    parser.add_argument("--wait-timeout", type=float, default=900.0)
+    add_turn_arguments(parser)
     args = parser.parse_args()
     try:
         run(args)

@@ -28,19 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import add_subject_lora, build_pipeline  # noqa: E402
+from gpu import add_subject_lora, add_turn_arguments, build_pipeline, wait_turn  # noqa: E402
 
 from customcrafter.performance import SpeedConfig, optimize_pipeline  # noqa: E402
-
-
-def wait_turn(args) -> None:
-    """As gpu.py's, but a run that never gets ready (a compile that overran) only delays the others: after
-    ``--wait-timeout`` seconds they time anyway."""
-    if args.ready_file:
-        Path(args.ready_file).touch()
-    deadline = time.monotonic() + args.wait_timeout
-    while not all(Path(path).exists() for path in args.wait_for) and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def inputs(unet, batch: int, frames: int, seed: int):
@@ -87,10 +77,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--ready-file", default=None)
-    parser.add_argument("--wait-for", nargs="*", default=[])
-    parser.add_argument("--done-file", default=None)
-    parser.add_argument("--wait-timeout", type=float, default=900.0)
+    add_turn_arguments(parser)
     args = parser.parse_args()
     try:
         run(args)
@@ -171,7 +158,8 @@ def run(args) -> None:
     report["warmup_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report), flush=True)
 
-    wait_turn(args)
+    # a run that never gets ready (a compile that overran) only delays the others
+    wait_turn(args, proceed_after_timeout=True)
     times: dict[str, list[float]] = {name: [] for name in graphs}
     for _ in range(args.rounds):
         for name, graph in graphs.items():
