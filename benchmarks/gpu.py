@@ -388,11 +388,21 @@ def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None
     prof.export_chrome_trace(str(trace))
     summary = {"wall_ms_per_forward": round(wall_ms, 3)} | kernel_summary(trace, forwards=3)
     (out_dir / f"{name}_kernels.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / f"{name}_calls.json").write_text(json.dumps(kernel_calls(trace)))
     print(json.dumps({k: v for k, v in summary.items() if k != "top_kernels"}, indent=1))
     for row in summary["top_kernels"][:40]:
         print(f"{row['ms_per_forward']:8.3f} ms {row['calls_per_forward']:6.1f}x  {row['category']:10s} "
               f"{row['name'][:110]}")
     free(pipe)
+
+
+def kernel_calls(trace: Path) -> list[dict]:
+    """Every kernel launch of a Chrome trace in start order: name, start and duration (µs), grid and block, to map
+    kernels onto layers and compare each with its own bandwidth or FLOP floor."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel" and "dur" in e]
+    events.sort(key=lambda e: e["ts"])
+    return [{"name": e["name"], "ts": e["ts"], "dur": e["dur"], "grid": e.get("args", {}).get("grid"),
+             "block": e.get("args", {}).get("block")} for e in events]
 
 
 KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of CUDA kernel names

@@ -297,6 +297,140 @@ def group_norm_rows() -> list[dict]:
     return rows
 
 
+def graph_ms(fn) -> float:
+    """Median ms of one call of ``fn`` replayed in a CUDA graph (no launch gaps, as in the UNet's graph)."""
+    import triton.testing
+
+    fn()  # compile, autotune and warm up outside the capture
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+# (name, GroupNorm input shape): resnet (frames as images, channels-last) and temporal-conv (5-D, channels-last-3d)
+# GroupNorms at the UNet's levels, CFG batch 2 x 16 frames at 320x512
+GN_SCALE_SHIFT = [("resnet L0", (32, 320, 40, 64)), ("temporal-conv L0", (2, 320, 16, 40, 64)),
+                  ("resnet L1", (32, 640, 20, 32)), ("temporal-conv L1", (2, 640, 16, 20, 32)),
+                  ("resnet L2", (32, 1280, 10, 16)), ("resnet L3", (32, 1280, 5, 8))]
+
+
+def gn_scale_shift_rows() -> list[dict]:
+    """A convolution's bias add + ``channel_stats_group_norm`` + SiLU, compiled and replayed in a CUDA graph, with
+    GroupNorm's per-(sample, channel) scale and shift computed by PyTorch ops (which inductor inlines into the pass
+    over the activation) against the small kernel ``customcrafter.kernels.group_norm_scale_shift``."""
+    from customcrafter import fusions, kernels
+
+    rows = []
+    for name, shape in GN_SCALE_SHIFT:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = (torch.randn(shape, device="cuda") * 3 + 1).to(torch.bfloat16).contiguous(memory_format=fmt)
+        c = shape[1]
+        conv_bias, bias = (torch.randn(c, device="cuda").to(torch.bfloat16) for _ in range(2))
+        weight = (torch.rand(c, device="cuda") + 0.5).to(torch.bfloat16)
+        per_channel = (c,) + (1,) * (len(shape) - 2)
+
+        def layer(x, conv_bias=conv_bias, weight=weight, bias=bias, per_channel=per_channel):
+            return F.silu(fusions.channel_stats_group_norm(x + conv_bias.view(per_channel), 32, weight, bias, 1e-6))
+
+        with torch.no_grad():
+            ref = layer(x.double(), conv_bias.double(), weight.double(), bias.double()).float()
+        moved = 3 * x.numel() * 2  # bytes: read for the statistics, read and write for the scale-and-shift pass
+        row = {"op": f"conv bias + group_norm + silu {name}", "floor_ms_at_3tb": round(moved / 3.0e9, 4)}
+        for label, scale_shift in (("inlined", kernels.group_norm_scale_shift_reference),
+                                   ("kernel", kernels.group_norm_scale_shift)):
+            fusions.group_norm_scale_shift = fusions.group_norm_scale_shift_reference = scale_shift
+            torch._dynamo.reset()
+            compiled = torch.compile(layer, dynamic=False)
+            with torch.no_grad():
+                ms = graph_ms(functools.partial(compiled, x))
+                row[label + "_ms"] = round(ms, 4)
+                row[label + "_tb_s"] = round(moved / ms / 1e9, 2)
+                row[label + "_rel_err"] = _rel_err(compiled(x), ref)
+        fusions.group_norm_scale_shift = kernels.group_norm_scale_shift
+        fusions.group_norm_scale_shift_reference = kernels.group_norm_scale_shift_reference
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+# (name, sequences, heads, head_dim) of the temporal attention calls of one CFG forward (16 frames)
+TEMPORAL_GRID = [("transformer_in (latents once)", 2560, 8, 64), ("L0", 5120, 5, 64), ("L1", 1280, 10, 64),
+                 ("L2", 320, 20, 64)]
+
+
+def temporal_grid_rows(sets: int = 4) -> list[dict]:
+    """The Triton temporal-attention kernel with the head as the fastest grid axis (what the op launches) against
+    row blocks fastest (before session 10), replayed in a CUDA graph over ``sets`` input sets in turn so that the
+    inputs come from device memory, not the L2 cache."""
+    import math
+
+    import triton
+
+    from customcrafter import kernels
+
+    rows = []
+    for name, b, h, d in TEMPORAL_GRID:
+        inputs = [[torch.randn(b, 16, h * d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+                  for _ in range(sets)]
+
+        def launch(q, k, v, head_axis, h=h, d=d):
+            out = torch.empty_like(q)
+
+            def grid(meta):
+                blocks = triton.cdiv(q.shape[0], meta["BLOCK_R"] // q.shape[1])
+                return (h, blocks) if head_axis == 0 else (blocks, h)
+
+            kernels._temporal_attention_kernel[grid](
+                q, k, v, out, q.shape[0] * q.shape[1], q.stride(1), k.stride(1), v.stride(1), out.stride(1),
+                math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, HEAD_AXIS=head_axis)
+            return out
+
+        row = {"op": f"temporal attention {name}", "floor_ms_at_3tb": round(4 * inputs[0][0].numel() * 2 / 3.0e9, 4)}
+        for label, axis in (("heads_fastest", 0), ("rows_fastest", 1)):
+            ms = graph_ms(lambda axis=axis, inputs=inputs: [launch(*qkv, axis) for qkv in inputs]) / sets
+            row[label + "_ms"] = round(ms, 4)
+            row[label + "_config"] = str(kernels._temporal_attention_kernel.best_config)
+        row["same_output"] = bool(torch.equal(launch(*inputs[0], 0), launch(*inputs[0], 1)))
+        row["op_equals_launch"] = bool(torch.equal(kernels.temporal_attention(*inputs[0], h), launch(*inputs[0], 0)))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def temporal_config_rows(sets: int = 4) -> list[dict]:
+    """Each of the temporal-attention kernel's autotuning configs, launched directly, replayed in a CUDA graph over
+    ``sets`` input sets in turn: how much the choice between them matters at each shape."""
+    import math
+
+    import triton
+
+    from customcrafter import kernels
+
+    rows = []
+    for name, b, h, d in TEMPORAL_GRID:
+        inputs = [[torch.randn(b, 16, h * d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+                  for _ in range(sets)]
+        row = {"op": f"temporal attention {name}", "floor_ms_at_3tb": round(4 * inputs[0][0].numel() * 2 / 3.0e9, 4)}
+        for config in kernels._temporal_attention_kernel.configs:
+            block, warps = config.kwargs["BLOCK_R"], config.num_warps
+
+            def launch(q, k, v, block=block, warps=warps, h=h, d=d):
+                out = torch.empty_like(q)
+                kernels._temporal_attention_kernel.fn[(h, triton.cdiv(q.shape[0], block // q.shape[1]))](
+                    q, k, v, out, q.shape[0] * q.shape[1], q.stride(1), k.stride(1), v.stride(1), out.stride(1),
+                    math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, BLOCK_R=block, HEAD_AXIS=0,
+                    num_warps=warps, num_stages=1)
+                return out
+
+            label = f"block{block}_warps{warps}"
+            row[label + "_ms"] = round(graph_ms(lambda launch=launch, inputs=inputs: [launch(*qkv) for qkv in inputs])
+                                       / sets, 4)
+            row[label + "_equal_to_op"] = bool(torch.equal(launch(*inputs[0]),
+                                                           kernels.temporal_attention(*inputs[0], h)))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def gpu_work_per_call(fn, calls: int = 10) -> dict:
     """What one call of ``fn`` runs on the GPU, under the profiler: memsets, kernel time (memsets left out) and the
     kernels' names."""
@@ -391,19 +525,20 @@ def graph_rows() -> list[dict]:
 
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
-            "bias": bias_rows, "graph": graph_rows}
+            "bias": bias_rows, "graph": graph_rows, "gn_scale_shift": gn_scale_shift_rows,
+            "temporal_grid": temporal_grid_rows, "temporal_configs": temporal_config_rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="micro_ops.json")
-    parser.add_argument("--only", choices=list(SECTIONS), default=None)
+    parser.add_argument("--only", choices=list(SECTIONS), nargs="+", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/micro_ops.py needs a CUDA GPU")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     for section, rows in SECTIONS.items():
-        if args.only in (None, section):
+        if args.only is None or section in args.only:
             report[section] = rows()
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=2)

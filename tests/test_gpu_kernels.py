@@ -1,4 +1,4 @@
-"""The Triton temporal-attention kernel (``customcrafter.kernels``) on a GPU (opt-in: ``pytest -m gpu``; CI has no
+"""The Triton kernels (``customcrafter.kernels``: temporal attention, GroupNorm's scale and shift) on a GPU (opt-in: ``pytest -m gpu``; CI has no
 GPU).
 
 It is checked against its PyTorch formulation computed in float64, on fresh random inputs, with the output
@@ -126,3 +126,45 @@ def test_triton_processor_in_a_unet_is_as_accurate_as_sdpa(monkeypatch):
     assert len(calls) == layers > 0 and all(calls)  # every temporal layer went through the kernel
     err_sdpa, err_triton = _rel(sdpa, reference), _rel(triton, reference)
     assert err_triton < 1.5 * err_sdpa + 1e-3, (err_triton, err_sdpa)
+
+
+# (samples, channels, groups): UNet levels (CFG batch 2), the VAE decoder's 128 channels, a group size that is no
+# power of two and one of a single channel
+GROUP_NORM_STATS = [(2, 320, 32), (2, 1280, 32), (1, 128, 32), (3, 96, 32), (2, 60, 4), (2, 32, 32)]
+
+
+@pytest.mark.parametrize("shape", GROUP_NORM_STATS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_scale_shift_kernel_matches_float64(shape, affine, monkeypatch):
+    from customcrafter import kernels
+
+    _poison_empty(monkeypatch)
+    n, c, groups = shape
+    mean_c = torch.randn(n, c, device="cuda") * 3 + 1
+    var_c = torch.rand(n, c, device="cuda") * 2 + 0.05
+    weight = (torch.rand(c, device="cuda") + 0.5).to(torch.bfloat16) if affine else None
+    bias = torch.randn(c, device="cuda").to(torch.bfloat16) if affine else None
+    expected = kernels.group_norm_scale_shift_reference(mean_c.double(), var_c.double(), weight, bias, groups, 1e-6)
+    with torch.no_grad():
+        scale, shift = kernels.group_norm_scale_shift(mean_c, var_c, weight, bias, groups, 1e-6)
+        direct = torch.ops.customcrafter.group_norm_scale_shift(
+            mean_c, var_c, weight if affine else torch.ones(c, device="cuda"),
+            bias if affine else torch.zeros(c, device="cuda"), groups, 1e-6)
+    for out, ref in zip((scale, shift), expected, strict=True):
+        assert out.dtype == torch.float32 and out.shape == (n, c)
+        assert torch.isfinite(out).all()
+        assert _rel(out, ref) < 1e-6
+    torch.testing.assert_close(direct[0], scale, rtol=0, atol=0)
+    torch.testing.assert_close(direct[1], shift, rtol=0, atol=0)
+
+
+def test_group_norm_scale_shift_falls_back_with_gradients_and_on_cpu():
+    from customcrafter import kernels
+
+    mean_c = torch.randn(2, 64, device="cuda", requires_grad=True)
+    var_c = torch.rand(2, 64, device="cuda") + 0.1
+    scale, shift = kernels.group_norm_scale_shift(mean_c, var_c, None, None, 8, 1e-5)
+    (scale.sum() + shift.sum()).backward()  # the PyTorch formulation: it has a gradient
+    assert mean_c.grad is not None and torch.isfinite(mean_c.grad).all()
+    cpu = kernels.group_norm_scale_shift(mean_c.detach().cpu(), var_c.cpu(), None, None, 8, 1e-5)
+    torch.testing.assert_close(cpu[0], scale.detach().cpu())

@@ -32,6 +32,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from customcrafter.kernels import group_norm_scale_shift, group_norm_scale_shift_reference
+
 __all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_stats_group_norm", "subpixel_kernels",
            "subpixel_upsample_conv", "SubpixelUpsample2D", "use_subpixel_upsamplers", "SUBPIXEL_MIN_POSITIONS",
            "unfused_bias_linear", "UnfusedBiasLinear", "use_unfused_bias_linears"]
@@ -49,18 +51,13 @@ def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     dims = list(range(2, x.dim()))
     compute = torch.promote_types(x.dtype, torch.float32)
     var_c, mean_c = torch.var_mean(x.to(compute), dim=dims, correction=0)
-    mean_c, var_c = mean_c.view(n, num_groups, -1), var_c.view(n, num_groups, -1)
-    mean_g = mean_c.mean(-1, keepdim=True)
-    var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
-    scale = torch.rsqrt(var_g + eps).expand(n, num_groups, c // num_groups)
-    if weight is not None:
-        scale = scale * weight.to(compute).view(num_groups, -1)
-    shift = -mean_g * scale
-    if bias is not None:
-        shift = shift + bias.to(compute).view(num_groups, -1)
+    # 5-D inputs (the temporal convolutions' and transformers' GroupNorms): one small kernel on CUDA at inference, so
+    # that the pass over x below is a multiply-add per element instead of recomputing the group statistics per
+    # element (customcrafter.kernels). 4-D inputs (per-frame resnet GroupNorms) keep the form inductor inlines: it
+    # ran faster there (benchmarks/micro_ops.py --only gn_scale_shift, RESULTS.md session 10)
+    scale_shift = group_norm_scale_shift if x.dim() == 5 else group_norm_scale_shift_reference
+    scale, shift = scale_shift(mean_c, var_c, weight, bias, num_groups, eps)
     shape = (n, c) + (1,) * len(dims)
-    # x converted again rather than reused: under torch.compile each conversion fuses into its own kernel, where one
-    # value read by two kernels could be materialized in float32 (this function runs compiled; eagerly only if asked)
     return (x.to(compute) * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
 
 
