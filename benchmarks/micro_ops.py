@@ -381,7 +381,7 @@ def temporal_grid_rows(sets: int = 4) -> list[dict]:
 
             kernels._temporal_attention_kernel[grid](
                 q, k, v, out, q.shape[0] * q.shape[1], q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-                math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, HEAD_AXIS=head_axis)
+                QK_SCALE=math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, HEAD_AXIS=head_axis)
             return out
 
         row = {"op": f"temporal attention {name}", "floor_ms_at_3tb": round(4 * inputs[0][0].numel() * 2 / 3.0e9, 4)}
@@ -417,7 +417,7 @@ def temporal_config_rows(sets: int = 4) -> list[dict]:
                 out = torch.empty_like(q)
                 kernels._temporal_attention_kernel.fn[(h, triton.cdiv(q.shape[0], block // q.shape[1]))](
                     q, k, v, out, q.shape[0] * q.shape[1], q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-                    math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, BLOCK_R=block, HEAD_AXIS=0,
+                    QK_SCALE=math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, BLOCK_R=block, HEAD_AXIS=0,
                     num_warps=warps, num_stages=1)
                 return out
 

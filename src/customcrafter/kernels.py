@@ -113,7 +113,8 @@ if HAS_TRITON:
                      key=["n_rows", "SEQ", "HEAD_DIM", "HEAD_AXIS"])
     @triton.jit
     def _temporal_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n_rows, stride_q, stride_k, stride_v, stride_o,
-                                   qk_scale, SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                                   QK_SCALE: tl.constexpr, SEQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                   BLOCK_R: tl.constexpr,
                                    HEAD_AXIS: tl.constexpr = 0):
         seqs = BLOCK_R // SEQ  # whole sequences per program (rows past seqs * SEQ are padding)
         local = tl.arange(0, BLOCK_R)
@@ -126,9 +127,10 @@ if HAS_TRITON:
         q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=valid[:, None], other=0.0)
         k = tl.load(k_ptr + rows[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=valid[:, None], other=0.0)
-        # log2 domain: qk_scale includes log2(e). In float32: inductor passes a Python float as a float64, which made
-        # the scores, their softmax and exp2 float64 (1.8x the kernel's time inside the compiled UNet, session 10)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale.to(tl.float32)
+        # log2 domain: QK_SCALE includes log2(e). A compile-time constant, so the scores stay float32: as a run-time
+        # argument inside torch.compile it arrived as a float64, which made the scores, their softmax and exp2
+        # float64 (1.8x the kernel's time inside the compiled UNet, session 10)
+        scores = tl.dot(q, tl.trans(k)) * QK_SCALE
         same_sequence = (local[:, None] // SEQ) == (local[None, :] // SEQ)
         scores = tl.where(same_sequence, scores, float("-inf"))
         p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
@@ -147,7 +149,7 @@ if HAS_TRITON:
 
         wrap_triton(_temporal_attention_kernel)[grid](
             q, k, v, out, b * s, q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-            math.log2(math.e) / math.sqrt(head_dim), SEQ=s, HEAD_DIM=head_dim, HEAD_AXIS=0)
+            QK_SCALE=math.log2(math.e) / math.sqrt(head_dim), SEQ=s, HEAD_DIM=head_dim, HEAD_AXIS=0)
         return out
 
     @triton.jit
