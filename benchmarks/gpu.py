@@ -386,9 +386,10 @@ def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     trace = out_dir / f"{name}_trace.json"
     prof.export_chrome_trace(str(trace))
-    summary = {"wall_ms_per_forward": round(wall_ms, 3)} | kernel_summary(trace, forwards=3)
+    events = kernel_events(trace)
+    summary = {"wall_ms_per_forward": round(wall_ms, 3)} | kernel_summary(events, forwards=3)
     (out_dir / f"{name}_kernels.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / f"{name}_calls.json").write_text(json.dumps(kernel_calls(trace)))
+    (out_dir / f"{name}_calls.json").write_text(json.dumps(kernel_calls(events)))
     print(json.dumps({k: v for k, v in summary.items() if k != "top_kernels"}, indent=1))
     for row in summary["top_kernels"][:40]:
         print(f"{row['ms_per_forward']:8.3f} ms {row['calls_per_forward']:6.1f}x  {row['category']:10s} "
@@ -396,11 +397,15 @@ def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None
     free(pipe)
 
 
-def kernel_calls(trace: Path) -> list[dict]:
-    """Every kernel launch of a Chrome trace in start order: name, start and duration (µs), grid and block, to map
-    kernels onto layers and compare each with its own bandwidth or FLOP floor."""
+def kernel_events(trace: Path) -> list[dict]:
+    """The kernel launches of a Chrome trace, in start order."""
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel" and "dur" in e]
-    events.sort(key=lambda e: e["ts"])
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def kernel_calls(events: list[dict]) -> list[dict]:
+    """Every kernel launch (``kernel_events``): name, start and duration (µs), grid and block, to map kernels onto
+    layers and compare each with its own bandwidth or FLOP floor."""
     return [{"name": e["name"], "ts": e["ts"], "dur": e["dur"], "grid": e.get("args", {}).get("grid"),
              "block": e.get("args", {}).get("block")} for e in events]
 
@@ -414,13 +419,12 @@ KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of CUDA kernel 
 )
 
 
-def kernel_summary(trace: Path, forwards: int) -> dict:
-    """GPU time per kernel category (and the top kernels) from a Chrome trace, per UNet forward."""
-    events = json.loads(trace.read_text())["traceEvents"]
+def kernel_summary(events: list[dict], forwards: int) -> dict:
+    """GPU time per kernel category (and the top kernels) of the kernel launches (``kernel_events``), per UNet
+    forward."""
     by_name: dict[str, list[float]] = {}
     for event in events:
-        if event.get("cat") == "kernel" and "dur" in event:
-            by_name.setdefault(event["name"], []).append(event["dur"] / 1000.0)
+        by_name.setdefault(event["name"], []).append(event["dur"] / 1000.0)
 
     def category(name: str) -> str:
         low = name.lower()

@@ -353,52 +353,15 @@ def gn_scale_shift_rows() -> list[dict]:
 
 
 # (name, sequences, heads, head_dim) of the temporal attention calls of one CFG forward (16 frames)
-TEMPORAL_GRID = [("transformer_in (latents once)", 2560, 8, 64), ("L0", 5120, 5, 64), ("L1", 1280, 10, 64),
-                 ("L2", 320, 20, 64)]
-
-
-def temporal_grid_rows(sets: int = 4) -> list[dict]:
-    """The Triton temporal-attention kernel with the head as the fastest grid axis (what the op launches) against
-    row blocks fastest (before session 10), replayed in a CUDA graph over ``sets`` input sets in turn so that the
-    inputs come from device memory, not the L2 cache."""
-    import math
-
-    import triton
-
-    from customcrafter import kernels
-
-    rows = []
-    for name, b, h, d in TEMPORAL_GRID:
-        inputs = [[torch.randn(b, 16, h * d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-                  for _ in range(sets)]
-
-        def launch(q, k, v, head_axis, h=h, d=d):
-            out = torch.empty_like(q)
-
-            def grid(meta):
-                blocks = triton.cdiv(q.shape[0], meta["BLOCK_R"] // q.shape[1])
-                return (h, blocks) if head_axis == 0 else (blocks, h)
-
-            kernels._temporal_attention_kernel[grid](
-                q, k, v, out, q.shape[0] * q.shape[1], q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-                QK_SCALE=math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, HEAD_AXIS=head_axis)
-            return out
-
-        row = {"op": f"temporal attention {name}", "floor_ms_at_3tb": round(4 * inputs[0][0].numel() * 2 / 3.0e9, 4)}
-        for label, axis in (("heads_fastest", 0), ("rows_fastest", 1)):
-            ms = graph_ms(lambda axis=axis, inputs=inputs: [launch(*qkv, axis) for qkv in inputs]) / sets
-            row[label + "_ms"] = round(ms, 4)
-            row[label + "_config"] = str(kernels._temporal_attention_kernel.best_config)
-        row["same_output"] = bool(torch.equal(launch(*inputs[0], 0), launch(*inputs[0], 1)))
-        row["op_equals_launch"] = bool(torch.equal(kernels.temporal_attention(*inputs[0], h), launch(*inputs[0], 0)))
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+TEMPORAL_CALLS = [("transformer_in (latents once)", 2560, 8, 64), ("L0", 5120, 5, 64), ("L1", 1280, 10, 64),
+                  ("L2", 320, 20, 64)]
 
 
 def temporal_config_rows(sets: int = 4) -> list[dict]:
     """Each of the temporal-attention kernel's autotuning configs, launched directly, replayed in a CUDA graph over
-    ``sets`` input sets in turn: how much the choice between them matters at each shape."""
+    ``sets`` input sets in turn (so that the inputs come from device memory, not the L2 cache): how much the choice
+    between them matters at each shape. (Session 10 also timed the grid with row blocks as the fastest axis here,
+    3-7 % slower: code in commit 61c1f32.)"""
     import math
 
     import triton
@@ -406,7 +369,7 @@ def temporal_config_rows(sets: int = 4) -> list[dict]:
     from customcrafter import kernels
 
     rows = []
-    for name, b, h, d in TEMPORAL_GRID:
+    for name, b, h, d in TEMPORAL_CALLS:
         inputs = [[torch.randn(b, 16, h * d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
                   for _ in range(sets)]
         row = {"op": f"temporal attention {name}", "floor_ms_at_3tb": round(4 * inputs[0][0].numel() * 2 / 3.0e9, 4)}
@@ -417,7 +380,7 @@ def temporal_config_rows(sets: int = 4) -> list[dict]:
                 out = torch.empty_like(q)
                 kernels._temporal_attention_kernel.fn[(h, triton.cdiv(q.shape[0], block // q.shape[1]))](
                     q, k, v, out, q.shape[0] * q.shape[1], q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-                    QK_SCALE=math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, BLOCK_R=block, HEAD_AXIS=0,
+                    QK_SCALE=math.log2(math.e) / math.sqrt(d), SEQ=q.shape[1], HEAD_DIM=d, BLOCK_R=block,
                     num_warps=warps, num_stages=1)
                 return out
 
@@ -526,7 +489,7 @@ def graph_rows() -> list[dict]:
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
             "bias": bias_rows, "graph": graph_rows, "gn_scale_shift": gn_scale_shift_rows,
-            "temporal_grid": temporal_grid_rows, "temporal_configs": temporal_config_rows}
+            "temporal_configs": temporal_config_rows}
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ activation: every element then recomputed its group's statistics, ``rsqrt`` and 
 ran at 1.4-1.8 TB/s on the H100 instead of ~2.9 (``benchmarks/RESULTS.md``, session 10). A kernel's outputs are
 always materialized, so the pass over the activation is left with one multiply-add per element.
 
-They are registered with ``torch.library.triton_op``, so ``torch.compile`` sees through it. It is inference-only (no
-backward): callers fall back to PyTorch whenever a gradient is needed, as they do on the CPU.
-``temporal_attention_reference`` is the exact PyTorch formulation it replaces.
+They are registered with ``torch.library.triton_op``, so ``torch.compile`` sees through them. They are inference-only
+(no backward): callers fall back to PyTorch whenever a gradient is needed, as they do on the CPU.
+``temporal_attention_reference`` and ``group_norm_scale_shift_reference`` are the PyTorch formulations they replace.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def temporal_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     d = c // heads
     if c % heads or d & (d - 1) or not 16 <= d <= 128 or not 1 <= s <= 64:
         return False
-    if -(-b // (64 // s)) > _MAX_GRID_Y:  # row blocks are the grid's second axis
+    if -(-b // (64 // s)) > _MAX_GRID_Y:  # row blocks (64 rows at the least) are the grid's second axis
         return False
     return all(t.stride(2) == 1 and t.stride(0) == s * t.stride(1) for t in (q, k, v))
 
@@ -110,20 +110,19 @@ if HAS_TRITON:
 
     @triton.autotune(configs=[triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=1)
                               for r in (64, 128) for w in (4, 8)],
-                     key=["n_rows", "SEQ", "HEAD_DIM", "HEAD_AXIS"])
+                     key=["n_rows", "SEQ", "HEAD_DIM"])
     @triton.jit
     def _temporal_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n_rows, stride_q, stride_k, stride_v, stride_o,
                                    QK_SCALE: tl.constexpr, SEQ: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                   BLOCK_R: tl.constexpr,
-                                   HEAD_AXIS: tl.constexpr = 0):
+                                   BLOCK_R: tl.constexpr):
         seqs = BLOCK_R // SEQ  # whole sequences per program (rows past seqs * SEQ are padding)
         local = tl.arange(0, BLOCK_R)
-        # HEAD_AXIS 0 (what the op launches): the head is the fastest grid axis, so the programs of all heads of one
-        # row block run side by side and together read whole rows (at level 0 a head's slice of a row is 128 of
-        # its 640 bytes); 1: row blocks fastest (kept to measure the difference, benchmarks/micro_ops.py)
-        rows = tl.program_id(1 - HEAD_AXIS) * seqs * SEQ + local
+        # the head is the grid's fastest axis: the programs of all heads of one row block run side by side and together
+        # read whole rows (at level 0 a head's slice of a row is 128 of its 640 bytes; 3-7 % faster than row blocks
+        # fastest, RESULTS.md session 10)
+        rows = tl.program_id(1) * seqs * SEQ + local
         valid = (local < seqs * SEQ) & (rows < n_rows)
-        cols = tl.program_id(HEAD_AXIS) * HEAD_DIM + tl.arange(0, HEAD_DIM)
+        cols = tl.program_id(0) * HEAD_DIM + tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=valid[:, None], other=0.0)
         k = tl.load(k_ptr + rows[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=valid[:, None], other=0.0)
@@ -149,7 +148,7 @@ if HAS_TRITON:
 
         wrap_triton(_temporal_attention_kernel)[grid](
             q, k, v, out, b * s, q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-            QK_SCALE=math.log2(math.e) / math.sqrt(head_dim), SEQ=s, HEAD_DIM=head_dim, HEAD_AXIS=0)
+            QK_SCALE=math.log2(math.e) / math.sqrt(head_dim), SEQ=s, HEAD_DIM=head_dim)
         return out
 
     @triton.jit
