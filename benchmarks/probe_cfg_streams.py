@@ -20,6 +20,7 @@ Run both side by side (``--ready-file``/``--wait-for``/``--done-file`` as in gpu
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--role", choices=["batch", "shared", "split"], required=True)
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config entries (dotted keys, Python literals)")
+    parser.add_argument("--speed", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SpeedConfig fields on top of compile='full', compile_mode='default' (Python literals), "
+                             "e.g. fused_geglu=False for the previous code path")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -88,8 +92,6 @@ def main() -> None:
 
 
 def set_inductor(entries: list[str]) -> dict:
-    import ast
-
     import torch._inductor.config as config
 
     applied = {}
@@ -111,9 +113,10 @@ def run(args) -> None:
     inductor = set_inductor(args.inductor)
     pipe = build_pipeline(None)
     add_subject_lora(pipe)
-    optimize_pipeline(pipe, SpeedConfig(compile="full", compile_mode="default"))
+    speed = {key: ast.literal_eval(value) for key, value in (entry.split("=", 1) for entry in args.speed)}
+    optimize_pipeline(pipe, SpeedConfig(**{"compile": "full", "compile_mode": "default"} | speed))
     unet = pipe.unet
-    report: dict = {"role": args.role, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    report: dict = {"role": args.role, "speed": speed, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "inductor": inductor, "enable_pdl": getattr(torch._inductor.config.triton, "enable_pdl", None),
                     "env": {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR", "CUBLAS"))}}
 

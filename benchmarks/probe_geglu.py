@@ -35,15 +35,35 @@ def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr)
 
 
 @triton.jit
-def _gelu_gate(acc_v, acc_g, b_ptr, rn, N):
+def _gelu_gate(acc_v, acc_g, b_ptr, rn, N, GATE: tl.constexpr):
     value = acc_v + tl.load(b_ptr + rn).to(tl.float32)[None, :]
     gate = acc_g + tl.load(b_ptr + N + rn).to(tl.float32)[None, :]
-    return value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+    if GATE == "erf":  # libdevice erf
+        return value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+    if GATE == "as":  # erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7): one exp2, one reciprocal
+        z = tl.abs(gate) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.3275911 * z)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        q = poly * tl.exp2(-1.4426950408889634 * z * z)  # 1 - erf(|z|)
+        return value * (0.5 * gate * tl.where(gate >= 0, 2.0 - q, q))
+    if GATE == "as_fast":  # the same with the approximate reciprocal (div.full.f32, 2 ulp) instead of IEEE division
+        z = tl.abs(gate) * 0.7071067811865476
+        t = tl.math.fdiv(1.0, 1.0 + 0.3275911 * z, ieee_rounding=False)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        q = poly * tl.exp2(-1.4426950408889634 * z * z)
+        return value * (0.5 * gate * tl.where(gate >= 0, 2.0 - q, q))
+    if GATE == "tanh":  # GELU's tanh approximation with the hardware tanh (a different function: diagnostic)
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=tl.float32, is_pure=True,
+                                       pack=1)
+        return value * (0.5 * gate * (1.0 + th))
+    return value * gate  # "none": no GELU at all (diagnostic: what the epilogue's arithmetic costs)
 
 
 @triton.jit
 def geglu_pointer_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                         GATE: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -60,14 +80,14 @@ def geglu_pointer_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, stri
         a_ptrs += BK
         v_ptrs += BK
         g_ptrs += BK
-    out = _gelu_gate(acc_v, acc_g, b_ptr, rn, N)
+    out = _gelu_gate(acc_v, acc_g, b_ptr, rn, N, GATE)
     tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :], out.to(o_ptr.dtype.element_ty), mask=(rm < M)[:, None])
 
 
 @triton.jit
 def geglu_tma_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                     NUM_PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                     NUM_PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GATE: tl.constexpr):
     x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, [2 * N, K], [stride_wn, 1], [BN, BK])
     o_desc = tl.make_tensor_descriptor(o_ptr, [M, N], [stride_om, 1], [BM, BN])
@@ -81,7 +101,7 @@ def geglu_tma_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, stride_x
             acc_v = tl.dot(a, w_desc.load([pid_n * BN, ki * BK]).T, acc_v)
             acc_g = tl.dot(a, w_desc.load([N + pid_n * BN, ki * BK]).T, acc_g)
         rn = pid_n * BN + tl.arange(0, BN)
-        out = _gelu_gate(acc_v, acc_g, b_ptr, rn, N)
+        out = _gelu_gate(acc_v, acc_g, b_ptr, rn, N, GATE)
         o_desc.store([pid_m * BM, pid_n * BN], out.to(o_desc.dtype))
 
 
@@ -96,24 +116,35 @@ def launch(form: str, x, weight, bias, cfg: dict):
     n = weight.shape[0] // 2
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     common = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["warps"],
-                  num_stages=cfg["stages"])
+                  num_stages=cfg["stages"], GATE=cfg.get("gate", "erf"))
+    tiles = triton.cdiv(m, cfg["BM"]) * (n // cfg["BN"])
     if form == "pointer":
-        grid = (triton.cdiv(m, cfg["BM"]) * (n // cfg["BN"]),)
-        geglu_pointer_kernel[grid](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-                                   **common)
-    else:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+        geglu_pointer_kernel[(tiles,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+                                       **common)
+    else:  # "tma": persistent, one program per SM; "tma_grid": one program per output tile
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count if form == "tma" else tiles
         geglu_tma_kernel[(programs,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                       NUM_PROGRAMS=programs, WARP_SPECIALIZE=cfg["ws"], **common)
     return out
 
 
-def configs(form: str):
-    # (BM, BN, warps, stages): two fp32 accumulators of BM x BN, so 128 x 128 tiles need 8 warps
-    for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4),
-                                  (128, 64, 8, 4), (64, 128, 4, 4), (256, 64, 8, 3)):
-        for ws in ((False, True) if form == "tma" else (False,)):
-            yield {"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8, "warps": warps, "stages": stages, "ws": ws}
+# (BM, BN, BK, warps, stages): two fp32 accumulators of BM x BN, so 128 x 128 tiles need 8 warps; BK 32 with few
+# stages leaves room in shared memory for two programs per SM (one's epilogue overlapping the other's MMAs)
+TILES = {"pointer": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3),
+                     (64, 128, 32, 4, 3), (64, 256, 64, 8, 3), (64, 256, 32, 8, 3)],
+         "tma": [(128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 32, 8, 6), (64, 128, 32, 4, 4),
+                 (64, 256, 64, 8, 3)],
+         "tma_grid": [(128, 128, 64, 8, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]}
+
+
+GATES = ("erf", "as", "as_fast", "none", "tanh")
+
+
+def configs(form: str, first_only: bool = False):
+    for i, (bm, bn, bk, warps, stages) in enumerate(TILES[form][:1] if first_only else TILES[form]):
+        for gate in (GATES if i == 0 else ("erf", "as")):
+            yield {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "warps": warps, "stages": stages,
+                   "ws": False, "gate": gate}
 
 
 def compile_check(form: str, cfg: dict) -> dict:
@@ -129,7 +160,7 @@ def compile_check(form: str, cfg: dict) -> dict:
         n = weight.shape[0] // 2
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
         common = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["warps"],
-                      num_stages=cfg["stages"])
+                      num_stages=cfg["stages"], GATE=cfg["gate"])
         if form == "pointer":
             wrap_triton(geglu_pointer_kernel)[(triton.cdiv(m, cfg["BM"]) * (n // cfg["BN"]),)](
                 x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), **common)
@@ -167,24 +198,27 @@ def bench(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="geglu.json")
-    parser.add_argument("--forms", nargs="+", default=["pointer", "tma"])
+    parser.add_argument("--forms", nargs="+", default=["pointer", "tma", "tma_grid"])
+    parser.add_argument("--shapes", nargs="+", default=[name for name, *_ in SHAPES])
+    parser.add_argument("--first-tile-only", action="store_true", help="only each form's first tile config, with "
+                                                                         "every epilogue")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": time.strftime("%Y-%m-%d"), "rows": []}
-    report["compile_check"] = [compile_check(form, next(configs(form))) for form in args.forms]
+    report["compile_check"] = [compile_check(form, next(configs(form))) for form in ("pointer", "tma")]
     print(json.dumps(report["compile_check"]), flush=True)
     use_torch_allocator()
-    for shape in SHAPES:
-        report["rows"].append(shape_row(*shape, forms=args.forms))
+    for shape in (s for s in SHAPES if s[0] in args.shapes):
+        report["rows"].append(shape_row(*shape, forms=args.forms, first_only=args.first_tile_only))
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=2)
 
 
-def form_results(form: str, x, weight, bias, exact) -> list[dict]:
+def form_results(form: str, x, weight, bias, exact, first_only: bool) -> list[dict]:
     results = []
     m, k = x.shape
     n = weight.shape[0] // 2
-    for cfg in configs(form):
+    for cfg in configs(form, first_only):
         try:
             ms = bench(lambda cfg=cfg: launch(form, x, weight, bias, cfg))
             err = float((launch(form, x, weight, bias, cfg)[:2048].double() - exact).norm() / exact.norm())
@@ -195,7 +229,7 @@ def form_results(form: str, x, weight, bias, exact) -> list[dict]:
     return results
 
 
-def shape_row(name: str, m: int, k: int, n: int, forms: list[str]) -> dict:
+def shape_row(name: str, m: int, k: int, n: int, forms: list[str], first_only: bool = False) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
     weight = (torch.randn(2 * n, k, device="cuda", generator=g) / math.sqrt(k)).to(torch.bfloat16)
@@ -207,7 +241,7 @@ def shape_row(name: str, m: int, k: int, n: int, forms: list[str]) -> dict:
     row["now_rel_err"] = float((compiled(x, weight, bias)[:2048].double() - exact).norm() / exact.norm())
     row["cublas_2n_gemm_ms"] = round(bench(lambda: x @ weight.t()), 4)
     for form in forms:
-        results = form_results(form, x, weight, bias, exact)
+        results = form_results(form, x, weight, bias, exact, first_only)
         timed = [r for r in results if "ms" in r]
         best = min(timed, key=lambda r: r["ms"]) if timed else None
         row[form] = {"best": best, "all": results}

@@ -174,9 +174,44 @@ def test_speed_config_switches_the_rewrites_on_where_they_pay(compile_mode):
     assert biased and all(isinstance(m, fusions.UnfusedBiasLinear) == compiled for m in biased)
     assert not any(isinstance(m, fusions.UnfusedBiasLinear) for m in pipe.unet.modules()
                    if isinstance(m, torch.nn.Linear) and m.bias is None)
+    from diffusers.models.activations import GEGLU
+
+    gegl = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
+    assert gegl and all(isinstance(m, fusions.FusedGEGLU) for m in gegl)  # whatever the mode (SpeedConfig default)
 
     pipe = _tiny_pipeline()
     _layer_rewrites(pipe, SpeedConfig(compile=compile_mode, subpixel_upsample=False, channel_stats_group_norm=True))
     assert not any(isinstance(m, fusions.SubpixelUpsample2D) for m in pipe.unet.modules())
     assert all(isinstance(m, fusions.ChannelStatsGroupNorm) for m in pipe.unet.modules()
                if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_fused_geglu_dispatch_keeps_the_function_and_sends_only_eligible_layers_to_the_kernel(monkeypatch):
+    """On the CPU every GEGLU keeps its own path (same output, bit for bit). With the kernel declared available, the
+    layers with K <= FUSED_GEGLU_MAX_K go to it with their projection's weight and bias, the others (large K, a
+    projection wrapped by an adapter) keep their own path."""
+    from diffusers.models.activations import GEGLU
+    from peft import LoraConfig, get_peft_model
+
+    from customcrafter import fusions, kernels
+
+    torch.manual_seed(0)
+    small, large = GEGLU(320, 64).double(), GEGLU(fusions.FUSED_GEGLU_MAX_K + 8, 64).double()
+    x_small, x_large = torch.randn(2, 5, 320, dtype=torch.float64), torch.randn(2, 5, 648, dtype=torch.float64)
+    with torch.no_grad():
+        before = small(x_small), large(x_large)
+        assert fusions.use_fused_geglu(torch.nn.ModuleList([small, large])) == 2
+        assert torch.equal(small(x_small), before[0]) and torch.equal(large(x_large), before[1])
+        torch.testing.assert_close(kernels.geglu(x_small, small.proj.weight, small.proj.bias), before[0])
+
+        calls = []
+        monkeypatch.setattr(fusions, "geglu_supported", lambda *a: True)
+        monkeypatch.setattr(fusions, "geglu", lambda x, w, b: calls.append((w, b)) or kernels.geglu_reference(x, w, b))
+        torch.testing.assert_close(small(x_small), before[0])
+        assert len(calls) == 1 and calls[0][0] is small.proj.weight and calls[0][1] is small.proj.bias
+        assert torch.equal(large(x_large), before[1]) and len(calls) == 1  # K > FUSED_GEGLU_MAX_K: own path
+
+        wrapped = get_peft_model(torch.nn.Sequential(small), LoraConfig(r=2, target_modules=["0.proj"],
+                                                                        init_lora_weights=False))
+        lora_out = wrapped(x_small)
+        assert len(calls) == 1 and (lora_out - before[0]).abs().max() > 1e-3  # the adapter's update is not lost

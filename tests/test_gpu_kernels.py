@@ -1,4 +1,4 @@
-"""The Triton kernels (``customcrafter.kernels``: temporal attention, GroupNorm's scale and shift) on a GPU (opt-in: ``pytest -m gpu``; CI has no
+"""The Triton kernels (``customcrafter.kernels``: temporal attention, GroupNorm's scale and shift, GEGLU) on a GPU (opt-in: ``pytest -m gpu``; CI has no
 GPU).
 
 It is checked against its PyTorch formulation computed in float64, on fresh random inputs, with the output
@@ -168,3 +168,91 @@ def test_group_norm_scale_shift_falls_back_with_gradients_and_on_cpu():
     assert mean_c.grad is not None and torch.isfinite(mean_c.grad).all()
     cpu = kernels.group_norm_scale_shift(mean_c.detach().cpu(), var_c.cpu(), None, None, 8, 1e-5)
     torch.testing.assert_close(cpu[0], scale.detach().cpu())
+
+
+# (M, K, N): the UNet's level-0 and level-1 feed-forwards (CFG batch 2 x 16 frames), a row count that is no multiple of
+# the 128-row tile, K that is no multiple of the 64-wide K tile, and level 2's K
+GEGLU_SHAPES = [(81920, 320, 1280), (20480, 640, 2560), (1000, 320, 1280), (333, 200, 256), (5120, 1280, 5120)]
+
+
+def _geglu_inputs(m, k, n, dtype=torch.bfloat16):
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    weight = (torch.randn(2 * n, k, device="cuda") * k ** -0.5).to(dtype)
+    bias = (torch.randn(2 * n, device="cuda") * 0.1).to(dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("shape", GEGLU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_geglu_kernel_matches_float64_and_beats_the_path_it_replaces(shape, dtype, monkeypatch):
+    from customcrafter import kernels
+
+    m, k, n = shape
+    x, weight, bias = _geglu_inputs(m, k, n, dtype)
+    assert kernels.geglu_supported(x, weight, bias)
+    exact = kernels.geglu_reference(x.double(), weight.double(), bias.double())
+    with torch.no_grad():
+        replaced = kernels.geglu_reference(x, weight, bias)  # cuBLAS + PyTorch's gating in the same dtype
+        _poison_empty(monkeypatch)
+        out = kernels.geglu(x, weight, bias)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert not out.isnan().any()
+    assert _rel(out, exact) < 5e-3  # one rounding of the output: ~1.7e-3 in bf16
+    assert _rel(out, exact) <= _rel(replaced, exact) * 1.05
+
+
+def test_geglu_kernel_takes_batched_and_strided_rows():
+    """(batch, tokens, K) inputs as the transformer blocks pass them, rows that are a slice of wider rows (read in
+    place, no copy) and rows that start at an address TMA cannot read from (copied first) give the same result as
+    the contiguous rows."""
+    from customcrafter import kernels
+
+    x, weight, bias = _geglu_inputs(2 * 640, 320, 1280)
+    wide = torch.zeros(2 * 640, 384, device="cuda", dtype=x.dtype)
+    wide[:, 32:352] = x
+    with torch.no_grad():
+        flat = kernels.geglu(x, weight, bias)
+        batched = kernels.geglu(x.view(2, 640, 320), weight, bias)
+        strided = kernels.geglu(wide[:, 32:352], weight, bias)
+        shifted = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)
+        shifted[1:] = x.flatten()
+        misaligned = kernels.geglu(shifted[1:].view_as(x), weight, bias)
+    assert batched.shape == (2, 640, 1280)
+    assert torch.equal(batched.view(-1, 1280), flat) and torch.equal(strided, flat) and torch.equal(misaligned, flat)
+
+
+def test_geglu_falls_back_where_the_kernel_does_not_apply():
+    from customcrafter import kernels
+
+    x, weight, bias = _geglu_inputs(256, 320, 1280)
+    for args in ((x.float(), weight.float(), bias.float()), (x, weight, None), (x, weight[:2 * 1000], bias[:2000]),
+                 (x.cpu(), weight.cpu(), bias.cpu())):
+        assert not kernels.geglu_supported(*args)
+        torch.testing.assert_close(kernels.geglu(*args), kernels.geglu_reference(*args))
+    trained = x.clone().requires_grad_()
+    assert not kernels.geglu_supported(trained, weight, bias)
+    kernels.geglu(trained, weight, bias).float().sum().backward()  # the PyTorch path: it has a gradient
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_fused_geglu_feed_forward_inside_torch_compile_and_cuda_graphs(mode):
+    """A diffusers FeedForward switched to the fused GEGLU, compiled (inductor calls the kernel; with CUDA graphs
+    too), gives the eager kernel's output, which is as close to the float32 layer as the unswitched bf16 layer."""
+    from diffusers.models.attention import FeedForward
+
+    from customcrafter import fusions
+
+    torch.manual_seed(0)
+    reference = FeedForward(320, activation_fn="geglu").cuda()
+    x = torch.randn(2, 2560, 320, device="cuda")
+    with torch.no_grad():
+        exact = reference.double()(x.double())
+        layer = reference.to(torch.bfloat16)
+        plain = layer(x.bfloat16())
+        assert fusions.use_fused_geglu(layer) == 1
+        fused = layer(x.bfloat16())
+        compiled = torch.compile(layer, mode=mode, fullgraph=True, dynamic=False)
+        outs = [compiled(x.bfloat16()).clone() for _ in range(3)]
+    assert all(torch.equal(out, fused) for out in outs)
+    assert _rel(fused, exact) <= _rel(plain, exact) * 1.05
