@@ -256,3 +256,21 @@ def test_fused_geglu_feed_forward_inside_torch_compile_and_cuda_graphs(mode):
         outs = [compiled(x.bfloat16()).clone() for _ in range(3)]
     assert all(torch.equal(out, fused) for out in outs)
     assert _rel(fused, exact) <= _rel(plain, exact) * 1.05
+
+
+def test_flop_counter_counts_the_kernels_as_the_ops_they_replace():
+    """``torch.utils.flop_counter`` (the benchmarks' TFLOP/s) sees each kernel as the PyTorch ops it replaces."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from customcrafter import kernels
+
+    def count(fn, *args) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(*args)
+        return counter.get_total_flops()
+
+    x, weight, bias = _geglu_inputs(1000, 320, 1280)
+    assert count(kernels.geglu, x, weight, bias) == count(kernels.geglu_reference, x, weight, bias) == 2 * 1000 * 320 * 2560
+    q, k, v = (torch.randn(640, 16, 320, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert kernels.temporal_attention_supported(q, k, v, 5)
+    assert count(kernels.temporal_attention, q, k, v, 5) == count(kernels.temporal_attention_reference, q, k, v, 5) > 0

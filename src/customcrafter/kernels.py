@@ -161,6 +161,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
+    from torch.utils.flop_counter import register_flop_formula
 
     @triton.autotune(configs=[triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=1)
                               for r in (64, 128) for w in (4, 8)],
@@ -291,3 +292,13 @@ if HAS_TRITON:
         wrap_triton(_geglu_kernel)[grid](x, weight, bias, out, m, n, k, x.stride(0), PROGRAMS=sms,
                                          BN=_GEGLU_BLOCK_N)
         return out
+
+    # torch.utils.flop_counter counts what the ops replace (the benchmarks' TFLOP/s and MFU rest on it)
+    @register_flop_formula(torch.ops.customcrafter.geglu)
+    def _geglu_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * x_shape[0] * x_shape[1] * weight_shape[0]  # the 2N-wide projection, as for F.linear
+
+    @register_flop_formula(torch.ops.customcrafter.temporal_attention)
+    def _temporal_attention_flops(q_shape, *args, out_shape=None, **kwargs) -> int:
+        b, s, c = q_shape
+        return 4 * b * s * s * c  # QK^T and PV over every head, as for SDPA
