@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Probe: the feed-forward's GEGLU (``value, gate = x @ W.T + b`` split in halves, ``value * gelu(gate)``) as one
 Triton GEMM whose epilogue does the gating, so that the 2N-wide projection never reaches memory, against what the
-compiled UNet runs now (cuBLAS GEMM + inductor's gating pass). Two kernel forms, each over a sweep of tile
+compiled UNet ran before (cuBLAS GEMM + inductor's gating pass), and the product's kernel (``customcrafter.kernels.
+geglu``, which took the persistent TMA form with libdevice's erf from here). Two kernel forms, each over a sweep of tile
 configurations: plain pointer loads (one program per output tile), and device-side TMA descriptors in a persistent
 loop (optionally warp-specialized). Replays in CUDA graphs (``triton.testing.do_bench_cudagraph``).
 
@@ -198,7 +199,8 @@ def bench(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="geglu.json")
-    parser.add_argument("--forms", nargs="+", default=["pointer", "tma", "tma_grid"])
+    parser.add_argument("--forms", nargs="+", default=["product", "pointer", "tma", "tma_grid"],
+                        help="'product' = the kernel the UNet runs (customcrafter.kernels.geglu, autotuned)")
     parser.add_argument("--shapes", nargs="+", default=[name for name, *_ in SHAPES])
     parser.add_argument("--first-tile-only", action="store_true", help="only each form's first tile config, with "
                                                                          "every epilogue")
@@ -215,13 +217,17 @@ def main() -> None:
 
 
 def form_results(form: str, x, weight, bias, exact, first_only: bool) -> list[dict]:
+    from customcrafter import kernels
+
     results = []
     m, k = x.shape
     n = weight.shape[0] // 2
-    for cfg in configs(form, first_only):
+    for cfg in configs(form, first_only) if form != "product" else [{"op": "customcrafter.kernels.geglu"}]:
+        run = (lambda: kernels.geglu(x, weight, bias)) if form == "product" else (
+            lambda cfg=cfg: launch(form, x, weight, bias, cfg))
         try:
-            ms = bench(lambda cfg=cfg: launch(form, x, weight, bias, cfg))
-            err = float((launch(form, x, weight, bias, cfg)[:2048].double() - exact).norm() / exact.norm())
+            ms = bench(run)
+            err = float((run()[:2048].double() - exact).norm() / exact.norm())
         except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is a result, not a failure
             results.append({"cfg": cfg, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
             continue
