@@ -432,8 +432,8 @@ def bias_rows() -> list[dict]:
 
 def graph_rows() -> list[dict]:
     """What a GEMM or a convolution costs inside a CUDA graph beyond its kernel: kernel time and memsets per call
-    (under the profiler, for each BLAS library PyTorch can pick), and the replay time per op of a graph of 100
-    back-to-back calls. A pointwise add (no memset) is the yardstick for the gap a graph leaves between kernels.
+    (under the profiler, for each BLAS library PyTorch can pick), and the time per call replayed back to back in a
+    CUDA graph (``graph_ms``). A pointwise add (no memset) is the yardstick for the gap a graph leaves between kernels.
     ``CUBLAS_WORKSPACE_CONFIG`` in the environment changes cuBLAS's workspace (``:0:0`` = none)."""
     import os
 
@@ -467,19 +467,8 @@ def graph_rows() -> list[dict]:
                 row["error"] = str(exc)[:200]
             else:
                 row |= gpu_work_per_call(fn)
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(3):
-                        fn()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(100):
-                        fn()
-                row["graph_us_per_op"] = round(1000 * cuda_time(graph.replay, iters=10) / 100, 2)
+                row["graph_us_per_op"] = round(1000 * graph_ms(fn), 2)
                 row["graph_gap_us"] = round(row["graph_us_per_op"] - row["kernel_us"], 2)
-                del graph
             print(json.dumps(row), flush=True)
             rows.append(row)
     torch.backends.cuda.preferred_blas_library(library_before)
