@@ -4,7 +4,7 @@ Triton GEMM whose epilogue does the gating, so that the 2N-wide projection never
 compiled UNet ran before (cuBLAS GEMM + inductor's gating pass), and the product's kernel (``customcrafter.kernels.
 geglu``, which took the persistent TMA form with libdevice's erf from here). Two kernel forms, each over a sweep of tile
 configurations: plain pointer loads (one program per output tile), and device-side TMA descriptors in a persistent
-loop (optionally warp-specialized). Replays in CUDA graphs (``triton.testing.do_bench_cudagraph``).
+loop (optionally warp-specialized). Replays in CUDA graphs (``micro_ops.graph_ms``).
 
     python benchmarks/probe_geglu.py --out geglu.json
 """
@@ -14,25 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from micro_ops import graph_ms  # noqa: E402
+
+from customcrafter import kernels  # noqa: E402
+from customcrafter.fusions import unfused_bias_linear  # noqa: E402
+from customcrafter.kernels import _geglu_tile  # noqa: E402  (the product kernel's grouped tile order)
+
 # (name, M tokens, K, N of the gated output): feed-forward input projections, CFG batch 2 x 16 frames at 320x512
 SHAPES = [("L0", 81920, 320, 1280), ("L1", 20480, 640, 2560), ("L2", 5120, 1280, 5120), ("L3", 1280, 1280, 5120)]
-
-
-@triton.jit
-def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    n_m = tl.cdiv(M, BM)
-    n_n = N // BN
-    width = GROUP_M * n_n
-    first = (tile // width) * GROUP_M
-    size = tl.minimum(n_m - first, GROUP_M)
-    return first + (tile % width) % size, (tile % width) // size
 
 
 @triton.jit
@@ -65,7 +64,7 @@ def _gelu_gate(acc_v, acc_g, b_ptr, rn, N, GATE: tl.constexpr):
 def geglu_pointer_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                          GATE: tl.constexpr):
-    pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    pid_m, pid_n = _geglu_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -94,7 +93,7 @@ def geglu_tma_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, stride_x
     o_desc = tl.make_tensor_descriptor(o_ptr, [M, N], [stride_om, 1], [BM, BN])
     tiles = tl.cdiv(M, BM) * (N // BN)
     for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
+        pid_m, pid_n = _geglu_tile(tile, M, N, BM, BN, GROUP_M)
         acc_v = tl.zeros((BM, BN), tl.float32)
         acc_g = tl.zeros((BM, BN), tl.float32)
         for ki in range(K // BK):
@@ -108,11 +107,12 @@ def geglu_tma_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K: tl.constexpr, stride_x
 
 def geglu_reference(x, weight, bias):
     """What the UNet computes (``fusions.unfused_bias_linear`` then diffusers' GEGLU)."""
-    value, gate = (x @ weight.t() + bias).chunk(2, dim=-1)
+    value, gate = unfused_bias_linear(x, weight, bias).chunk(2, dim=-1)
     return value * F.gelu(gate)
 
 
-def launch(form: str, x, weight, bias, cfg: dict):
+def launch(form: str, x, weight, bias, cfg: dict, wrap=lambda kernel: kernel):
+    """Launch ``form`` with ``cfg``; ``wrap=torch.library.wrap_triton`` inside a ``triton_op``."""
     m, k = x.shape
     n = weight.shape[0] // 2
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -120,11 +120,11 @@ def launch(form: str, x, weight, bias, cfg: dict):
                   num_stages=cfg["stages"], GATE=cfg.get("gate", "erf"))
     tiles = triton.cdiv(m, cfg["BM"]) * (n // cfg["BN"])
     if form == "pointer":
-        geglu_pointer_kernel[(tiles,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        wrap(geglu_pointer_kernel)[(tiles,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                        **common)
     else:  # "tma": persistent, one program per SM; "tma_grid": one program per output tile
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count if form == "tma" else tiles
-        geglu_tma_kernel[(programs,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        wrap(geglu_tma_kernel)[(programs,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                       NUM_PROGRAMS=programs, WARP_SPECIALIZE=cfg["ws"], **common)
     return out
 
@@ -157,20 +157,7 @@ def compile_check(form: str, cfg: dict) -> dict:
 
     @triton_op(name, mutates_args=())
     def op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        m, k = x.shape
-        n = weight.shape[0] // 2
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        common = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["warps"],
-                      num_stages=cfg["stages"], GATE=cfg["gate"])
-        if form == "pointer":
-            wrap_triton(geglu_pointer_kernel)[(triton.cdiv(m, cfg["BM"]) * (n // cfg["BN"]),)](
-                x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), **common)
-        else:
-            programs = torch.cuda.get_device_properties(x.device).multi_processor_count
-            wrap_triton(geglu_tma_kernel)[(programs,)](
-                x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), NUM_PROGRAMS=programs,
-                WARP_SPECIALIZE=cfg["ws"], **common)
-        return out
+        return launch(form, x, weight, bias, cfg, wrap=wrap_triton)
 
     x = torch.randn(4096, 320, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(2560, 320, device="cuda", dtype=torch.bfloat16) / 18
@@ -178,22 +165,16 @@ def compile_check(form: str, cfg: dict) -> dict:
     try:
         compiled = torch.compile(lambda x: op(x * 2, weight, bias) + 1, fullgraph=True)
         got = compiled(x)  # before the eager launches set Triton's allocator: inductor must bring its own scratch
-        use_torch_allocator()
+        kernels._ensure_scratch_allocator()
         want = launch(form, x * 2, weight, bias, cfg) + 1
         return {"form": form, "cfg": cfg, "equal": bool(torch.equal(got, want))}
     except Exception as exc:  # noqa: BLE001 - the probe reports what fails
         return {"form": form, "cfg": cfg, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
-def use_torch_allocator() -> None:
-    """Scratch memory for device-side TMA descriptors in eager launches, from PyTorch's caching allocator."""
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+def rel_err(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """Relative error of the first rows of ``out`` against the float64 ``exact`` of those rows."""
+    return float((out[:len(exact)].double() - exact).norm() / exact.norm())
 
 
 def main() -> None:
@@ -209,7 +190,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "rows": []}
     report["compile_check"] = [compile_check(form, next(configs(form))) for form in ("pointer", "tma")]
     print(json.dumps(report["compile_check"]), flush=True)
-    use_torch_allocator()
+    kernels._ensure_scratch_allocator()
     for shape in (s for s in SHAPES if s[0] in args.shapes):
         report["rows"].append(shape_row(*shape, forms=args.forms, first_only=args.first_tile_only))
         with open(args.out, "w") as handle:
@@ -217,8 +198,6 @@ def main() -> None:
 
 
 def form_results(form: str, x, weight, bias, exact, first_only: bool) -> list[dict]:
-    from customcrafter import kernels
-
     results = []
     m, k = x.shape
     n = weight.shape[0] // 2
@@ -226,8 +205,8 @@ def form_results(form: str, x, weight, bias, exact, first_only: bool) -> list[di
         run = (lambda: kernels.geglu(x, weight, bias)) if form == "product" else (
             lambda cfg=cfg: launch(form, x, weight, bias, cfg))
         try:
-            ms = bench(run)
-            err = float((run()[:2048].double() - exact).norm() / exact.norm())
+            ms = graph_ms(run)
+            err = rel_err(run(), exact)
         except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is a result, not a failure
             results.append({"cfg": cfg, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
             continue
@@ -243,9 +222,9 @@ def shape_row(name: str, m: int, k: int, n: int, forms: list[str], first_only: b
     exact = geglu_reference(x[:2048].double(), weight.double(), bias.double())
     compiled = torch.compile(geglu_reference)
     row = {"op": f"GEGLU {name}", "mkn": [m, k, n], "flop": 4 * m * k * n}
-    row["now_ms"] = round(bench(lambda: compiled(x, weight, bias)), 4)
-    row["now_rel_err"] = float((compiled(x, weight, bias)[:2048].double() - exact).norm() / exact.norm())
-    row["cublas_2n_gemm_ms"] = round(bench(lambda: x @ weight.t()), 4)
+    row["now_ms"] = round(graph_ms(lambda: compiled(x, weight, bias)), 4)
+    row["now_rel_err"] = rel_err(compiled(x, weight, bias), exact)
+    row["cublas_2n_gemm_ms"] = round(graph_ms(lambda: x @ weight.t()), 4)
     for form in forms:
         results = form_results(form, x, weight, bias, exact, first_only)
         timed = [r for r in results if "ms" in r]
