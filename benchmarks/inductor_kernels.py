@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Probe: how far each kernel inductor generates for the compiled UNet is from its memory-bandwidth floor.
+
+Compiles the full-size UNet as the product does (random weights, subject LoRA, the layer rewrites, channels-last,
+``torch.compile`` of the whole forward) with inductor's ``benchmark_kernel`` switched on, so that every generated
+kernel can rebuild its own arguments. Then:
+
+1. one CFG forward (the latents once, the two contexts, as the pipeline calls it) under the profiler: how many
+   times each kernel runs per forward and for how long inside the forward;
+2. each inductor kernel alone, replayed in a CUDA graph on arguments of its real shapes: time, bytes read and
+   written (inductor's own count), achieved GB/s;
+3. the copy bandwidth of the card (a 1 GiB device-to-device copy): the floor of a kernel is its bytes over this.
+
+The table is sorted by the time each kernel loses against its floor per forward (calls x (time in the forward -
+floor)): where a rewrite or a kernel of our own would pay most. cuBLAS/cuDNN/our Triton ops are listed by their
+time in the forward only (no byte count). Nothing here changes the product.
+
+    python benchmarks/inductor_kernels.py --out inductor_kernels.json
+    python benchmarks/inductor_kernels.py --speed fused_geglu=False --out old.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import add_subject_lora, build_pipeline, kernel_events, sync  # noqa: E402
+
+from customcrafter.performance import SpeedConfig, optimize_pipeline  # noqa: E402
+
+
+def copy_bandwidth_gbps(gib: int = 1) -> float:
+    """Device-to-device copy of ``gib`` GiB, best of 10: bytes read + written per second, in GB/s."""
+    src = torch.empty(gib * 2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        sync()
+        times.append(start.elapsed_time(end))
+    return 2 * src.numel() / (min(times) / 1e3) / 1e9
+
+
+def forward_kernels(unet, frames: int, height: int, width: int, forwards: int = 3) -> dict[str, tuple[float, float]]:
+    """Kernel name -> (launches, µs) per CFG forward (means over ``forwards``)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(1, 4, frames, height // 8, width // 8, device="cuda", dtype=unet.dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
+    t = torch.tensor([500], device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            unet(x, t, context, fps=16)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(forwards):
+                unet(x, t, context, fps=16)
+            sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = kernel_events(trace)
+    by_name: dict[str, list[float]] = {}
+    for event in events:
+        by_name.setdefault(event["name"], []).append(event["dur"])
+    return {name: (len(durations) / forwards, sum(durations) / forwards) for name, durations in by_name.items()}
+
+
+def inductor_kernel_modules() -> dict[str, object]:
+    """Kernel name -> the generated module of every inductor kernel loaded in this process (those that can rebuild
+    their arguments: ``benchmark_kernel`` was on when they were generated)."""
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    modules = {}
+    for module in PyCodeCache.modules:
+        if not (hasattr(module, "get_args") and hasattr(module, "call")):
+            continue
+        for name, value in vars(module).items():
+            if name.startswith("triton_") and isinstance(value, CachingAutotuner):
+                modules[name] = module
+    return modules
+
+
+def isolated(module, name: str) -> tuple[float, float]:
+    """(ms per call replayed in a CUDA graph, GB read + written by inductor's count) of one generated kernel."""
+    import triton.testing
+    from torch._inductor.utils import get_num_bytes
+
+    kernel = getattr(module, name)
+    args = module.get_args()
+    in_out = sum(1 for arg in kernel.fn.arg_names if arg.startswith("in_out_ptr"))
+    gb = kernel.inductor_meta.get("kernel_num_gb") or get_num_bytes(*args, num_in_out_args=in_out) / 1e9
+    module.call(args)  # autotunes if it has several configs
+    sync()
+    try:
+        ms = triton.testing.do_bench_cudagraph(lambda: module.call(args), rep=30, return_mode="median")
+    except RuntimeError:  # a kernel that cannot be captured: timed back to back instead
+        ms = triton.testing.do_bench(lambda: module.call(args), rep=30, return_mode="median")
+    return ms, gb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--speed", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SpeedConfig fields on top of compile='full', compile_mode='default' (Python literals)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--height", type=int, default=320)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--top", type=int, default=40, help="rows printed")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import torch._inductor.config as inductor_config
+
+    inductor_config.benchmark_kernel = True  # generated kernels carry get_args(): each can be run alone
+    started = time.perf_counter()
+    pipe = build_pipeline(None)
+    add_subject_lora(pipe)
+    speed = {key: ast.literal_eval(value) for key, value in (entry.split("=", 1) for entry in args.speed)}
+    optimize_pipeline(pipe, SpeedConfig(**{"compile": "full", "compile_mode": "default"} | speed))
+    launches = forward_kernels(pipe.unet, args.frames, args.height, args.width)
+    compile_s = time.perf_counter() - started
+    bandwidth = copy_bandwidth_gbps()
+    print(json.dumps({"compile_and_profile_s": round(compile_s, 1), "copy_gbps": round(bandwidth)}), flush=True)
+
+    modules = inductor_kernel_modules()
+    rows = []
+    for name, (calls, us) in launches.items():
+        row = {"name": name, "calls_per_forward": round(calls, 2), "ms_per_forward": round(us / 1e3, 4),
+               "us_per_call_in_forward": round(us / calls, 2)}
+        if name in modules:
+            ms, gb = isolated(modules[name], name)
+            floor_us = gb / bandwidth * 1e6
+            row |= {"us_alone": round(ms * 1e3, 2), "mb": round(gb * 1e3, 2), "gbps_alone": round(gb / (ms / 1e3)),
+                    "gbps_in_forward": round(gb / (row["us_per_call_in_forward"] / 1e6)),
+                    "floor_us": round(floor_us, 2),
+                    "ms_over_floor_per_forward": round((us - calls * floor_us) / 1e3, 4)}
+        rows.append(row)
+    generated = [r for r in rows if "floor_us" in r]
+    generated.sort(key=lambda r: -r["ms_over_floor_per_forward"])
+    others = sorted((r for r in rows if "floor_us" not in r), key=lambda r: -r["ms_per_forward"])
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "speed": speed,
+              "copy_gbps": round(bandwidth), "gpu_ms_per_forward": round(sum(r["ms_per_forward"] for r in rows), 3),
+              "generated_ms_per_forward": round(sum(r["ms_per_forward"] for r in generated), 3),
+              "generated_floor_ms_per_forward": round(sum(r["calls_per_forward"] * r["floor_us"]
+                                                          for r in generated) / 1e3, 3),
+              "generated_kernels": generated, "other_kernels": others,
+              "wall_s": round(time.perf_counter() - started, 1)}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("kernels")}), flush=True)
+    for row in generated[:args.top]:
+        print(f"{row['ms_over_floor_per_forward']:7.3f} ms over floor | {row['calls_per_forward']:5.1f}x "
+              f"{row['us_per_call_in_forward']:8.1f} us (alone {row['us_alone']:7.1f}, floor {row['floor_us']:7.1f}, "
+              f"{row['mb']:8.1f} MB, {row['gbps_in_forward']:5d} GB/s) {row['name'][:100]}")
+    for row in others[:15]:
+        print(f"{row['ms_per_forward']:7.3f} ms | {row['calls_per_forward']:5.1f}x {row['name'][:100]}")
+
+
+if __name__ == "__main__":
+    main()
