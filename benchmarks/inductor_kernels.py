@@ -97,12 +97,15 @@ def inductor_kernel_modules() -> dict[str, object]:
 def isolated(module, name: str) -> tuple[float, float]:
     """(ms per call replayed in a CUDA graph, GB read + written by inductor's count) of one generated kernel."""
     import triton.testing
-    from torch._inductor.utils import get_num_bytes
 
     kernel = getattr(module, name)
     args = module.get_args()
-    in_out = sum(1 for arg in kernel.fn.arg_names if arg.startswith("in_out_ptr"))
-    gb = kernel.inductor_meta.get("kernel_num_gb") or get_num_bytes(*args, num_in_out_args=in_out) / 1e9
+    gb = kernel.inductor_meta.get("kernel_num_gb")
+    if gb is None:  # every tensor argument read or written once, an in-place one read and written
+        in_out = {arg for arg in kernel.fn.arg_names if arg.startswith("in_out_ptr")}
+        gb = sum(arg.numel() * arg.element_size() * (2 if arg_name in in_out else 1)
+                 for arg_name, arg in zip(kernel.fn.arg_names, args, strict=False)
+                 if isinstance(arg, torch.Tensor)) / 1e9
     module.call(args)  # autotunes if it has several configs
     sync()
     try:
