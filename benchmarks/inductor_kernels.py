@@ -88,9 +88,10 @@ def inductor_kernel_modules() -> dict[str, object]:
     for module in PyCodeCache.modules:
         if not (hasattr(module, "get_args") and hasattr(module, "call")):
             continue
-        for name, value in vars(module).items():
-            if name.startswith("triton_") and isinstance(value, CachingAutotuner):
-                modules[name] = module
+        kernels = [name for name, value in vars(module).items()
+                   if name.startswith("triton_") and isinstance(value, CachingAutotuner)]
+        if len(kernels) == 1:  # a kernel's own module (the graph's wrapper module holds them all)
+            modules[kernels[0]] = module
     return modules
 
 
