@@ -7,8 +7,8 @@ kernel can rebuild its own arguments. Then:
 
 1. one CFG forward (the latents once, the two contexts, as the pipeline calls it) under the profiler: how many
    times each kernel runs per forward and for how long inside the forward;
-2. each inductor kernel alone, replayed in a CUDA graph on arguments of its real shapes: time, bytes read and
-   written (inductor's own count), achieved GB/s;
+2. the bytes each inductor kernel reads and writes (inductor's own count) and its achieved GB/s in the forward
+   (and, for kernels compiled in this process, its time alone, replayed in a CUDA graph);
 3. the copy bandwidth of the card (a 1 GiB device-to-device copy): the floor of a kernel is its bytes over this.
 
 The table is sorted by the time each kernel loses against its floor per forward (calls x (time in the forward -
@@ -78,42 +78,36 @@ def forward_kernels(unet, frames: int, height: int, width: int, forwards: int = 
     return {name: (len(durations) / forwards, sum(durations) / forwards) for name, durations in by_name.items()}
 
 
-def inductor_kernel_modules() -> dict[str, object]:
-    """Kernel name -> the generated module of every inductor kernel loaded in this process (those that can rebuild
-    their arguments: ``benchmark_kernel`` was on when they were generated)."""
+def inductor_kernels() -> dict[str, tuple[object, object | None]]:
+    """Kernel name -> (its ``CachingAutotuner``, the kernel's own generated module or None) for every inductor kernel
+    loaded in this process. Compiled with ``benchmark_kernel`` on, each carries inductor's count of the bytes it reads
+    and writes; a kernel compiled in this process also has its own module, which rebuilds its arguments (those
+    compiled by worker processes are reached through the graph's wrapper module only)."""
     from torch._inductor.codecache import PyCodeCache
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    modules = {}
+    found: dict[str, tuple[object, object | None]] = {}
     for module in PyCodeCache.modules:
-        if not (hasattr(module, "get_args") and hasattr(module, "call")):
-            continue
-        kernels = [name for name, value in vars(module).items()
-                   if name.startswith("triton_") and isinstance(value, CachingAutotuner)]
-        if len(kernels) == 1:  # a kernel's own module (the graph's wrapper module holds them all)
-            modules[kernels[0]] = module
-    return modules
+        kernels = {name: value for name, value in vars(module).items()
+                   if name.startswith("triton_") and isinstance(value, CachingAutotuner)}
+        own = len(kernels) == 1 and hasattr(module, "get_args") and hasattr(module, "call")
+        for name, kernel in kernels.items():
+            if own or name not in found:
+                found[name] = (kernel, module if own else None)
+    return found
 
 
-def isolated(module, name: str) -> tuple[float, float]:
-    """(ms per call replayed in a CUDA graph, GB read + written by inductor's count) of one generated kernel."""
+def alone_ms(module, name: str) -> float:
+    """ms per call of one generated kernel replayed in a CUDA graph on arguments of its real shapes."""
     import triton.testing
 
-    kernel = getattr(module, name)
     args = module.get_args()
-    gb = kernel.inductor_meta.get("kernel_num_gb")
-    if gb is None:  # every tensor argument read or written once, an in-place one read and written
-        in_out = {arg for arg in kernel.fn.arg_names if arg.startswith("in_out_ptr")}
-        gb = sum(arg.numel() * arg.element_size() * (2 if arg_name in in_out else 1)
-                 for arg_name, arg in zip(kernel.fn.arg_names, args, strict=False)
-                 if isinstance(arg, torch.Tensor)) / 1e9
     module.call(args)  # autotunes if it has several configs
     sync()
     try:
-        ms = triton.testing.do_bench_cudagraph(lambda: module.call(args), rep=30, return_mode="median")
+        return triton.testing.do_bench_cudagraph(lambda: module.call(args), rep=30, return_mode="median")
     except RuntimeError:  # a kernel that cannot be captured: timed back to back instead
-        ms = triton.testing.do_bench(lambda: module.call(args), rep=30, return_mode="median")
-    return ms, gb
+        return triton.testing.do_bench(lambda: module.call(args), rep=30, return_mode="median")
 
 
 def main() -> None:
@@ -125,11 +119,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--top", type=int, default=40, help="rows printed")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--sources", default=None, help="also write the Triton source of the top rows to this file")
     args = parser.parse_args()
 
     import torch._inductor.config as inductor_config
 
-    inductor_config.benchmark_kernel = True  # generated kernels carry get_args(): each can be run alone
+    inductor_config.benchmark_kernel = True  # generated kernels carry their byte counts (and get_args())
     started = time.perf_counter()
     pipe = build_pipeline(None)
     add_subject_lora(pipe)
@@ -140,18 +135,19 @@ def main() -> None:
     bandwidth = copy_bandwidth_gbps()
     print(json.dumps({"compile_and_profile_s": round(compile_s, 1), "copy_gbps": round(bandwidth)}), flush=True)
 
-    modules = inductor_kernel_modules()
+    kernels = inductor_kernels()
     rows = []
     for name, (calls, us) in launches.items():
         row = {"name": name, "calls_per_forward": round(calls, 2), "ms_per_forward": round(us / 1e3, 4),
                "us_per_call_in_forward": round(us / calls, 2)}
-        if name in modules:
-            ms, gb = isolated(modules[name], name)
+        kernel, module = kernels.get(name, (None, None))
+        gb = kernel.inductor_meta.get("kernel_num_gb") if kernel is not None else None
+        if gb is not None:
             floor_us = gb / bandwidth * 1e6
-            row |= {"us_alone": round(ms * 1e3, 2), "mb": round(gb * 1e3, 2), "gbps_alone": round(gb / (ms / 1e3)),
-                    "gbps_in_forward": round(gb / (row["us_per_call_in_forward"] / 1e6)),
-                    "floor_us": round(floor_us, 2),
-                    "ms_over_floor_per_forward": round((us - calls * floor_us) / 1e3, 4)}
+            row |= {"mb": round(gb * 1e3, 2), "gbps_in_forward": round(gb / (row["us_per_call_in_forward"] / 1e6)),
+                    "floor_us": round(floor_us, 2), "ms_over_floor_per_forward": round((us - calls * floor_us) / 1e3, 4)}
+            if module is not None:
+                row["us_alone"] = round(alone_ms(module, name) * 1e3, 2)
         rows.append(row)
     generated = [r for r in rows if "floor_us" in r]
     generated.sort(key=lambda r: -r["ms_over_floor_per_forward"])
@@ -167,8 +163,12 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if not k.endswith("kernels")}), flush=True)
     for row in generated[:args.top]:
         print(f"{row['ms_over_floor_per_forward']:7.3f} ms over floor | {row['calls_per_forward']:5.1f}x "
-              f"{row['us_per_call_in_forward']:8.1f} us (alone {row['us_alone']:7.1f}, floor {row['floor_us']:7.1f}, "
+              f"{row['us_per_call_in_forward']:8.1f} us (floor {row['floor_us']:7.1f}, "
               f"{row['mb']:8.1f} MB, {row['gbps_in_forward']:5d} GB/s) {row['name'][:100]}")
+    if args.sources:
+        texts = [f"# {row['name']}: {row['calls_per_forward']}x {row['us_per_call_in_forward']} us, floor "
+                 f"{row['floor_us']} us\n{getattr(kernels[row['name']][0].fn, 'src', '')}" for row in generated[:args.top]]
+        Path(args.sources).write_text("\n\n".join(texts))
     for row in others[:15]:
         print(f"{row['ms_per_forward']:7.3f} ms | {row['calls_per_forward']:5.1f}x {row['name'][:100]}")
 
