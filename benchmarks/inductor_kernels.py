@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Probe: how far each kernel inductor generates for the compiled UNet is from its memory-bandwidth floor.
 
-Compiles the full-size UNet as the product does (random weights, subject LoRA, the layer rewrites, channels-last,
-``torch.compile`` of the whole forward) with inductor's ``benchmark_kernel`` switched on, so that every generated
-kernel can rebuild its own arguments. Then:
+Compiles the full-size UNet as the product samples with it (random weights, no adapter: sampling fuses the subject
+LoRA into the weights; the layer rewrites, channels-last, ``torch.compile`` of the whole forward) with inductor's
+``benchmark_kernel`` switched on, so that every generated kernel carries its byte count. Then:
 
 1. one CFG forward (the latents once, the two contexts, as the pipeline calls it) under the profiler: how many
    times each kernel runs per forward and for how long inside the forward;
@@ -13,7 +13,8 @@ kernel can rebuild its own arguments. Then:
 
 The table is sorted by the time each kernel loses against its floor per forward (calls x (time in the forward -
 floor)): where a rewrite or a kernel of our own would pay most. cuBLAS/cuDNN/our Triton ops are listed by their
-time in the forward only (no byte count). Nothing here changes the product.
+time in the forward only (no byte count), and the aten ops that launch cuBLAS / cuDNN / attention kernels by input
+shape, with their TFLOP/s. Nothing here changes the product.
 
     python benchmarks/inductor_kernels.py --out inductor_kernels.json
     python benchmarks/inductor_kernels.py --speed fused_geglu=False --out old.json
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import add_subject_lora, build_pipeline, kernel_events, sync  # noqa: E402
+from gpu import build_pipeline, kernel_events, sync  # noqa: E402
 
 from customcrafter.performance import SpeedConfig, optimize_pipeline  # noqa: E402
 
@@ -51,8 +52,41 @@ def copy_bandwidth_gbps(gib: int = 1) -> float:
     return 2 * src.numel() / (min(times) / 1e3) / 1e9
 
 
-def forward_kernels(unet, frames: int, height: int, width: int, forwards: int = 3) -> dict[str, tuple[float, float]]:
-    """Kernel name -> (launches, µs) per CFG forward (means over ``forwards``)."""
+#: aten ops launched by the compiled graph whose kernels are cuBLAS / cuDNN / FlashAttention: timed per input shape
+EXTERN_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution",
+              "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
+              "aten::_scaled_dot_product_efficient_attention")
+
+
+def op_flops(op: str, shapes: list) -> float | None:
+    """Multiply-add FLOPs of one call from its input shapes (convolutions: stride 1 and 'same' padding assumed)."""
+    dims = [s for s in shapes if isinstance(s, list | tuple) and s]
+    try:
+        if op == "aten::mm":
+            (m, k), (_, n) = dims[0], dims[1]
+            return 2.0 * m * k * n
+        if op == "aten::addmm":
+            (m, k), (_, n) = dims[1], dims[2]
+            return 2.0 * m * k * n
+        if op in ("aten::bmm", "aten::baddbmm"):
+            (b, m, k), (_, _, n) = dims[-2], dims[-1]
+            return 2.0 * b * m * k * n
+        if op == "aten::convolution":
+            x, w = dims[0], dims[1]
+            positions = x[0] * (x[2] * x[3] * (x[4] if len(x) == 5 else 1))
+            return 2.0 * positions * w[0] * (w[1] * w[2] * w[3] * (w[4] if len(w) == 5 else 1))
+        if "scaled_dot_product" in op:
+            (b, h, lq, d), (_, _, lk, _) = dims[0], dims[1]
+            return 4.0 * b * h * lq * lk * d
+    except (ValueError, IndexError, TypeError):
+        return None
+    return None
+
+
+def profile_forward(unet, frames: int, height: int, width: int, forwards: int = 3):
+    """One CFG forward (the latents once, the two contexts) under the profiler, ``forwards`` times. Returns kernel name
+    -> (launches, µs) per forward, and the extern ops (``EXTERN_OPS``) per input shape: calls and µs per forward,
+    GFLOP and TFLOP/s per call."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -64,7 +98,7 @@ def forward_kernels(unet, frames: int, height: int, width: int, forwards: int = 
         for _ in range(3):
             unet(x, t, context, fps=16)
         sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             for _ in range(forwards):
                 unet(x, t, context, fps=16)
             sync()
@@ -75,7 +109,20 @@ def forward_kernels(unet, frames: int, height: int, width: int, forwards: int = 
     by_name: dict[str, list[float]] = {}
     for event in events:
         by_name.setdefault(event["name"], []).append(event["dur"])
-    return {name: (len(durations) / forwards, sum(durations) / forwards) for name, durations in by_name.items()}
+    kernels = {name: (len(durations) / forwards, sum(durations) / forwards) for name, durations in by_name.items()}
+    ops = []
+    for avg in prof.key_averages(group_by_input_shape=True):
+        if avg.key not in EXTERN_OPS or not avg.count:
+            continue
+        us = avg.device_time_total / forwards
+        calls = avg.count / forwards
+        flops = op_flops(avg.key, avg.input_shapes)
+        ops.append({"op": avg.key, "shapes": str(avg.input_shapes), "calls_per_forward": round(calls, 2),
+                    "ms_per_forward": round(us / 1e3, 4), "us_per_call": round(us / calls, 2),
+                    "gflop_per_call": None if flops is None else round(flops / 1e9, 2),
+                    "tflops": None if flops is None else round(flops * calls / (us / 1e6) / 1e12, 1)})
+    ops.sort(key=lambda r: -r["ms_per_forward"])
+    return kernels, ops
 
 
 def inductor_kernels() -> dict[str, tuple[object, object | None]]:
@@ -126,11 +173,10 @@ def main() -> None:
 
     inductor_config.benchmark_kernel = True  # generated kernels carry their byte counts (and get_args())
     started = time.perf_counter()
-    pipe = build_pipeline(None)
-    add_subject_lora(pipe)
+    pipe = build_pipeline(None)  # no adapter: sampling fuses the subject LoRA into the weights (DWVSS phases)
     speed = {key: ast.literal_eval(value) for key, value in (entry.split("=", 1) for entry in args.speed)}
     optimize_pipeline(pipe, SpeedConfig(**{"compile": "full", "compile_mode": "default"} | speed))
-    launches = forward_kernels(pipe.unet, args.frames, args.height, args.width)
+    launches, extern_ops = profile_forward(pipe.unet, args.frames, args.height, args.width)
     compile_s = time.perf_counter() - started
     bandwidth = copy_bandwidth_gbps()
     print(json.dumps({"compile_and_profile_s": round(compile_s, 1), "copy_gbps": round(bandwidth)}), flush=True)
@@ -157,10 +203,10 @@ def main() -> None:
               "generated_ms_per_forward": round(sum(r["ms_per_forward"] for r in generated), 3),
               "generated_floor_ms_per_forward": round(sum(r["calls_per_forward"] * r["floor_us"]
                                                           for r in generated) / 1e3, 3),
-              "generated_kernels": generated, "other_kernels": others,
+              "generated_kernels": generated, "other_kernels": others, "extern_ops_by_shape": extern_ops,
               "wall_s": round(time.perf_counter() - started, 1)}
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if not k.endswith("kernels")}), flush=True)
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith(("kernels", "by_shape"))}), flush=True)
     for row in generated[:args.top]:
         print(f"{row['ms_over_floor_per_forward']:7.3f} ms over floor | {row['calls_per_forward']:5.1f}x "
               f"{row['us_per_call_in_forward']:8.1f} us (floor {row['floor_us']:7.1f}, "
@@ -171,6 +217,9 @@ def main() -> None:
         Path(args.sources).write_text("\n\n".join(texts))
     for row in others[:15]:
         print(f"{row['ms_per_forward']:7.3f} ms | {row['calls_per_forward']:5.1f}x {row['name'][:100]}")
+    for row in extern_ops[:args.top]:
+        print(f"{row['ms_per_forward']:7.3f} ms | {row['calls_per_forward']:5.1f}x {row['us_per_call']:8.1f} us "
+              f"{row['tflops']} TFLOP/s {row['op']} {row['shapes'][:120]}")
 
 
 if __name__ == "__main__":
