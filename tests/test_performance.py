@@ -91,3 +91,70 @@ def test_optimize_pipeline_on_cpu_keeps_float32_and_eager():
     assert pipe.unet.dtype == torch.float32 and pipe.unet.forward == forward
     assert pipe.decode_chunk_size == 3
 
+
+
+class _Reduction:
+    """What inductor's persistent-reduction heuristic reads of a kernel: its reduction hint and sizes."""
+
+    def __init__(self, hint, rows: int, width: int):
+        import sympy
+
+        self.hint, self.numel, self.reduction_numel = hint, sympy.Integer(rows), sympy.Integer(width)
+
+    def get_reduction_hint(self):
+        return self.hint
+
+
+@pytest.fixture
+def inductor_graph():
+    """Inductor's heuristics consult the graph being compiled for its size hints: a bare one, and inductor's own
+    heuristics back in place afterwards."""
+    from types import SimpleNamespace
+
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+
+    with V.set_graph_handler(SimpleNamespace(sizevars=SizeVarAllocator())):
+        yield V
+    V.set_choices_handler(InductorChoices())
+
+
+def test_persistent_rows_widens_only_static_row_reductions_up_to_the_limit(inductor_graph):
+    import sympy
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+
+    from customcrafter.performance import use_persistent_rows
+
+    level2_layer_norm = _Reduction(ReductionHint.INNER, 5120, 1280)
+    assert not InductorChoices.should_use_persistent_reduction(level2_layer_norm, False)  # inductor's 1024 limit
+    assert use_persistent_rows(2048)
+    choices = inductor_graph.choices
+    assert choices.should_use_persistent_reduction(level2_layer_norm, False)
+    assert choices.should_use_persistent_reduction(_Reduction(ReductionHint.INNER, 5120, 640), False)  # as before
+    assert not choices.should_use_persistent_reduction(_Reduction(ReductionHint.INNER, 5120, 4096), False)
+    assert not choices.should_use_persistent_reduction(_Reduction(ReductionHint.OUTER, 5120, 1280), False)
+    assert not choices.should_use_persistent_reduction(level2_layer_norm, True)  # cooperative: inductor decides
+    dynamic = _Reduction(ReductionHint.INNER, 5120, 1280)
+    dynamic.reduction_numel = sympy.Symbol("s0", positive=True, integer=True)
+    assert not choices.should_use_persistent_reduction(dynamic, False)
+    # a second call changes the limit of the installed heuristics instead of stacking another
+    assert use_persistent_rows(1024) and inductor_graph.choices is choices
+    assert not choices.should_use_persistent_reduction(level2_layer_norm, False)
+    # None: inductor's own heuristics again
+    assert use_persistent_rows(None) and type(inductor_graph.choices) is InductorChoices
+
+
+def test_persistent_rows_leaves_someone_elses_heuristics_alone(inductor_graph):
+    from torch._inductor.choices import InductorChoices
+
+    from customcrafter.performance import use_persistent_rows
+
+    class Theirs(InductorChoices):
+        pass
+
+    theirs = Theirs()
+    inductor_graph.set_choices_handler(theirs)
+    assert not use_persistent_rows(2048) and not use_persistent_rows(None)
+    assert inductor_graph.choices is theirs
