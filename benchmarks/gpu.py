@@ -454,8 +454,7 @@ def kernel_summary(events: list[dict], forwards: int) -> dict:
 def _session6(**kwargs) -> SpeedConfig:
     """Session 6's settings: its two layer rewrites (GroupNorm, upsampling), biased linears still fused, no CUDA
     graphs unless asked."""
-    return SpeedConfig(**{"unfused_linear_bias": False, "compile_mode": "default", "fused_geglu": False,
-                          "persistent_rows": None} | kwargs)
+    return SpeedConfig(**{"unfused_linear_bias": False, "compile_mode": "default", "fused_geglu": False} | kwargs)
 
 
 def _before_rewrites(**kwargs) -> SpeedConfig:
@@ -501,13 +500,10 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-subpixel": _session6(compile="full", channel_stats_group_norm=False),
     "bf16-full-compile-rewrites": _session6(compile="full"),
     # + biased linears as a plain matmul and a separate bias add (session 7), then CUDA graphs on top (the defaults)
-    "bf16-full-compile-unfused-bias": SpeedConfig(compile="full", compile_mode="default", fused_geglu=False,
-                                                  persistent_rows=None),
-    "bf16-full-compile-unfused-bias-cudagraphs": SpeedConfig(compile="full", fused_geglu=False, persistent_rows=None),
-    # + the feed-forwards' GEGLU as one Triton GEMM with the gating in its epilogue (session 11)
-    "bf16-full-compile-fused-geglu-cudagraphs": SpeedConfig(compile="full", persistent_rows=None),
-    # + the 1280-wide LayerNorms as single-pass persistent kernels (session 12; the defaults)
-    "bf16-full-compile-persistent-rows-cudagraphs": SpeedConfig(compile="full"),
+    "bf16-full-compile-unfused-bias": SpeedConfig(compile="full", compile_mode="default", fused_geglu=False),
+    "bf16-full-compile-unfused-bias-cudagraphs": SpeedConfig(compile="full", fused_geglu=False),
+    # + the feed-forwards' GEGLU as one Triton GEMM with the gating in its epilogue (session 11; the defaults)
+    "bf16-full-compile-fused-geglu-cudagraphs": SpeedConfig(compile="full"),
     "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True, unfused_linear_bias=True),
 }
 

@@ -78,6 +78,10 @@ def main() -> None:
     parser.add_argument("--speed", nargs="*", default=[], metavar="KEY=VALUE",
                         help="SpeedConfig fields on top of compile='full', compile_mode='default' (Python literals), "
                              "e.g. fused_geglu=False for the previous code path")
+    parser.add_argument("--inner-persistent-max", type=int, default=None, metavar="N",
+                        help="let inductor use persistent (single-pass) kernels for row reductions of up to N elements "
+                             "(its own limit is 1024: the level-2 LayerNorms, 1280 wide, get two-pass looped kernels); "
+                             "give each run its own TORCHINDUCTOR_CACHE_DIR, the compile cache does not see this")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -106,11 +110,37 @@ def set_inductor(entries: list[str]) -> dict:
     return applied
 
 
+def set_inner_persistent_max(limit: int) -> type:
+    """Inductor's documented heuristics hook (``V.set_choices_handler``): row (inner) reductions of up to ``limit``
+    elements become persistent kernels, each row read once into registers."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class Choices(InductorChoices):
+        widened = 0  # reductions made persistent that inductor's own limit would have looped
+
+        def should_use_persistent_reduction(self, features, cooperative_reduction, *args, **kwargs):
+            own = InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs)
+            if (not own and not cooperative_reduction and features.get_reduction_hint() == ReductionHint.INNER
+                    and torch._inductor.config.triton.persistent_reductions
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)):
+                Choices.widened += 1
+                return True
+            return own
+
+    V.set_choices_handler(Choices())
+    return Choices
+
+
 def run(args) -> None:
     import os
 
     started = time.perf_counter()
     inductor = set_inductor(args.inductor)
+    choices = set_inner_persistent_max(args.inner_persistent_max) if args.inner_persistent_max else None
+    if choices is not None:
+        inductor["inner_persistent_max"] = args.inner_persistent_max
     pipe = build_pipeline(None)
     add_subject_lora(pipe)
     speed = {key: ast.literal_eval(value) for key, value in (entry.split("=", 1) for entry in args.speed)}
@@ -159,6 +189,8 @@ def run(args) -> None:
                 report[f"{name}_max_abs_diff_vs_sequential"] = max(
                     float((s.float() - p.float()).abs().max()) for s, p in zip(seq, par, strict=True))
     report["warmup_s"] = round(time.perf_counter() - started, 1)
+    if choices is not None:
+        report["reductions_made_persistent"] = choices.widened
     print(json.dumps(report), flush=True)
 
     # a run that never gets ready (a compile that overran) only delays the others

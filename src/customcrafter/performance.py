@@ -14,7 +14,6 @@ every code path.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Literal
 
@@ -23,7 +22,7 @@ from pydantic import Field
 
 from customcrafter.config import StrictModel
 
-__all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "use_persistent_rows", "EfficientAttnProcessor",
+__all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
            "TritonTemporalAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES"]
 
 logger = logging.getLogger(__name__)
@@ -77,12 +76,6 @@ class SpeedConfig(StrictModel):
         True, description="run the UNet feed-forwards' GEGLU (projection + gating) as one Triton GEMM with the gating "
                           "in its epilogue where it measured faster (customcrafter.fusions: K <= 640, levels 0-1; H100 "
                           "level 0 0.47 -> 0.39 ms per layer); CUDA, no gradient, else the layer's own path")
-    persistent_rows: int | None = Field(
-        2048, ge=1, description="widest row reduction (a LayerNorm's channels) that inductor compiles as a single-pass "
-                                "persistent kernel when compiling; its own limit, 1024, leaves the 1280-wide level-2/3 "
-                                "LayerNorms with two passes (H100, same machine: 66.5-67.0 -> 66.3-66.6 ms per graphed "
-                                "CFG forward). Set through inductor's heuristics hook, for the calling thread "
-                                "(use_persistent_rows). None = inductor's own limit")
     decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
                                                         "time; 8 is faster and keeps peak memory low)")
     tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
@@ -209,59 +202,6 @@ def _channels_last(module: torch.nn.Module) -> None:
             sub.weight.data = sub.weight.data.contiguous(memory_format=fmt)
 
 
-def use_persistent_rows(limit: int | None) -> bool:
-    """Have inductor compile row (inner) reductions of up to ``limit`` elements as persistent kernels (each row read
-    once, into registers) where its own heuristics would loop over the row twice (static sizes only); ``None`` puts
-    inductor's own heuristics back. Installed through inductor's documented hook for its heuristics
-    (``V.set_choices_handler``): it holds for every compilation in the calling thread (the one that runs the compiled
-    model first). Returns False, changing nothing, where someone else's heuristics are installed. The compile cache of
-    torch 2.11 does not key on it: a graph cached with other heuristics is reused as it is (only its speed differs)."""
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.virtualized import V
-
-    persistent_rows = _persistent_rows_type()
-    current = V.choices
-    if not isinstance(current, persistent_rows) and type(current) is not InductorChoices:
-        logger.warning("persistent_rows: inductor heuristics %s already installed, left as they are",
-                       type(current).__name__)
-        return False
-    if limit is None:
-        if isinstance(current, persistent_rows):
-            V.set_choices_handler(InductorChoices())
-    elif isinstance(current, persistent_rows):
-        current.limit = limit
-    else:
-        V.set_choices_handler(persistent_rows(limit))
-    return True
-
-
-@functools.cache
-def _persistent_rows_type() -> type:
-    """``InductorChoices`` with wider persistent row reductions (built on first use: importing inductor is slow)."""
-    import sympy
-    from torch._inductor import config
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-
-    class PersistentRows(InductorChoices):
-        def __init__(self, limit: int):
-            super().__init__()
-            self.limit = limit
-
-        def uuid(self) -> str:  # what inductor's compile cache keys on, where it keys on the heuristics
-            return f"customcrafter-persistent-rows-{self.limit}"
-
-        def should_use_persistent_reduction(self, features, cooperative_reduction, *args, **kwargs) -> bool:
-            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs):
-                return True
-            numel = sympy.sympify(features.reduction_numel)
-            return bool(config.triton.persistent_reductions and not cooperative_reduction
-                        and features.get_reduction_hint() == ReductionHint.INNER
-                        and numel.is_Integer and int(numel) <= self.limit)
-
-    return PersistentRows
-
-
 def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "regional",
                  compile_mode: str | None = None) -> None:
     """Compile the UNet in place: each repeated block (regional) or the whole forward (full)."""
@@ -333,9 +273,6 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
                 _channels_last(component)
     _layer_rewrites(pipe, config)
     mode = config.resolved_compile_mode()
-    compiling = config.compile != "none" or config.resolved_compile_vae() or config.resolved_compile_text()
-    if compiling:
-        use_persistent_rows(config.persistent_rows)
     if config.compile != "none":
         compile_unet(pipe.unet, config.compile, mode)
     if config.resolved_compile_vae() and pipe.vae is not None:
