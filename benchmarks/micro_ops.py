@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import time
 
 import torch
@@ -353,66 +352,6 @@ def gn_scale_shift_rows() -> list[dict]:
     return rows
 
 
-# (name, input shapes): the GroupNorm inputs of the UNet's resnets (the block output: conv + bias + residual, kept for
-# the next residual), temporal convolutions (conv + bias) and up-block resnets (a concatenation), CFG batch 2 x 16
-# frames at 320x512
-GN_CHUNKS = [("resnet L0", [(32, 320, 40, 64)]), ("resnet L1", [(32, 640, 20, 32)]),
-             ("resnet L2", [(32, 1280, 10, 16)]), ("resnet L3", [(32, 1280, 5, 8)]),
-             ("temporal-conv L0", [(2, 320, 16, 40, 64)]), ("temporal-conv L1", [(2, 640, 16, 20, 32)]),
-             ("temporal-conv L2", [(2, 1280, 16, 10, 16)]),
-             ("up-block L0 (cat 640+320)", [(32, 640, 40, 64), (32, 320, 40, 64)]),
-             ("up-block L1 (cat 1280+640)", [(32, 1280, 20, 32), (32, 640, 20, 32)])]
-
-
-def gn_chunk_rows() -> list[dict]:
-    """GroupNorm + SiLU with its producer, compiled and replayed in a CUDA graph, the per-channel statistics reduced
-    over all positions at once (``chunks`` 1) or over runs of positions first and then combined
-    (``customcrafter.fusions.channel_var_mean``): inductor gives the one long reduction per (sample, channel) few
-    programs on channels-last inputs (RESULTS.md session 12: some ran at 1/3 of the bandwidth)."""
-    from customcrafter import fusions
-
-    rows = []
-    for name, shapes in GN_CHUNKS:
-        fmt = torch.channels_last if len(shapes[0]) == 4 else torch.channels_last_3d
-        parts = [(torch.randn(s, device="cuda") * 3 + 1).to(torch.bfloat16).contiguous(memory_format=fmt)
-                 for s in shapes]
-        c = sum(s[1] for s in shapes)
-        per_channel = (c,) + (1,) * (len(shapes[0]) - 2)
-        conv_bias, bias = (torch.randn(c, device="cuda").to(torch.bfloat16) for _ in range(2))
-        weight = (torch.rand(c, device="cuda") + 0.5).to(torch.bfloat16)
-        residual = torch.randn_like(parts[0]) if len(parts) == 1 and len(shapes[0]) == 4 else None
-        positions = math.prod(shapes[0][2:])
-
-        def layer(*xs, chunks, conv_bias=conv_bias, weight=weight, bias=bias, per_channel=per_channel,
-                  residual=residual):
-            if len(xs) > 1:  # up-block: the concatenation of the previous output and the skip
-                h = torch.cat(xs, dim=1)
-            else:  # the conv's bias (and the block's residual) added first, the sum kept for later
-                h = xs[0] + conv_bias.view(per_channel)
-                if residual is not None:
-                    h = h + residual
-            return h, F.silu(fusions.channel_stats_group_norm(h, 32, weight, bias, 1e-6, chunks=chunks))
-
-        moved = sum(x.numel() for x in parts) * 2 * (4 if residual is not None else 3)  # bytes, at the least
-        row = {"op": f"group_norm + silu {name}", "floor_ms_at_3tb": round(moved / 3.0e9, 4)}
-        ref = None
-        for chunks in (1, 2, 4, 8, 16, 32, 64):
-            if positions % chunks or positions // chunks < 8:
-                continue
-            torch._dynamo.reset()
-            compiled = torch.compile(functools.partial(layer, chunks=chunks), dynamic=False)
-            with torch.no_grad():
-                out = compiled(*parts)[1].float()
-                ref = out if ref is None else ref
-                ms = graph_ms(functools.partial(compiled, *parts))
-            row[f"chunks_{chunks}_ms"] = round(ms, 4)
-            row[f"chunks_{chunks}_tb_s"] = round(moved / ms / 1e9, 2)
-            row[f"chunks_{chunks}_max_diff_vs_1"] = float((out - ref).abs().max())
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
 # (name, sequences, heads, head_dim) of the temporal attention calls of one CFG forward (16 frames)
 TEMPORAL_CALLS = [("transformer_in (latents once)", 2560, 8, 64), ("L0", 5120, 5, 64), ("L1", 1280, 10, 64),
                   ("L2", 320, 20, 64)]
@@ -539,7 +478,7 @@ def graph_rows() -> list[dict]:
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
             "bias": bias_rows, "graph": graph_rows, "gn_scale_shift": gn_scale_shift_rows,
-            "temporal_configs": temporal_config_rows, "gn_chunks": gn_chunk_rows}
+            "temporal_configs": temporal_config_rows}
 
 
 def main() -> None:

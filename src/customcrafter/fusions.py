@@ -52,33 +52,16 @@ __all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_sta
 logger = logging.getLogger(__name__)
 
 
-def channel_var_mean(x: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean of each ``(sample, channel)`` of ``x`` ``(N, C, *positions)`` over its positions, in
-    float32 at least. With ``chunks`` > 1 the positions are cut into that many equal runs, each run's statistics are
-    reduced first (``chunks`` times as many independent reductions, each ``chunks`` times shorter) and then combined
-    exactly (equal counts: the mean of the means; the mean of the variances plus the variance of the means)."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    if chunks == 1:
-        return torch.var_mean(x.to(compute), dim=list(range(2, x.dim())), correction=0)
-    positions = x.flatten(2)  # a view in the contiguous and the channels-last layouts alike
-    if positions.shape[2] % chunks:
-        raise ValueError(f"chunks={chunks} does not divide the {positions.shape[2]} positions")
-    var_s, mean_s = torch.var_mean(positions.unflatten(2, (chunks, -1)).to(compute), dim=3, correction=0)
-    mean = mean_s.mean(2)
-    return var_s.mean(2) + (mean_s - mean.unsqueeze(2)).square().mean(2), mean
-
-
 def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                             bias: torch.Tensor | None, eps: float, chunks: int = 1) -> torch.Tensor:
+                             bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``F.group_norm`` computed from per-channel statistics: mean and variance of each channel over all positions
-    (Welford reductions whose kept dim, the channels, is the contiguous one in channels-last memory: ``channel_var_mean``
-    with ``chunks``), then each group's mean and variance from its channels' (exact for equal counts: the variance of
-    the group is the mean of the channels' variances plus the variance of their means), then one scale-and-shift
-    pass."""
+    (one Welford reduction whose kept dim, the channels, is the contiguous one in channels-last memory), then each
+    group's mean and variance from its channels' (exact for equal counts: the variance of the group is the mean of
+    the channels' variances plus the variance of their means), then one scale-and-shift pass."""
     n, c = x.shape[:2]
     dims = list(range(2, x.dim()))
     compute = torch.promote_types(x.dtype, torch.float32)
-    var_c, mean_c = channel_var_mean(x, chunks)
+    var_c, mean_c = torch.var_mean(x.to(compute), dim=dims, correction=0)
     # 5-D inputs (the temporal convolutions' and transformers' GroupNorms): one small kernel on CUDA at inference, so
     # that the pass over x below is a multiply-add per element instead of recomputing the group statistics per
     # element (customcrafter.kernels). 4-D inputs (per-frame resnet GroupNorms) keep the form inductor inlines: it
