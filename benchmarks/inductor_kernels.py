@@ -68,8 +68,11 @@ def op_flops(op: str, shapes: list) -> float | None:
         if op == "aten::addmm":
             (m, k), (_, n) = dims[1], dims[2]
             return 2.0 * m * k * n
-        if op in ("aten::bmm", "aten::baddbmm"):
-            (b, m, k), (_, _, n) = dims[-2], dims[-1]
+        if op == "aten::bmm":  # (the out= tensor, where given, comes after the operands)
+            (b, m, k), (_, _, n) = dims[0], dims[1]
+            return 2.0 * b * m * k * n
+        if op == "aten::baddbmm":
+            (b, m, k), (_, _, n) = dims[1], dims[2]
             return 2.0 * b * m * k * n
         if op == "aten::convolution":
             x, w = dims[0], dims[1]
