@@ -356,6 +356,14 @@ def graphs_check(args, frames: int, steps: int = 6) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- profile
+def cfg_forward_inputs(unet, frames: int, height: int, width: int):
+    """Random ``(latents, timestep, contexts)`` for one UNet forward as the pipeline calls it with CFG: the latents
+    once, the (negative, positive) contexts."""
+    x = torch.randn(1, 4, frames, height // 8, width // 8, device="cuda", dtype=unet.dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
+    return x, torch.tensor([500], device="cuda"), context
+
+
 def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None:
     """Where one CFG UNet forward spends GPU time: the top operators and kernels (and a Chrome trace)."""
     from torch.profiler import ProfilerActivity
@@ -364,10 +372,7 @@ def profile(args, speed: SpeedConfig, out_dir: Path, name: str = "unet") -> None
     pipe = build_pipeline(args.weights)
     optimize_pipeline(pipe, speed)
     unet = pipe.unet
-    # as the pipeline calls it with CFG: the latents once, the (negative, positive) contexts
-    x = torch.randn(1, 4, args.frames, args.height // 8, args.width // 8, device="cuda", dtype=unet.dtype)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
-    t = torch.tensor([500], device="cuda")
+    x, t, context = cfg_forward_inputs(unet, args.frames, args.height, args.width)
     with torch.no_grad():
         for _ in range(3):
             unet(x, t, context, fps=16)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import build_pipeline, kernel_events, sync  # noqa: E402
+from gpu import build_pipeline, cfg_forward_inputs, kernel_events, sync  # noqa: E402
 
 from customcrafter.performance import SpeedConfig, optimize_pipeline  # noqa: E402
 
@@ -94,9 +94,7 @@ def profile_forward(unet, frames: int, height: int, width: int, forwards: int = 
 
     from torch.profiler import ProfilerActivity, profile
 
-    x = torch.randn(1, 4, frames, height // 8, width // 8, device="cuda", dtype=unet.dtype)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
-    t = torch.tensor([500], device="cuda")
+    x, t, context = cfg_forward_inputs(unet, frames, height, width)
     with torch.no_grad():
         for _ in range(3):
             unet(x, t, context, fps=16)
