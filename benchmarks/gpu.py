@@ -314,7 +314,9 @@ def bench_training(args, frames: int, checkpointing: bool, extra: dict) -> dict:
            "intervals_s": [round(s, 4) for s in per_step], "total_s": round(total, 1),
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "hours_for_10000_steps": round(10_000 * step_s / 3600, 2),
-           "loss_finite": bool(np.isfinite(result.losses).all())}
+           "loss_finite": bool(np.isfinite(result.losses).all()),
+           # same seed and data in every variant: the per-step losses compare variants' numerics
+           "losses": [round(x, 5) for x in result.losses]}
     print(json.dumps(out), flush=True)
     free(pipe)
     return out

@@ -143,7 +143,7 @@ def test_static_dropout_masks_are_refilled_in_place_with_the_eager_values():
         eager_seeds.set(step_seeds)
         static_seeds.set(step_seeds)
         assert torch.equal(static(x), eager(x)), step_seeds
-        buffer = static_seeds.static[7][0]
+        buffer = static.mask
         addresses.add(buffer.data_ptr())
     assert len(addresses) == 1  # refilled, never reallocated
     with pytest.raises(RuntimeError, match="batch layout changed"):

@@ -203,19 +203,20 @@ def _channels_last(module: torch.nn.Module) -> None:
 
 
 def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "regional",
-                 compile_mode: str | None = None) -> None:
-    """Compile the UNet in place: each repeated block (regional) or the whole forward (full)."""
+                 compile_mode: str | None = None, backend: str = "inductor") -> None:
+    """Compile the UNet in place: each repeated block (regional) or the whole forward (full). ``backend``: torch.compile's
+    (tests trace with 'eager' / 'aot_eager', which compile in seconds on a CPU)."""
     import torch._dynamo
 
     # Many instances of each block class with a handful of distinct shapes each: allow enough cached graphs.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if mode == "full":
-        unet.compile(mode=compile_mode, fullgraph=False, dynamic=False)
+        unet.compile(backend=backend, mode=compile_mode, fullgraph=False, dynamic=False)
         return
     count = 0
     for sub in unet.modules():
         if type(sub).__name__ in UNET_REPEATED_BLOCKS:
-            sub.compile(mode=compile_mode, dynamic=False)
+            sub.compile(backend=backend, mode=compile_mode, dynamic=False)
             count += 1
     if not count:
         raise ValueError(f"no block of {UNET_REPEATED_BLOCKS} in {type(unet).__name__}: nothing to compile")

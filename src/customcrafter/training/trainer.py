@@ -112,30 +112,46 @@ def _dropout_mask(seed: int, index: int, shape: tuple[int, ...], p: float, devic
 
 class _ExampleSeeds:
     """The example seeds of the batch in the UNet now (set before each forward; still valid when gradient
-    checkpointing re-runs the forward during backward).
+    checkpointing re-runs the forward during backward), and the dropout layers that draw from them.
 
-    With ``static`` on (CUDA graphs), each dropout layer's masks live in a fixed buffer, allocated by the first
-    forward and refilled in place by :meth:`set` before every later step: a captured graph reads them from the same
-    address every replay. Eager runs draw the same masks inside the forward.
+    With ``static`` on (CUDA graphs, ``torch.compile``), each layer keeps its masks in one fixed tensor
+    (:attr:`ExampleDropout.mask`), drawn by the first forward and refilled in place by :meth:`set` before every later
+    step: a captured graph reads them from the same address every replay, and compiled code reads a tensor - it
+    never traces the seeds or the layer's index, which would recompile every layer at every step. Eager runs draw the
+    same masks inside the forward.
     """
 
     def __init__(self) -> None:
         self.current: list[int] | None = None
-        self.static: dict[int, tuple[torch.Tensor, float]] | None = None
+        self.static = False
+        self.layers: list[ExampleDropout] = []
 
     def set(self, seeds: list[int]) -> None:
         self.current = list(seeds)
-        for index, (buffer, p) in (self.static or {}).items():
-            if buffer.shape[0] % len(seeds):
-                raise RuntimeError(f"dropout layer {index}: {buffer.shape[0]} rows do not split over {len(seeds)} "
-                                   "examples (the batch layout changed after capture)")
-            rows = buffer.shape[0] // len(seeds)
+        if not self.static:
+            return
+        for layer in self.layers:
+            mask = layer.mask
+            if mask is None:
+                continue
+            if mask.shape[0] % len(seeds):
+                raise RuntimeError(f"dropout layer {layer.index}: {mask.shape[0]} rows do not split over "
+                                   f"{len(seeds)} examples (the batch layout changed after capture)")
+            rows = mask.shape[0] // len(seeds)
             for j, seed in enumerate(seeds):
-                _dropout_mask(seed, index, (rows, *buffer.shape[1:]), p, buffer.device,
-                              out=buffer[j * rows:(j + 1) * rows])
+                _dropout_mask(seed, layer.index, (rows, *mask.shape[1:]), layer.p, mask.device,
+                              out=mask[j * rows:(j + 1) * rows])
 
     def use_static_masks(self, enabled: bool) -> None:
-        self.static = {} if enabled else None
+        """Switch fixed mask tensors on or off; either way the layers' masks are drawn anew by the next forward."""
+        self.static = enabled
+        for layer in self.layers:
+            layer.mask = None
+
+    @property
+    def masks_ready(self) -> bool:
+        """Every layer holds its fixed masks (static mode after a first forward)."""
+        return self.static and all(layer.mask is not None for layer in self.layers)
 
 
 class ExampleDropout(nn.Module):
@@ -146,25 +162,34 @@ class ExampleDropout(nn.Module):
     def __init__(self, p: float, index: int, seeds: _ExampleSeeds):
         super().__init__()
         self.p, self.index, self.seeds = p, index, seeds
+        self.mask: torch.Tensor | None = None  # static mode: this step's keep-mask of every example (bool)
+        seeds.layers.append(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        mask = self.mask
+        if mask is None or mask.shape != x.shape:
+            mask = self._draw(x)
+            if mask is None:  # no example seeds set: plain dropout
+                return F.dropout(x, self.p, training=True)
+        return x * mask.to(x.dtype) / (1.0 - self.p)
+
+    @torch.compiler.disable
+    def _draw(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's keep-mask from the example seeds (kept as :attr:`mask` in static mode); None without seeds.
+        Never traced: compiled code must not depend on the seeds or the index."""
         seeds = self.seeds.current
         if not seeds:
-            return F.dropout(x, self.p, training=True)
+            return None
         if x.shape[0] % len(seeds):
             raise RuntimeError(f"dropout input {tuple(x.shape)} is not batch-major over {len(seeds)} examples")
-        static = self.seeds.static
-        if static is not None and self.index in static:
-            mask = static[self.index][0]
-        else:
-            rows = x.shape[0] // len(seeds)
-            mask = torch.cat([_dropout_mask(seed, self.index, (rows, *x.shape[1:]), self.p, x.device)
-                              for seed in seeds])
-            if static is not None:
-                static[self.index] = (mask, self.p)
-        return x * mask.to(x.dtype) / (1.0 - self.p)
+        rows = x.shape[0] // len(seeds)
+        mask = torch.cat([_dropout_mask(seed, self.index, (rows, *x.shape[1:]), self.p, x.device)
+                          for seed in seeds])
+        if self.seeds.static:
+            self.mask = mask
+        return mask
 
 
 def install_example_dropout(unet: nn.Module) -> tuple[_ExampleSeeds, list]:
@@ -244,6 +269,8 @@ class DiffusionLoss(nn.Module):
         self.encode_text_with_grad = encode_text_with_grad
         self.dropout_seeds = dropout_seeds or _ExampleSeeds()
         self.use_cuda_graphs = use_cuda_graphs(config, self.unet.device, num_processes)
+        # compiled code must read fixed mask tensors (see _ExampleSeeds)
+        self.compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in self.unet.modules())
         self.reset_graphs()
 
     def reset_graphs(self) -> None:
@@ -252,29 +279,33 @@ class DiffusionLoss(nn.Module):
         encoder already are)."""
         self.__dict__["_calls"] = {"text": _TextCall(self.text_encoder), "unet": _UNetCall(self.unet)}
         self.__dict__["_graphed"] = {}
-        self.dropout_seeds.use_static_masks(self.use_cuda_graphs)
+        self.dropout_seeds.use_static_masks(self.use_cuda_graphs or self.compiled)
 
     def _call(self, name: str, *args: torch.Tensor) -> torch.Tensor:
+        call = self._calls[name]
+        if name == "unet" and self.dropout_seeds.static and not self.dropout_seeds.masks_ready:
+            # Draw the dropout masks' fixed tensors once, eagerly and without grad: outside any capture, and
+            # without compiling an inference graph of what is compiled.
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                call(*args)
         if not self.use_cuda_graphs:
-            return self._calls[name](*args)
+            return call(*args)
         graphed = self._graphed.get(name)
         if graphed is None:
-            graphed = self._graphed[name] = self._capture(self._calls[name], args)
+            graphed = self._graphed[name] = self._capture(call, args)
         return graphed(*args)
 
     @staticmethod
     def _capture(call: nn.Module, args: tuple[torch.Tensor, ...]):
         """Capture ``call``'s forward and backward (``torch.cuda.make_graphed_callables``). Autocast, if on, is kept
-        with its weight-cast cache off (a cache cannot live across graph replays). A first forward without grad
-        allocates the dropout masks' static buffers outside the capture."""
+        with its weight-cast cache off (a cache cannot live across graph replays). Compiled parts compile in the
+        warm-up iterations, before the capture."""
         autocast = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         # Capture from detached leaf copies: were a sample argument the text encoder's output itself, the capture of
         # the backward would reach into the text encoder's graph (recorded outside the capture) and fail.
         samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
-            with torch.no_grad():
-                call(*samples)
             graphed = torch.cuda.make_graphed_callables(call, samples, num_warmup_iters=3)
         logger.info("captured %s forward + backward as CUDA graphs", type(call).__name__.strip("_"))
         return graphed
