@@ -213,8 +213,8 @@ def restore_dropout(replaced: list) -> None:
 
 def use_cuda_graphs(config: TrainConfig, device: torch.device, num_processes: int = 1) -> bool:
     """``config.cuda_graphs`` resolved: never off CUDA; None = on for single-process CUDA training without
-    ``torch.compile`` (compiled training recompiles per dropout layer under capture and did not pay, see
-    benchmarks/RESULTS.md)."""
+    ``torch.compile`` (with compile, True turns them on: compiled + graphed training is not yet measured at full size,
+    see benchmarks/RESULTS.md)."""
     if device.type != "cuda":
         if config.cuda_graphs:
             logger.warning("cuda_graphs applies on CUDA only; training eagerly on %s", device.type)
