@@ -40,11 +40,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/customcrafter
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY src ./src
 # Keep the base image's CUDA torch: pin it with a constraints file generated from the image itself, so pip
-# never replaces it with a wheel from PyPI (several GB, possibly a different CUDA build).
+# never replaces it with a wheel from PyPI (several GB, possibly a different CUDA build); the model libraries take
+# the versions CI passed with (constraints.txt, less its CPU torch pin).
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-constraint.txt \
+    && grep -v '^torch==' constraints.txt >> /tmp/torch-constraint.txt \
     && pip install --constraint /tmp/torch-constraint.txt . \
     && python -c "import torch, customcrafter; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 RUN groupadd --gid 1000 app \

@@ -213,6 +213,9 @@ def test_dockerfile_project_image_keeps_base_torch_and_installs_package():
     assert final[0][1].split()[0].startswith("pytorch/pytorch:") and "cuda" in final[0][1]
     runs = " ".join(args for ins, args in final if ins == "RUN")
     assert re.search(r"pip install --constraint \S+ \.", runs), "package must be installed under the torch pin"
+    copies = " ".join(args for ins, args in final if ins == "COPY")
+    assert "constraints.txt" in copies and "grep -v '^torch==' constraints.txt" in runs, \
+        "the model libraries must be installed at the pinned versions (constraints.txt, less its CPU torch)"
     assert "torch.__version__" in runs
     env = " ".join(args for ins, args in final if ins == "ENV")
     assert "HF_HOME=/cache/huggingface" in env
