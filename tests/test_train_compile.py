@@ -66,6 +66,40 @@ def test_regional_compile_with_example_dropout_traces_each_block_once_and_equals
     assert not torch.equal(runs["eager"][0][0][0], runs["eager"][0][1][0])
 
 
+def test_full_compile_traces_the_training_forward_as_one_graph():
+    """``compile: full``: the whole UNet forward, live dropout included, is one graph without breaks, traced once
+    for every step (dynamo's 'eager' backend: the traced graph run as it is, so the output equals eager mode's)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from customcrafter.loading import build_tiny_pipeline
+    from customcrafter.performance import compile_unet
+    from customcrafter.training.trainer import install_example_dropout
+
+    torch._dynamo.reset()
+    counters.clear()
+    unet = build_tiny_pipeline().unet.train()
+    reference = copy.deepcopy(unet)
+    outputs = {}
+    for name, module in (("eager", reference), ("compiled", unet)):
+        seeds, _ = install_example_dropout(module)
+        seeds.use_static_masks(True)
+        if name == "compiled":
+            compile_unet(module, "full", backend="eager")
+        outputs[name] = []
+        for step in range(2):
+            x, t, context, fps = _step_inputs(step)
+            seeds.set([2 * step + 1, 2 * step + 2])
+            if not seeds.masks_ready:
+                with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                    module(x, t, encoder_hidden_states=context, fps=fps)
+            outputs[name].append(module(x, t, encoder_hidden_states=context, fps=fps).sample.detach())
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    for ours, theirs in zip(outputs["compiled"], outputs["eager"], strict=True):
+        assert torch.equal(ours, theirs)
+
+
 def _config(tmp_path: Path, dreambooth_dir: Path, name: str) -> TrainConfig:
     return TrainConfig(base_model="tiny", subject_dir=str(dreambooth_dir / "dog"), class_word="dog",
                        output_dir=str(tmp_path / name), resolution=(64, 96), num_frames=2, steps=3,
