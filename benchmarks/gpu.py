@@ -532,9 +532,10 @@ def main() -> None:
                         help="videos sampled and discarded after the (timed) first one, before the timed runs")
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
-                        help="FRAMES:ckpt|nockpt[:regional|full][:bf16][:graphs][:sdpa] (gradient checkpointing, "
-                             "torch.compile, frozen weights stored in bf16, CUDA graphs, temporal attention on "
-                             "SDPA's own kernel choice instead of the default memory-efficient one)")
+                        help="FRAMES:ckpt|nockpt[:regional|full][:rewrites][:bf16][:graphs][:sdpa] (gradient "
+                             "checkpointing, torch.compile, with compile the sampling path's channels-last convs "
+                             "and layer rewrites, frozen weights stored in bf16, CUDA graphs, temporal attention "
+                             "on SDPA's own kernel choice instead of the default memory-efficient one)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     add_turn_arguments(parser)
@@ -601,6 +602,8 @@ def run(args) -> None:
                     pass
                 elif option == "sdpa":
                     extra["temporal_attention"] = "sdpa"
+                elif option == "rewrites":
+                    extra["compile_rewrites"] = True
                 else:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
             try:

@@ -66,6 +66,53 @@ def test_regional_compile_with_example_dropout_traces_each_block_once_and_equals
     assert not torch.equal(runs["eager"][0][0][0], runs["eager"][0][1][0])
 
 
+def test_compiled_training_rewrites_keep_the_function_and_its_gradients(monkeypatch):
+    """``compile_rewrites``: channels-last convolutions and the fusions' rewrites (sub-pixel upsampling with its
+    summed weights, channel-statistics GroupNorm, unfused bias) give the eager UNet's output and gradients, to the
+    gradients of the trained LoRA layers and of the convolution weights."""
+    from peft import LoraConfig
+
+    from customcrafter import fusions
+    from customcrafter.loading import build_tiny_pipeline
+    from customcrafter.performance import prepare_unet_for_compiled_training
+    from customcrafter.training.trainer import install_example_dropout
+
+    reference = build_tiny_pipeline().unet.train().double()
+    target = r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v)"
+    reference.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=target, init_lora_weights=False))
+    reference.double()
+    rewritten = copy.deepcopy(reference)
+    prepare_unet_for_compiled_training(rewritten)
+    assert any(isinstance(m, fusions.SubpixelUpsample2D) for m in rewritten.modules())
+    assert any(isinstance(m, fusions.ChannelStatsGroupNorm) for m in rewritten.modules())
+    assert rewritten.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    subpixel_calls = []
+    original = fusions.subpixel_upsample_conv
+    monkeypatch.setattr(fusions, "subpixel_upsample_conv",
+                        lambda *args: subpixel_calls.append(args[0].shape) or original(*args))
+    results = []
+    for unet in (reference, rewritten):
+        seeds, _ = install_example_dropout(unet)
+        seeds.set([3])
+        # 48x48 latents: the last upsampler's 24x24 input is large enough for the sub-pixel form
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 2, 48, 48, generator=g, dtype=torch.float64, requires_grad=True)
+        context = torch.randn(1, 7, 32, generator=g, dtype=torch.float64)
+        out = unet(x, torch.tensor([700]), encoder_hidden_states=context, fps=torch.tensor([16])).sample
+        out.pow(2).mean().backward()
+        grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+        results.append((out.detach(), x.grad, grads))
+    (out, x_grad, grads), (ref, x_ref, grads_ref) = results[1], results[0]
+    assert any("lora_A" in n for n in grads_ref) and grads.keys() == grads_ref.keys()
+    assert subpixel_calls  # the sub-pixel form ran (with its gradient)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(out, ref) < 1e-10 and rel(x_grad, x_ref) < 1e-10
+    assert max(rel(grads[n], grads_ref[n]) for n in grads_ref) < 1e-8
+
+
 def test_full_compile_traces_the_training_forward_as_one_graph():
     """``compile: full``: the whole UNet forward, live dropout included, is one graph without breaks, traced once
     for every step (dynamo's 'eager' backend: the traced graph run as it is, so the output equals eager mode's)."""

@@ -23,6 +23,7 @@ from pydantic import Field
 from customcrafter.config import StrictModel
 
 __all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
+           "compile_unet", "prepare_unet_for_compiled_training",
            "TritonTemporalAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES"]
 
 logger = logging.getLogger(__name__)
@@ -223,22 +224,36 @@ def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "reg
     logger.info("regional torch.compile: %d UNet blocks", count)
 
 
+def _rewrite_layers(module: torch.nn.Module, config: SpeedConfig, compiled: bool) -> None:
+    """The exact layer rewrites of ``customcrafter.fusions`` that ``config`` asks for, in ``module`` (which is or
+    is not compiled). All are differentiable; the fused GEGLU, inference-only, is switched separately."""
+    from customcrafter import fusions
+
+    if config.resolved_subpixel_upsample():
+        fusions.use_subpixel_upsamplers(module)
+    if config.resolved_channel_stats_group_norm(compiled):
+        fusions.use_channel_stats_group_norm(module)
+    if config.resolved_unfused_linear_bias(compiled):
+        fusions.use_unfused_bias_linears(module)
+
+
 def _layer_rewrites(pipe, config: SpeedConfig) -> None:
     """The layer rewrites of ``customcrafter.fusions`` that ``config`` asks for, in the UNet and the VAE decoder."""
     from customcrafter import fusions
 
-    parts = [(pipe.unet, config.compile != "none")]
+    _rewrite_layers(pipe.unet, config, config.compile != "none")
     if pipe.vae is not None:
-        parts.append((pipe.vae.decoder, config.resolved_compile_vae()))
-    for module, compiled in parts:
-        if config.resolved_subpixel_upsample():
-            fusions.use_subpixel_upsamplers(module)
-        if config.resolved_channel_stats_group_norm(compiled):
-            fusions.use_channel_stats_group_norm(module)
-        if config.resolved_unfused_linear_bias(compiled):
-            fusions.use_unfused_bias_linears(module)
+        _rewrite_layers(pipe.vae.decoder, config, config.resolved_compile_vae())
     if config.fused_geglu:
         fusions.use_fused_geglu(pipe.unet)
+
+
+def prepare_unet_for_compiled_training(unet: torch.nn.Module) -> None:
+    """What compiled sampling runs the UNet with, for a UNet that is compiled to train: channels-last convolution
+    weights and the exact, differentiable layer rewrites (sub-pixel upsampling, channel-statistics GroupNorm,
+    unfused linear bias). Same function up to rounding (tests/test_train_compile.py)."""
+    _channels_last(unet)
+    _rewrite_layers(unet, SpeedConfig(compile="regional"), compiled=True)
 
 
 def optimize_pipeline(pipe, config: SpeedConfig | None = None):

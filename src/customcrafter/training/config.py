@@ -121,6 +121,11 @@ class TrainConfig(StrictModel):
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile the UNet: 'regional' (its repeated blocks) or 'full' (the whole forward); "
                             "GPU only, see benchmarks/RESULTS.md for what it buys")
+    compile_rewrites: bool = Field(
+        False, description="with compile: also run the UNet as compiled sampling does - channels-last convolutions "
+                           "and the exact layer rewrites of customcrafter.fusions (sub-pixel upsampling, "
+                           "channel-statistics GroupNorm, unfused linear bias; they took sampling from 3.98 to 3.64 s "
+                           "on an H100). Off until measured for training (benchmarks/RESULTS.md)")
     temporal_attention: Literal["sdpa", "efficient"] = Field(
         "efficient", description="the UNet's temporal attention on CUDA: 'efficient' pins SDPA to the "
                                  "memory-efficient kernel for these short (frames-long) sequences, as sampling does; "

@@ -536,8 +536,10 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
 
         set_temporal_attention(pipe.unet, config.temporal_attention)
     if config.compile != "none" and accelerator.device.type == "cuda":
-        from customcrafter.performance import compile_unet
+        from customcrafter.performance import compile_unet, prepare_unet_for_compiled_training
 
+        if config.compile_rewrites:
+            prepare_unet_for_compiled_training(pipe.unet)
         compile_unet(pipe.unet, config.compile)
     dataset = SubjectDataset(subject, config, class_images)
 
