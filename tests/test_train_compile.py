@@ -188,3 +188,13 @@ def test_training_through_a_compiled_unet_equals_eager_training(tmp_path, dreamb
     norm = sum(float(eager[k].norm() ** 2) for k in lora_b) ** 0.5
     print(f"lora_B relative difference {diff / norm:.2e}")
     assert norm > 0 and diff / norm < 1e-3
+
+
+def test_compiled_parts_are_detected_in_either_form():
+    from customcrafter.training.trainer import _has_compiled_parts
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert not _has_compiled_parts(plain)
+    plain[1].compile()  # in place, as customcrafter.performance.compile_unet does
+    assert _has_compiled_parts(plain)
+    assert _has_compiled_parts(torch.nn.Sequential(torch.compile(torch.nn.Linear(2, 2))))  # torch.compile's wrapper

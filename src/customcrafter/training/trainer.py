@@ -224,6 +224,15 @@ def use_cuda_graphs(config: TrainConfig, device: torch.device, num_processes: in
     return config.cuda_graphs
 
 
+def _has_compiled_parts(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule of it is compiled (``Module.compile`` in place, or ``torch.compile``'s
+    wrapper)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(getattr(m, "_compiled_call_impl", None) is not None or isinstance(m, OptimizedModule)
+               for m in module.modules())
+
+
 class _UNetCall(nn.Module):
     """The UNet as a function of tensors only (what CUDA-graph capture takes)."""
 
@@ -270,7 +279,7 @@ class DiffusionLoss(nn.Module):
         self.dropout_seeds = dropout_seeds or _ExampleSeeds()
         self.use_cuda_graphs = use_cuda_graphs(config, self.unet.device, num_processes)
         # compiled code must read fixed mask tensors (see _ExampleSeeds)
-        self.compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in self.unet.modules())
+        self.compiled = _has_compiled_parts(self.unet)
         self.reset_graphs()
 
     def reset_graphs(self) -> None:
