@@ -41,10 +41,10 @@ def _train(data, out: Path, method: str, graphs: bool, **overrides):
 
     subject, classes = data
     extra = {"dreamvideo": {"inversion_steps": 3}} if method == "dreamvideo" else {}
+    settings = {"mixed_precision": "bf16"} | extra | overrides
     config = TrainConfig(base_model="tiny", method=method, subject_dir=str(subject), class_word="dog",
-                         output_dir=str(out), steps=6, log_every=2, mixed_precision="bf16", cuda_graphs=graphs,
-                         resolution=(64, 64), class_images_dir=str(classes), num_class_images=3,
-                         **extra, **overrides)
+                         output_dir=str(out), steps=6, log_every=2, cuda_graphs=graphs, resolution=(64, 64),
+                         class_images_dir=str(classes), num_class_images=3, **settings)
     result = train(config, pipe=load_base_pipeline("tiny", device="cuda"))
     weights = {f"{f.name}:{k}": v for f in result.module_dir.glob("*.safetensors") for k, v in load_file(f).items()}
     return result.losses, weights
@@ -81,14 +81,20 @@ def test_killed_graphed_run_resumes_to_the_same_weights(data, tmp_path, monkeypa
 
 
 def test_compiled_graphed_training_follows_eager(data, tmp_path):
-    """Regional torch.compile (inductor) inside the captured graphs: its fused bf16 kernels round differently from
-    eager's, so the losses and the learned update agree to bf16 tolerance, not bit for bit."""
-    eager_losses, eager = _train(data, tmp_path / "eager", "customcrafter", False)
-    losses, compiled = _train(data, tmp_path / "compiled", "customcrafter", True, compile="regional")
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=2e-2, atol=0)
+    """Regional torch.compile (inductor) inside the captured graphs, in float32 (TF32 off): inductor's fused kernels
+    round differently from eager's, so losses and the learned update agree to float32 rounding, not bit for bit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        eager_losses, eager = _train(data, tmp_path / "eager", "customcrafter", False, mixed_precision="no")
+        losses, compiled = _train(data, tmp_path / "compiled", "customcrafter", True, mixed_precision="no",
+                                  compile="regional", compile_rewrites=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     lora_b = [k for k in eager if "lora_B" in k]
-    diff = sum(float((compiled[k] - eager[k]).float().norm() ** 2) for k in lora_b) ** 0.5
-    norm = sum(float(eager[k].float().norm() ** 2) for k in lora_b) ** 0.5
+    diff = sum(float((compiled[k] - eager[k]).norm() ** 2) for k in lora_b) ** 0.5
+    norm = sum(float(eager[k].norm() ** 2) for k in lora_b) ** 0.5
     print(f"compiled + graphs vs eager: losses {losses} vs {eager_losses}, lora_B relative difference "
           f"{diff / norm:.2e}")
-    assert norm > 0 and diff / norm < 0.1
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-3, atol=0)
+    assert norm > 0 and diff / norm < 5e-2
