@@ -550,6 +550,8 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         if config.compile_rewrites:
             prepare_unet_for_compiled_training(pipe.unet)
         compile_unet(pipe.unet, config.compile)
+    elif config.compile != "none":
+        logger.warning("compile applies on CUDA only; training the UNet eagerly on %s", accelerator.device.type)
     dataset = SubjectDataset(subject, config, class_images)
 
     stages = method.stages()
