@@ -24,46 +24,53 @@ def _step_inputs(step: int, dtype=torch.float32):
     return x, torch.tensor([10, 700]), torch.randn(2, 7, 32, generator=g, dtype=dtype), torch.tensor([16, 16])
 
 
+def _train_steps(unet, steps: int, dtype=torch.float32, backward: bool = True) -> list[tuple]:
+    """``steps`` steps of ``unet`` with per-example dropout in static mode, new seeds each step: per step the output
+    (and with ``backward`` the input's and conv_in's gradients) and dynamo's unique-graph count after it."""
+    from torch._dynamo.utils import counters
+
+    from customcrafter.training.trainer import install_example_dropout
+
+    seeds, _ = install_example_dropout(unet.train())
+    seeds.use_static_masks(True)
+    results = []
+    for step in range(steps):
+        x, t, context, fps = _step_inputs(step, dtype)
+        seeds.set([2 * step + 1, 2 * step + 2])
+        seeds.ensure_masks(lambda: unet(x, t, encoder_hidden_states=context, fps=fps))  # noqa: B023 (called now)
+        out = unet(x, t, encoder_hidden_states=context, fps=fps).sample
+        grads = ()
+        if backward:
+            out.pow(2).mean().backward()
+            grads = (x.grad, unet.conv_in.weight.grad.clone())
+            unet.zero_grad()
+        results.append(((out.detach(), *grads), counters["stats"]["unique_graphs"]))
+    return results
+
+
 def test_regional_compile_with_example_dropout_traces_each_block_once_and_equals_eager():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from customcrafter.loading import build_tiny_pipeline
     from customcrafter.performance import compile_unet
-    from customcrafter.training.trainer import install_example_dropout
 
     torch._dynamo.reset()
     counters.clear()
-    eager = build_tiny_pipeline().unet.train().double()
+    eager = build_tiny_pipeline().unet.double()
     compiled = copy.deepcopy(eager)
-    runs = {}
-    for name, unet in (("eager", eager), ("compiled", compiled)):
-        seeds, _ = install_example_dropout(unet)
-        seeds.use_static_masks(True)
-        if name == "compiled":
-            compile_unet(unet, "regional", backend="aot_eager")
-        graphs, outputs = [], []
-        for step in range(3):
-            x, t, context, fps = _step_inputs(step, torch.float64)
-            seeds.set([2 * step + 1, 2 * step + 2])
-            if not seeds.masks_ready:
-                with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                    unet(x, t, encoder_hidden_states=context, fps=fps)
-            out = unet(x, t, encoder_hidden_states=context, fps=fps).sample
-            out.pow(2).mean().backward()
-            outputs.append((out.detach(), x.grad, unet.conv_in.weight.grad.clone()))
-            unet.zero_grad()
-            graphs.append(counters["stats"]["unique_graphs"])
-        runs[name] = outputs, graphs
-    _, graphs = runs["compiled"]
-    assert runs["eager"][1] == [0, 0, 0]
+    reference = _train_steps(eager, 3, torch.float64)
+    compile_unet(compiled, "regional", backend="aot_eager")
+    results = _train_steps(compiled, 3, torch.float64)
+    assert [graphs for _, graphs in reference] == [0, 0, 0]
     # every block class and shape traced at the first step; later steps (new seeds, new masks) trace nothing
+    graphs = [graphs for _, graphs in results]
     assert 0 < graphs[0] == graphs[1] == graphs[2] < 60
-    for (out, x_grad, w_grad), (ref, x_ref, w_ref) in zip(runs["compiled"][0], runs["eager"][0], strict=True):
-        for ours, theirs in ((out, ref), (x_grad, x_ref), (w_grad, w_ref)):
-            assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-10
+    for (ours, _), (theirs, _) in zip(results, reference, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            assert ((a - b).norm() / b.norm()).item() < 1e-10
     # the masks did change between steps (the dropout is live)
-    assert not torch.equal(runs["eager"][0][0][0], runs["eager"][0][1][0])
+    assert not torch.equal(reference[0][0][0], reference[1][0][0])
 
 
 def test_compiled_training_rewrites_keep_the_function_and_its_gradients(monkeypatch):
@@ -121,29 +128,16 @@ def test_full_compile_traces_the_training_forward_as_one_graph():
 
     from customcrafter.loading import build_tiny_pipeline
     from customcrafter.performance import compile_unet
-    from customcrafter.training.trainer import install_example_dropout
 
     torch._dynamo.reset()
     counters.clear()
-    unet = build_tiny_pipeline().unet.train()
-    reference = copy.deepcopy(unet)
-    outputs = {}
-    for name, module in (("eager", reference), ("compiled", unet)):
-        seeds, _ = install_example_dropout(module)
-        seeds.use_static_masks(True)
-        if name == "compiled":
-            compile_unet(module, "full", backend="eager")
-        outputs[name] = []
-        for step in range(2):
-            x, t, context, fps = _step_inputs(step)
-            seeds.set([2 * step + 1, 2 * step + 2])
-            if not seeds.masks_ready:
-                with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                    module(x, t, encoder_hidden_states=context, fps=fps)
-            outputs[name].append(module(x, t, encoder_hidden_states=context, fps=fps).sample.detach())
-    assert counters["stats"]["unique_graphs"] == 1
+    unet = build_tiny_pipeline().unet
+    reference = _train_steps(copy.deepcopy(unet), 2, backward=False)
+    compile_unet(unet, "full", backend="eager")
+    results = _train_steps(unet, 2, backward=False)
+    assert [graphs for _, graphs in results] == [1, 1]
     assert not counters["graph_break"]
-    for ours, theirs in zip(outputs["compiled"], outputs["eager"], strict=True):
+    for ((ours,), _), ((theirs,), _) in zip(results, reference, strict=True):
         assert torch.equal(ours, theirs)
 
 

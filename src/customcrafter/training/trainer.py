@@ -153,6 +153,14 @@ class _ExampleSeeds:
         """Every layer holds its fixed masks (static mode after a first forward)."""
         return self.static and all(layer.mask is not None for layer in self.layers)
 
+    def ensure_masks(self, forward) -> None:
+        """Static mode: if a layer has no fixed masks yet, run ``forward()`` (the UNet on this step's inputs) once,
+        eagerly and without grad, to draw them - outside any CUDA-graph capture, and without compiling an inference
+        graph of what is compiled."""
+        if self.static and not self.masks_ready:
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                forward()
+
 
 class ExampleDropout(nn.Module):
     """``nn.Dropout`` whose mask for each example of the batch comes from that example's seed and this layer's index,
@@ -292,11 +300,8 @@ class DiffusionLoss(nn.Module):
 
     def _call(self, name: str, *args: torch.Tensor) -> torch.Tensor:
         call = self._calls[name]
-        if name == "unet" and self.dropout_seeds.static and not self.dropout_seeds.masks_ready:
-            # Draw the dropout masks' fixed tensors once, eagerly and without grad: outside any capture, and
-            # without compiling an inference graph of what is compiled.
-            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                call(*args)
+        if name == "unet":
+            self.dropout_seeds.ensure_masks(lambda: call(*args))
         if not self.use_cuda_graphs:
             return call(*args)
         graphed = self._graphed.get(name)
