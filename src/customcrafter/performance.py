@@ -253,7 +253,7 @@ def prepare_unet_for_compiled_training(unet: torch.nn.Module) -> None:
     weights and the exact, differentiable layer rewrites (sub-pixel upsampling, channel-statistics GroupNorm,
     unfused linear bias). Same function up to rounding (tests/test_train_compile.py)."""
     _channels_last(unet)
-    _rewrite_layers(unet, SpeedConfig(compile="regional"), compiled=True)
+    _rewrite_layers(unet, SpeedConfig(), compiled=True)
 
 
 def optimize_pipeline(pipe, config: SpeedConfig | None = None):

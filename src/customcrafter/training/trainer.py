@@ -137,10 +137,7 @@ class _ExampleSeeds:
             if mask.shape[0] % len(seeds):
                 raise RuntimeError(f"dropout layer {layer.index}: {mask.shape[0]} rows do not split over "
                                    f"{len(seeds)} examples (the batch layout changed after capture)")
-            rows = mask.shape[0] // len(seeds)
-            for j, seed in enumerate(seeds):
-                _dropout_mask(seed, layer.index, (rows, *mask.shape[1:]), layer.p, mask.device,
-                              out=mask[j * rows:(j + 1) * rows])
+            layer.fill(mask, seeds)
 
     def use_static_masks(self, enabled: bool) -> None:
         """Switch fixed mask tensors on or off; either way the layers' masks are drawn anew by the next forward."""
@@ -148,16 +145,11 @@ class _ExampleSeeds:
         for layer in self.layers:
             layer.mask = None
 
-    @property
-    def masks_ready(self) -> bool:
-        """Every layer holds its fixed masks (static mode after a first forward)."""
-        return self.static and all(layer.mask is not None for layer in self.layers)
-
     def ensure_masks(self, forward) -> None:
         """Static mode: if a layer has no fixed masks yet, run ``forward()`` (the UNet on this step's inputs) once,
         eagerly and without grad, to draw them - outside any CUDA-graph capture, and without compiling an inference
         graph of what is compiled."""
-        if self.static and not self.masks_ready:
+        if self.static and any(layer.mask is None for layer in self.layers):
             with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 forward()
 
@@ -192,11 +184,17 @@ class ExampleDropout(nn.Module):
             return None
         if x.shape[0] % len(seeds):
             raise RuntimeError(f"dropout input {tuple(x.shape)} is not batch-major over {len(seeds)} examples")
-        rows = x.shape[0] // len(seeds)
-        mask = torch.cat([_dropout_mask(seed, self.index, (rows, *x.shape[1:]), self.p, x.device)
-                          for seed in seeds])
+        mask = self.fill(torch.empty(x.shape, dtype=torch.bool, device=x.device), seeds)
         if self.seeds.static:
             self.mask = mask
+        return mask
+
+    def fill(self, mask: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Write each example's keep-mask into its rows of ``mask`` (batch-major, rows divisible by the seeds)."""
+        rows = mask.shape[0] // len(seeds)
+        for j, seed in enumerate(seeds):
+            _dropout_mask(seed, self.index, (rows, *mask.shape[1:]), self.p, mask.device,
+                          out=mask[j * rows:(j + 1) * rows])
         return mask
 
 
