@@ -258,3 +258,15 @@ def test_a_broken_class_image_is_reported_before_training(tmp_path: Path):
     (folder / "1.png").write_bytes(b"not a png")
     with pytest.raises(SubjectDataError, match=r"class image .*1\.png: not a readable image"):
         resolve_class_images(config, pipe=None, class_word="dog")
+
+
+def test_one_process_may_train_again_with_another_precision():
+    """accelerate keeps one state per process and refuses a second mixed precision; training again in the same
+    process (a notebook, a pipeline step running two methods) with another precision gets it."""
+    from customcrafter.training.trainer import _make_accelerator
+
+    first = _make_accelerator(TrainConfig(subject_dir="x", device="cpu", mixed_precision="no"))
+    assert first.mixed_precision == "no"
+    second = _make_accelerator(TrainConfig(subject_dir="x", device="cpu", mixed_precision="bf16"))
+    assert second.mixed_precision == "bf16"
+    assert _make_accelerator(TrainConfig(subject_dir="x", device="cpu", mixed_precision="no")).mixed_precision == "no"

@@ -145,11 +145,11 @@ class _ExampleSeeds:
         for layer in self.layers:
             layer.mask = None
 
-    def ensure_masks(self, forward) -> None:
-        """Static mode: if a layer has no fixed masks yet, run ``forward()`` (the UNet on this step's inputs) once,
-        eagerly and without grad, to draw them - outside any CUDA-graph capture, and without compiling an inference
-        graph of what is compiled."""
-        if self.static and any(layer.mask is None for layer in self.layers):
+    def ensure_masks(self, forward, always: bool = False) -> None:
+        """Static mode: if a layer has no fixed masks yet (or ``always``), run ``forward()`` (the UNet on this step's
+        inputs) once, eagerly and without grad, to draw them - outside any CUDA-graph capture, and without compiling
+        an inference graph of what is compiled."""
+        if always or (self.static and any(layer.mask is None for layer in self.layers)):
             with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 forward()
 
@@ -298,26 +298,27 @@ class DiffusionLoss(nn.Module):
 
     def _call(self, name: str, *args: torch.Tensor) -> torch.Tensor:
         call = self._calls[name]
-        if name == "unet":
-            self.dropout_seeds.ensure_masks(lambda: call(*args))
         if not self.use_cuda_graphs:
+            if name == "unet":
+                self.dropout_seeds.ensure_masks(lambda: call(*args))
             return call(*args)
         graphed = self._graphed.get(name)
         if graphed is None:
             graphed = self._graphed[name] = self._capture(call, args)
         return graphed(*args)
 
-    @staticmethod
-    def _capture(call: nn.Module, args: tuple[torch.Tensor, ...]):
+    def _capture(self, call: nn.Module, args: tuple[torch.Tensor, ...]):
         """Capture ``call``'s forward and backward (``torch.cuda.make_graphed_callables``). Autocast, if on, is kept
-        with its weight-cast cache off (a cache cannot live across graph replays). Compiled parts compile in the
-        warm-up iterations, before the capture."""
+        with its weight-cast cache off (a cache cannot live across graph replays). A first forward without grad, on
+        the capture's own sample inputs and under that autocast, draws the dropout masks (:meth:`_ExampleSeeds.
+        ensure_masks`, eagerly) outside the capture; compiled parts compile in the warm-up iterations, before it."""
         autocast = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         # Capture from detached leaf copies: were a sample argument the text encoder's output itself, the capture of
         # the backward would reach into the text encoder's graph (recorded outside the capture) and fail.
         samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            self.dropout_seeds.ensure_masks(lambda: call(*samples), always=True)
             graphed = torch.cuda.make_graphed_callables(call, samples, num_warmup_iters=3)
         logger.info("captured %s forward + backward as CUDA graphs", type(call).__name__.strip("_"))
         return graphed
@@ -442,7 +443,14 @@ def store_frozen_in_bf16(pipe, method: SubjectMethod) -> int:
 def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState, PartialState
+
     cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
+    # accelerate keeps one state per process and refuses a second precision; a single process may train again with
+    # another one (the distributed set-up, PartialState, is kept)
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, config.mixed_precision) and \
+            PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
     return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
 
 
