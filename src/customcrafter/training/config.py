@@ -120,7 +120,8 @@ class TrainConfig(StrictModel):
                                                                    "trained tensors and the token table stay fp32")
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile the UNet: 'regional' (its repeated blocks) or 'full' (the whole forward); "
-                            "GPU only, see benchmarks/RESULTS.md for what it buys")
+                            "GPU only; the first step compiles for minutes (over 225 s on an H100 for the "
+                            "full-size UNet, regional), see benchmarks/RESULTS.md for what it buys")
     compile_rewrites: bool = Field(
         False, description="with compile: also run the UNet as compiled sampling does - channels-last convolutions "
                            "and the exact layer rewrites of customcrafter.fusions (sub-pixel upsampling, "

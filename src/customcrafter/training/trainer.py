@@ -561,6 +561,8 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         if config.compile_rewrites:
             prepare_unet_for_compiled_training(pipe.unet)
         compile_unet(pipe.unet, config.compile)
+        logger.info("torch.compile (%s): the first step compiles the UNet's forward and backward (minutes at full "
+                    "size: more than 225 s on an H100, regional)", config.compile)
     elif config.compile != "none":
         logger.warning("compile applies on CUDA only; training the UNet eagerly on %s", accelerator.device.type)
     dataset = SubjectDataset(subject, config, class_images)
