@@ -50,13 +50,9 @@ def label(counter: Counter, owner, attribute: str, part: str) -> None:
     setattr(owner, attribute, wrapped)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=4)
-    args = parser.parse_args()
-
+def full_size_pipeline():
+    """The full-size VideoCrafter2 architecture with random weights, frozen, on the CPU."""
     from diffusers import AutoencoderKL
-    from gpu import synthetic_subject  # benchmarks/gpu.py
 
     from customcrafter.convert import read_configs
     from customcrafter.models.text import build_text_encoder, load_tokenizer, openclip_text_config
@@ -70,13 +66,31 @@ def main() -> None:
     text_encoder = build_text_encoder(openclip_text_config(**configs.text))
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
-    pipe = VideoCrafter2Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+    return VideoCrafter2Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
                                  scheduler=VideoCrafter2DDIMScheduler(**configs.scheduler))
 
+
+def small_training_config(frames: int, steps: int) -> TrainConfig:
+    """CustomCrafter training at 64 x 64 pixels on synthetic subject and class images (a temporary folder)."""
+    from gpu import synthetic_subject  # benchmarks/gpu.py
+
+    tmp = Path(tempfile.mkdtemp())
+    return TrainConfig(base_model="random-full-size", subject_dir=str(synthetic_subject(tmp, 3, (128, 128))),
+                       class_word="dog", output_dir=str(tmp / "run"), num_frames=frames, steps=steps, log_every=1,
+                       checkpoint_every=None, resolution=(64, 64), gradient_checkpointing=False,
+                       class_images_dir=str(synthetic_subject(tmp / "class", 3, (64, 64))), num_class_images=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=4)
+    args = parser.parse_args()
+
+    pipe = full_size_pipeline()
     counter = Counter()
     label(counter, trainer.DiffusionLoss, "encode_clip", "vae encode")
     label(counter, trainer.DiffusionLoss, "encode_text", "text encoder forward")
-    label(counter, unet, "forward", "unet forward")
+    label(counter, pipe.unet, "forward", "unet forward")
     label(counter, accelerate.Accelerator, "backward", "backward (unet + text)")
     label(counter, torch.optim.AdamW, "step", "optimizer")
     collate, steps = trainer._collate, [0]
@@ -88,12 +102,7 @@ def main() -> None:
         return collate(*a, **k)
 
     trainer._collate = counting_collate
-    tmp = Path(tempfile.mkdtemp())
-    config = TrainConfig(base_model="random-full-size", subject_dir=str(synthetic_subject(tmp, 3, (128, 128))),
-                         class_word="dog", output_dir=str(tmp / "run"), num_frames=args.frames, steps=2, log_every=1,
-                         checkpoint_every=None, resolution=(64, 64), gradient_checkpointing=False,
-                         class_images_dir=str(synthetic_subject(tmp / "class", 3, (64, 64))), num_class_images=3)
-    trainer.train(config, pipe=pipe)
+    trainer.train(small_training_config(args.frames, steps=2), pipe=pipe)
     counter.__exit__(None, None, None)
     print(f"ATen operations in one training step ({args.frames} frames), excluding view-only ones:")
     total = 0
