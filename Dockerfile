@@ -24,12 +24,15 @@ CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime AS customcrafter
 # HF_HOME sits on the model-cache PVC (k8s/base/model-cache-pvc.yaml, mounted at /cache) so base-model
 # weights are downloaded once per cluster. Telemetry is off; HF_HUB_OFFLINE is left to the caller, because
-# the first run on a cluster has to fill the cache.
+# the first run on a cluster has to fill the cache. torch.compile's caches (inductor's generated kernels, FX and
+# AOTAutograd graphs) sit there too, so a pod pays the minutes of compilation of `--compile` only when no pod compiled
+# the same model and shapes before (tiny model on a CPU: 166 s cold, 28 s from the cache).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/cache/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     HF_HUB_DISABLE_TELEMETRY=1 \
     DO_NOT_TRACK=true \
     MLFLOW_DISABLE_TELEMETRY=true \

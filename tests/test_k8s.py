@@ -219,6 +219,7 @@ def test_dockerfile_project_image_keeps_base_torch_and_installs_package():
     assert "torch.__version__" in runs
     env = " ".join(args for ins, args in final if ins == "ENV")
     assert "HF_HOME=/cache/huggingface" in env
+    assert "TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor" in env, "compiled kernels must outlive the pod (model cache)"
     assert DEFAULT_GPU_SCHEDULING.model_cache_mount_path == "/cache"
     assert "MLFLOW_DISABLE_TELEMETRY=true" in env and "DO_NOT_TRACK=true" in env
 
