@@ -442,7 +442,6 @@ def store_frozen_in_bf16(pipe, method: SubjectMethod) -> int:
 
 def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState, PartialState
 
     cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
