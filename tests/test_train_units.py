@@ -237,7 +237,8 @@ def test_cuda_graphs_resolve_on_for_single_process_cuda_only():
     assert not use_cuda_graphs(config(None), cuda, num_processes=4)  # untested with DDP: opt-in only
     assert use_cuda_graphs(config(True), cuda, num_processes=4)
     assert not use_cuda_graphs(config(False), cuda, num_processes=1)
-    assert not use_cuda_graphs(config(None, compile="full"), cuda, num_processes=1)
+    assert use_cuda_graphs(config(None, compile="full"), cuda, num_processes=1)  # the measured compiled fast path
+    assert not use_cuda_graphs(config(None, compile="full"), cuda, num_processes=4)
     assert not use_cuda_graphs(config(True), cpu) and not use_cuda_graphs(config(None), cpu)
 
 

@@ -120,13 +120,18 @@ class TrainConfig(StrictModel):
                                                                    "trained tensors and the token table stay fp32")
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile the UNet: 'regional' (its repeated blocks) or 'full' (the whole forward); "
-                            "GPU only; the first step compiles for minutes (over 225 s on an H100 for the "
-                            "full-size UNet, regional), see benchmarks/RESULTS.md for what it buys")
+                            "GPU only, replayed in CUDA graphs (see cuda_graphs). The first step compiles for "
+                            "minutes at full size (H100: 4.4 min regional, 5.4 min full; inductor's cache in "
+                            "TORCHINDUCTOR_CACHE_DIR serves later processes). Measured on one H100 at 16 frames, "
+                            "bf16, no gradient checkpointing: 'full' 0.259 s per step (38 GiB), 'regional' 0.275 s, "
+                            "CUDA graphs alone 0.410 s (53 GiB) - it pays after ~2,000 steps. With gradient "
+                            "checkpointing it was slower (4 frames: 0.273 against 0.233 s), so it stays opt-in; "
+                            "benchmarks/RESULTS.md")
     compile_rewrites: bool = Field(
-        False, description="with compile: also run the UNet as compiled sampling does - channels-last convolutions "
-                           "and the exact layer rewrites of customcrafter.fusions (sub-pixel upsampling, "
-                           "channel-statistics GroupNorm, unfused linear bias; they took sampling from 3.98 to 3.64 s "
-                           "on an H100). Off until measured for training (benchmarks/RESULTS.md)")
+        True, description="with compile: also run the UNet as compiled sampling does - channels-last convolutions "
+                          "and the exact layer rewrites of customcrafter.fusions (sub-pixel upsampling, "
+                          "channel-statistics GroupNorm, unfused linear bias). The measured compiled training "
+                          "(benchmarks/RESULTS.md) ran with them; false = compile the UNet as it is")
     temporal_attention: Literal["sdpa", "efficient"] = Field(
         "efficient", description="the UNet's temporal attention on CUDA: 'efficient' pins SDPA to the "
                                  "memory-efficient kernel for these short (frames-long) sequences, as sampling does; "
@@ -136,8 +141,8 @@ class TrainConfig(StrictModel):
                                                         "backward as CUDA graphs once per stage and replay them every "
                                                         "step (removes the per-kernel launch overhead that makes eager "
                                                         "training host-bound: 2.5x faster on an H100). None = on when "
-                                                        "training on CUDA in one process (multi-GPU with graphs is "
-                                                        "untested; True forces it). Same losses and weights as eager "
+                                                        "training on CUDA in one process, compiled or not (multi-GPU "
+                                                        "with graphs is untested; True forces it). Same losses and weights as eager "
                                                         "up to kernel non-determinism; see benchmarks/RESULTS.md")
     device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
     checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")

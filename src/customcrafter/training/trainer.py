@@ -218,15 +218,14 @@ def restore_dropout(replaced: list) -> None:
 
 
 def use_cuda_graphs(config: TrainConfig, device: torch.device, num_processes: int = 1) -> bool:
-    """``config.cuda_graphs`` resolved: never off CUDA; None = on for single-process CUDA training without
-    ``torch.compile`` (with compile, True turns them on: compiled + graphed training is not yet measured at full size,
-    see benchmarks/RESULTS.md)."""
+    """``config.cuda_graphs`` resolved: never off CUDA; None = on for single-process CUDA training, compiled or not
+    (with compile the graphs replay the compiled forward and backward: the measured fast path, benchmarks/RESULTS.md)."""
     if device.type != "cuda":
         if config.cuda_graphs:
             logger.warning("cuda_graphs applies on CUDA only; training eagerly on %s", device.type)
         return False
     if config.cuda_graphs is None:
-        return num_processes == 1 and config.compile == "none"
+        return num_processes == 1
     return config.cuda_graphs
 
 
@@ -561,7 +560,11 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
             prepare_unet_for_compiled_training(pipe.unet)
         compile_unet(pipe.unet, config.compile)
         logger.info("torch.compile (%s): the first step compiles the UNet's forward and backward (minutes at full "
-                    "size: more than 225 s on an H100, regional)", config.compile)
+                    "size: 4-5.5 minutes on an H100; a later process reuses TORCHINDUCTOR_CACHE_DIR)", config.compile)
+        if checkpointing:
+            logger.warning("compile with gradient checkpointing measured slower than CUDA graphs alone on an H100 "
+                           "(4 frames: 0.273 against 0.233 s per step); compile pays without checkpointing "
+                           "(16 frames: 0.259 against 0.410 s), see benchmarks/RESULTS.md")
     elif config.compile != "none":
         logger.warning("compile applies on CUDA only; training the UNet eagerly on %s", accelerator.device.type)
     dataset = SubjectDataset(subject, config, class_images)
