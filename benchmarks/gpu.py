@@ -532,10 +532,12 @@ def main() -> None:
                         help="videos sampled and discarded after the (timed) first one, before the timed runs")
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
-                        help="FRAMES:ckpt|nockpt[:regional|full][:rewrites][:bf16][:graphs][:sdpa] (gradient "
-                             "checkpointing, torch.compile, with compile the sampling path's channels-last convs "
-                             "and layer rewrites, frozen weights stored in bf16, CUDA graphs, temporal attention "
-                             "on SDPA's own kernel choice instead of the default memory-efficient one)")
+                        help="FRAMES:ckpt|nockpt[:regional|full][:rewrites|norewrites][:bf16][:graphs][:sdpa]"
+                             "[:nocache] (gradient checkpointing, torch.compile, with compile the sampling path's "
+                             "channels-last convs and layer rewrites (on by default), frozen weights stored in bf16, "
+                             "CUDA graphs, temporal attention on SDPA's own kernel choice instead of the default "
+                             "memory-efficient one, class images' VAE posteriors encoded every step instead of "
+                             "cached)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     add_turn_arguments(parser)
@@ -604,6 +606,10 @@ def run(args) -> None:
                     extra["temporal_attention"] = "sdpa"
                 elif option == "rewrites":
                     extra["compile_rewrites"] = True
+                elif option == "norewrites":
+                    extra["compile_rewrites"] = False
+                elif option == "nocache":
+                    extra["cache_image_moments"] = False
                 else:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
             try:

@@ -180,6 +180,49 @@ def test_dataset_draws_still_clips_with_captions(dreambooth_dir: Path):
     assert prior.caption == "a photo of a cat" and prior.mask.min() == 1
     again = SubjectDataset(subject, config, class_image_paths=subject.image_paths[:2]).next_batch()
     assert torch.equal(again["instance"].pixels, instance.pixels)  # seeded
+    # only images that always come back the same carry a key (their VAE posterior may be reused)
+    assert instance.image_key is None
+    class_examples = [dataset.class_example() for _ in range(8)]
+    assert {e.image_key for e in class_examples} <= {("class", 0), ("class", 1)}
+    for a in class_examples:
+        for b in class_examples:
+            assert torch.equal(a.pixels, b.pixels) == (a.image_key == b.image_key)
+
+
+def test_keyed_images_are_encoded_once_and_give_the_same_latents():
+    """``cache_image_moments``: a keyed image's VAE posterior is computed once and reused; the latents equal encoding
+    every image afresh, and unkeyed (augmented on the fly) images are encoded every time."""
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.models.vae import encode_still_clip
+    from customcrafter.training.trainer import DiffusionLoss
+
+    pipe = load_base_pipeline("tiny")
+    encoded = []
+    encode = pipe.vae.encode
+    pipe.vae.encode = lambda x, *a, **k: (encoded.append(x.shape[0]), encode(x, *a, **k))[1]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 48, generator=generator) * 2 - 1
+    images[2] = images[1]  # the same class image drawn twice in one batch
+    keys = [None, ("class", 7), ("class", 7)]
+    noise = torch.randn(3, 4, 4, 4, 6, generator=generator)
+    with torch.no_grad():
+        fresh = encode_still_clip(pipe.vae, images, noise)
+    encoded.clear()
+
+    config = TrainConfig(base_model="tiny", subject_dir="x", class_word="dog")
+    loss = DiffusionLoss(pipe, config)
+    first = loss.encode_clip(images, noise, keys)
+    assert encoded == [1, 1]  # the unkeyed image, then the class image once
+    second = loss.encode_clip(images, noise, keys)
+    assert encoded == [1, 1, 1]  # only the unkeyed image again
+    torch.testing.assert_close(first, fresh, rtol=1e-5, atol=1e-6)
+    assert torch.equal(first, second)
+
+    encoded.clear()
+    uncached = DiffusionLoss(pipe, config.model_copy(update={"cache_image_moments": False}))
+    uncached.encode_clip(images, noise, keys)
+    uncached.encode_clip(images, noise, keys)
+    assert encoded == [3, 3]
 
 
 def test_frozen_weights_in_bf16_keep_trained_tensors_and_token_table_fp32():

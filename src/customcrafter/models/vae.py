@@ -84,6 +84,30 @@ def encode_video(
     return _video(torch.cat(latents), video.shape[0]) * vae.config.scaling_factor
 
 
+def still_image_moments(vae: AutoencoderKL, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and standard deviation, each (B, 4, h, w), of images ``frame`` (B, 3, H, W) or
+    (B, 3, 1, H, W) in [-1, 1]: all a still clip's latents need (:func:`still_clip_latents`)."""
+    if frame.ndim == 5:
+        if frame.shape[2] != 1:
+            raise ValueError(f"encode_still_clip takes one frame per clip, got {tuple(frame.shape)}")
+        frame = frame[:, :, 0]
+    if frame.ndim != 4 or frame.shape[1] != 3:
+        raise ValueError(f"frame must be (B, 3, H, W), got {tuple(frame.shape)}")
+    posterior = vae.encode(frame.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def still_clip_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B, 4, T, h, w) of still clips from their image's posterior ``mean``/``std`` (B, 4, h, w):
+    frame t's latent is ``mean + std · noise[:, :, t]`` (``noise``: (B, 4, T, h, w) standard normal)."""
+    if noise.ndim != 5 or noise.shape[0] != mean.shape[0]:
+        raise ValueError(f"noise must be (B, C, T, h, w) for {mean.shape[0]} frames, got {tuple(noise.shape)}")
+    mean, std = mean.unsqueeze(2), std.unsqueeze(2)  # (B, 4, 1, h, w)
+    if mean.shape[:2] + mean.shape[3:] != noise.shape[:2] + noise.shape[3:]:
+        raise ValueError(f"noise {tuple(noise.shape)} does not match the latents {tuple(mean.shape)}")
+    return (mean + std * noise.to(device=mean.device, dtype=mean.dtype)) * vae.config.scaling_factor
+
+
 def encode_still_clip(vae: AutoencoderKL, frame: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """A still clip (one image repeated over T frames) → scaled latents (B, 4, T, h, w), encoding the image once.
 
@@ -91,19 +115,10 @@ def encode_still_clip(vae: AutoencoderKL, frame: torch.Tensor, noise: torch.Tens
     latent is ``mean + std · noise[:, :, t]``: exactly what encoding the T identical frames one by one gives, for
     1/T of the encoder's work (training clips are still clips).
     """
-    if frame.ndim == 5:
-        if frame.shape[2] != 1:
-            raise ValueError(f"encode_still_clip takes one frame per clip, got {tuple(frame.shape)}")
-        frame = frame[:, :, 0]
-    if frame.ndim != 4 or frame.shape[1] != 3:
-        raise ValueError(f"frame must be (B, 3, H, W), got {tuple(frame.shape)}")
-    if noise.ndim != 5 or noise.shape[0] != frame.shape[0]:
-        raise ValueError(f"noise must be (B, C, T, h, w) for {frame.shape[0]} frames, got {tuple(noise.shape)}")
-    posterior = vae.encode(frame.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    mean, std = posterior.mean.unsqueeze(2), posterior.std.unsqueeze(2)  # (B, 4, 1, h, w)
-    if mean.shape[:2] + mean.shape[3:] != noise.shape[:2] + noise.shape[3:]:
-        raise ValueError(f"noise {tuple(noise.shape)} does not match the latents {tuple(mean.shape)}")
-    return (mean + std * noise.to(device=mean.device, dtype=mean.dtype)) * vae.config.scaling_factor
+    batch = frame.shape[0] if frame.ndim in (4, 5) else None
+    if batch is not None and (noise.ndim != 5 or noise.shape[0] != batch):
+        raise ValueError(f"noise must be (B, C, T, h, w) for {batch} frames, got {tuple(noise.shape)}")
+    return still_clip_latents(vae, *still_image_moments(vae, frame), noise)
 
 
 def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 1) -> torch.Tensor:

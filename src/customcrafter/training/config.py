@@ -144,6 +144,10 @@ class TrainConfig(StrictModel):
                                                         "training on CUDA in one process, compiled or not (multi-GPU "
                                                         "with graphs is untested; True forces it). Same losses and weights as eager "
                                                         "up to kernel non-determinism; see benchmarks/RESULTS.md")
+    cache_image_moments: bool = Field(
+        True, description="keep the VAE posterior of every image that always comes back the same (class images, "
+                          "materialised examples) on the device and reuse it, so the VAE encodes only images "
+                          "augmented on the fly; same latents (each image is encoded alone either way)")
     device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
     checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")

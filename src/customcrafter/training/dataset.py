@@ -82,11 +82,15 @@ def _open_rgb(path: Path) -> Image.Image:
 
 @dataclass
 class Example:
-    """One clip: pixels ``(3, T, H, W)`` in [-1, 1], mask ``(1, T, H/8, W/8)``, caption."""
+    """One clip: pixels ``(3, T, H, W)`` in [-1, 1], mask ``(1, T, H/8, W/8)``, caption.
+
+    ``image_key``: names the clip's image when the same key always brings the same pixels (a class image, a
+    materialised example), so its VAE posterior may be reused; None for an image augmented on the fly."""
 
     pixels: torch.Tensor
     mask: torch.Tensor
     caption: str
+    image_key: tuple | None = None
 
 
 def _still_clip(pixels: torch.Tensor, mask: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +120,7 @@ class SubjectDataset:
             raise SubjectDataError(f"{manifest}: no examples")
         return records
 
-    def _instance_from_examples_dir(self) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _instance_from_examples_dir(self) -> tuple[torch.Tensor, torch.Tensor, str, str]:
         record = self.rng.choice(self.examples)
         folder = Path(self.config.examples_dir)
         image = _open_rgb(folder / record["image"])
@@ -127,11 +131,13 @@ class SubjectDataset:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         with Image.open(folder / record["mask"]) as mask_image:
             mask = torch.from_numpy((np.asarray(mask_image.convert("L")) > 127).astype(np.float32))
-        return pixels, mask, record.get("prompt_prefix", "")
+        return pixels, mask, record.get("prompt_prefix", ""), record["image"]
 
     def instance_example(self) -> Example:
+        key = None
         if self.examples is not None:
-            pixels, mask, prefix = self._instance_from_examples_dir()
+            pixels, mask, prefix, name = self._instance_from_examples_dir()
+            key = ("example", name)
         else:
             image = self.rng.choice(self.instance_images)
             augmented = augment_instance(image, self.rng, self.config.augment)
@@ -139,7 +145,7 @@ class SubjectDataset:
         template = self.rng.choice(self.config.instance_templates)
         caption = template.format(f"{prefix}{self.subject.token} {self.subject.class_word}")
         caption = self._maybe_drop(caption)
-        return Example(*_still_clip(pixels, mask, self.config.num_frames), caption)
+        return Example(*_still_clip(pixels, mask, self.config.num_frames), caption, key)
 
     def class_prompt(self) -> str:
         return self.config.class_prompt.format(class_word=self.subject.class_word)
@@ -150,7 +156,8 @@ class SubjectDataset:
             prepared = prepare_class_image(_open_rgb(self.class_image_paths[index]), self.config.augment)
             self._class_cache[index] = (prepared.pixels, prepared.mask)
         pixels, mask = self._class_cache[index]
-        return Example(*_still_clip(pixels, mask, self.config.num_frames), self._maybe_drop(self.class_prompt()))
+        return Example(*_still_clip(pixels, mask, self.config.num_frames), self._maybe_drop(self.class_prompt()),
+                       ("class", index))
 
     def _maybe_drop(self, caption: str) -> str:
         # Drawn every time (even at p = 0) so that the random stream does not depend on the dropout setting.
