@@ -290,6 +290,13 @@ def benchmark_train_config(pipe, root: Path, frames: int, **overrides):
 
     subject = synthetic_subject(root, 4, (512, 512))
     class_dir = synthetic_subject(root / "class", 4, (320, 512))
+    if overrides.pop("examples", False):  # as the pipeline trains: from materialised augmented examples
+        from customcrafter.data.augment import AugmentConfig, materialise_examples
+
+        (subject / "subject.yaml").write_text("name: subject\nclass_word: dog\n")
+        resolution = overrides.get("resolution", (320, 512))
+        overrides["examples_dir"] = str(materialise_examples(subject, root / "examples", num_examples=16,
+                                                             config=AugmentConfig(resolution=resolution)))
     settings = dict(output_dir=str(root / "run"), checkpoint_every=None, mixed_precision="bf16") | overrides
     return TrainConfig(base_model=pipe.base_model_id, subject_dir=str(subject), class_word="dog", num_frames=frames,
                        class_images_dir=str(class_dir), num_class_images=4, **settings)
@@ -533,11 +540,12 @@ def main() -> None:
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
                         help="FRAMES:ckpt|nockpt[:regional|full][:rewrites|norewrites][:bf16][:graphs][:sdpa]"
-                             "[:nocache] (gradient checkpointing, torch.compile, with compile the sampling path's "
+                             "[:nocache][:examples] (gradient checkpointing, torch.compile, with compile the sampling path's "
                              "channels-last convs and layer rewrites (on by default), frozen weights stored in bf16, "
                              "CUDA graphs, temporal attention on SDPA's own kernel choice instead of the default "
                              "memory-efficient one, class images' VAE posteriors encoded every step instead of "
-                             "cached)")
+                             "cached, training from 16 materialised examples as the pipeline does instead of "
+                             "augmenting on the fly)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     add_turn_arguments(parser)
@@ -610,6 +618,8 @@ def run(args) -> None:
                     extra["compile_rewrites"] = False
                 elif option == "nocache":
                     extra["cache_image_moments"] = False
+                elif option == "examples":
+                    extra["examples"] = True
                 else:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
             try:
