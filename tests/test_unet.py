@@ -135,6 +135,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_unet):
     assert not calls  # inference does not checkpoint
     unet.disable_gradient_checkpointing()
 
+    # the default (no function of the caller's): torch's non-reentrant checkpoint, keyword arguments passed through
+    checkpoint = torch.utils.checkpoint.checkpoint
+    default_calls = []
+
+    def spy(function, *args, **kwargs):
+        default_calls.append(kwargs.get("use_reentrant"))
+        return checkpoint(function, *args, **kwargs)
+
+    torch.utils.checkpoint.checkpoint = spy
+    try:
+        unet.enable_gradient_checkpointing()
+        by_default = grads()
+    finally:
+        torch.utils.checkpoint.checkpoint = checkpoint
+        unet.disable_gradient_checkpointing()
+    assert default_calls == [False] * blocks
+    for name, grad in reference.items():
+        torch.testing.assert_close(by_default[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
 
 def test_peft_lora_scales_fuses_and_deletes(tiny_unet):
     # float64: the tiny random UNet amplifies float32 rounding to ~1e-3 (merged weights round differently from the
@@ -185,3 +204,34 @@ def test_save_and_load_round_trip(tiny_unet, tmp_path):
     x, t, c = _inputs()
     with torch.no_grad():
         assert torch.equal(loaded(x, t, c, fps=8).sample, tiny_unet(x, t, c, fps=8).sample)
+
+
+def test_checkpointed_unet_compiles_whole_and_gives_the_same_gradients(tiny_unet):
+    """``compile: full`` with gradient checkpointing: dynamo must trace the checkpointed blocks into the one graph.
+    (Handing the blocks to checkpoint as ``functools.partial`` made dynamo give up on the whole forward, which then
+    ran eagerly: slower than no compile on an H100.)"""
+    import torch._dynamo
+
+    from customcrafter.performance import prepare_unet_for_compiled_training
+
+    unet = VideoCrafter2UNet.from_config(tiny_unet.config)
+    unet.load_state_dict(tiny_unet.state_dict())
+    unet.double().eval()  # no dropout: eager and compiled see the same network
+    unet.enable_gradient_checkpointing()
+    # as the trainer compiles it (compile_rewrites); aot_eager's CPU replay of the recomputation would otherwise
+    # hand ATen's CPU GroupNorm a non-contiguous input, which inductor, lowering GroupNorm itself, never does
+    prepare_unet_for_compiled_training(unet)
+    x, t, c = _inputs(batch=1, frames=2)
+    x, c = x.double(), c.double()
+
+    def grads(model):
+        unet.zero_grad()
+        model(x, t, c, fps=16).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+    eager = grads(unet)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(unet, backend="aot_eager", fullgraph=True))  # a graph break raises
+    torch._dynamo.reset()
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-9, atol=1e-12, msg=name)

@@ -26,6 +26,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding
@@ -91,6 +92,13 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
             # fps sinusoid (block_out_channels[0]) -> Linear -> SiLU -> Linear (time_embed_dim), as the original.
             self.fps_embedding = TimestepEmbedding(block_out_channels[0], block_out_channels[0] * 4, act_fn=act_fn)
         self.gradient_checkpointing = False
+        self._custom_checkpointing = False
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        """As diffusers'; without a function of the caller's, blocks run under torch's non-reentrant checkpoint with
+        their keyword arguments passed through (see :meth:`_run_block`)."""
+        super().enable_gradient_checkpointing(gradient_checkpointing_func)
+        self._custom_checkpointing = gradient_checkpointing_func is not None
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
         """Checkpoint whole down/mid/up blocks (in ``forward``). The inner transformers' own checkpointing stays off:
@@ -102,7 +110,12 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
     def _run_block(self, block: torch.nn.Module, *tensors: Any, **options: Any) -> Any:
         """Run a down/mid/up block, under activation checkpointing when enabled and training."""
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(functools.partial(block, **options), *tensors)
+            if self._custom_checkpointing:  # diffusers' signature, (module, *args): options bound beforehand
+                return self._gradient_checkpointing_func(functools.partial(block, **options), *tensors)
+            # What diffusers' default does (non-reentrant torch.utils.checkpoint), with the keyword arguments given
+            # to checkpoint itself: torch.compile cannot trace a functools.partial's __call__ there, and would run
+            # the whole UNet eagerly.
+            return torch.utils.checkpoint.checkpoint(block, *tensors, use_reentrant=False, **options)
         return block(*tensors, **options)
 
     def fps_embed(self, fps: torch.Tensor | int | float | None, batch: int, device: torch.device) -> torch.Tensor:

@@ -125,8 +125,9 @@ class TrainConfig(StrictModel):
                             "TORCHINDUCTOR_CACHE_DIR serves later processes). Measured on one H100 at 16 frames, "
                             "bf16, no gradient checkpointing: 'full' 0.259 s per step (38 GiB), 'regional' 0.275 s, "
                             "CUDA graphs alone 0.410 s (53 GiB) - it pays after ~2,000 steps. With gradient "
-                            "checkpointing it was slower (4 frames: 0.273 against 0.233 s), so it stays opt-in; "
-                            "benchmarks/RESULTS.md")
+                            "checkpointing 'full' measured slower (4 frames: 0.273 against 0.233 s) because the "
+                            "whole UNet fell back to eager (a graph break, since fixed; not yet re-timed), so it "
+                            "stays opt-in; benchmarks/RESULTS.md")
     compile_rewrites: bool = Field(
         True, description="with compile: also run the UNet as compiled sampling does - channels-last convolutions "
                           "and the exact layer rewrites of customcrafter.fusions (sub-pixel upsampling, "

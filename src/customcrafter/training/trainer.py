@@ -587,10 +587,6 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         compile_unet(pipe.unet, config.compile)
         logger.info("torch.compile (%s): the first step compiles the UNet's forward and backward (minutes at full "
                     "size: 4-5.5 minutes on an H100; a later process reuses TORCHINDUCTOR_CACHE_DIR)", config.compile)
-        if checkpointing:
-            logger.warning("compile with gradient checkpointing measured slower than CUDA graphs alone on an H100 "
-                           "(4 frames: 0.273 against 0.233 s per step); compile pays without checkpointing "
-                           "(16 frames: 0.259 against 0.410 s), see benchmarks/RESULTS.md")
     elif config.compile != "none":
         logger.warning("compile applies on CUDA only; training the UNet eagerly on %s", accelerator.device.type)
     dataset = SubjectDataset(subject, config, class_images)
