@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from customcrafter.training.checkpointing import (
@@ -362,13 +363,17 @@ class DiffusionLoss(nn.Module):
         return still_clip_latents(vae, mean, std, posterior_noise).to(torch.float32)
 
     def forward(self, batch: _Batch) -> torch.Tensor:
-        latents = self.encode_clip(batch.images, batch.posterior_noise, batch.image_keys)  # (B, 4, T, h, w)
+        # named ranges for benchmarks/profile_train.py (no cost without a profiler)
+        with record_function("customcrafter.vae_encode"):
+            latents = self.encode_clip(batch.images, batch.posterior_noise, batch.image_keys)  # (B, 4, T, h, w)
         noise, timesteps = batch.noise.to(latents.device), batch.timesteps.to(latents.device)
         noisy = self.pipe.scheduler.add_noise(latents, noise, timesteps)
-        text = self.encode_text(batch.input_ids)
+        with record_function("customcrafter.text_encoder"):
+            text = self.encode_text(batch.input_ids)
         fps = torch.full((latents.shape[0],), self.config.fps, device=latents.device, dtype=torch.long)
         self.dropout_seeds.set(batch.seeds)
-        pred = self._call("unet", noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype), fps)
+        with record_function("customcrafter.unet_forward"):
+            pred = self._call("unet", noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype), fps)
         masks = batch.mask.to(pred.device).split(batch.sizes)
         losses = [epsilon_loss(p, n, m, self.config.loss)
                   for p, n, m in zip(pred.split(batch.sizes), noise.split(batch.sizes), masks, strict=True)]
@@ -623,11 +628,13 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
                 batch = _collate(elements, first_index, step, config, pipe, accelerator.device)
                 with accelerator.autocast():
                     loss = trained(batch)
-                accelerator.backward(loss)
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                with record_function("customcrafter.backward"):
+                    accelerator.backward(loss)
+                with record_function("customcrafter.optimizer"):
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 log.pending.append(loss.detach())
                 progress.update(1)
                 done = step + 1
