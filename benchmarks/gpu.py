@@ -540,12 +540,12 @@ def main() -> None:
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
                         help="FRAMES:ckpt|nockpt[:regional|full][:rewrites|norewrites][:bf16][:graphs][:sdpa]"
-                             "[:nocache][:examples] (gradient checkpointing, torch.compile, with compile the sampling path's "
+                             "[:nocache][:examples][:cudnnbench] (gradient checkpointing, torch.compile, with compile the sampling path's "
                              "channels-last convs and layer rewrites (on by default), frozen weights stored in bf16, "
                              "CUDA graphs, temporal attention on SDPA's own kernel choice instead of the default "
                              "memory-efficient one, class images' VAE posteriors encoded every step instead of "
                              "cached, training from 16 materialised examples as the pipeline does instead of "
-                             "augmenting on the fly)")
+                             "augmenting on the fly, cuDNN's algorithm timing on)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     add_turn_arguments(parser)
@@ -620,6 +620,8 @@ def run(args) -> None:
                     extra["cache_image_moments"] = False
                 elif option == "examples":
                     extra["examples"] = True
+                elif option == "cudnnbench":
+                    extra["cudnn_benchmark"] = True
                 else:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
             try:

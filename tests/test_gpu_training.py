@@ -103,3 +103,17 @@ def test_compiled_graphed_training_follows_eager(data, tmp_path):
           f"{difference:.2e}")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-3, atol=0)
     assert difference < 0.3
+
+
+def test_cudnn_benchmark_is_on_while_training_and_put_back(data, tmp_path, monkeypatch):
+    """``cudnn_benchmark``: cuDNN times its algorithms during training only; the process-wide flag is restored."""
+    from customcrafter.training import trainer
+
+    seen = []
+    forward = trainer.DiffusionLoss.forward
+    monkeypatch.setattr(trainer.DiffusionLoss, "forward",
+                        lambda self, batch: (seen.append(torch.backends.cudnn.benchmark), forward(self, batch))[1])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    losses, _ = _train(data, tmp_path / "bench", "customcrafter", True, cudnn_benchmark=True)
+    assert seen and all(seen) and not torch.backends.cudnn.benchmark
+    assert all(np.isfinite(losses))

@@ -192,3 +192,11 @@ def test_cached_image_moments_train_the_same_without_re_encoding(tmp_path, dream
         assert a.keys() == b.keys()
         for key in a:
             assert (a[key] - b[key]).norm() <= 1e-3 * b[key].norm(), key
+
+
+def test_cudnn_benchmark_is_cuda_only_and_leaves_the_process_flag(tmp_path, dreambooth_dir, monkeypatch):
+    from customcrafter.training.trainer import train
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    result = train(_config(tmp_path, dreambooth_dir, steps=2, cudnn_benchmark=True))
+    assert len(result.losses) == 2 and torch.backends.cudnn.benchmark is False

@@ -145,6 +145,10 @@ class TrainConfig(StrictModel):
                                                         "training on CUDA in one process, compiled or not (multi-GPU "
                                                         "with graphs is untested; True forces it). Same losses and weights as eager "
                                                         "up to kernel non-determinism; see benchmarks/RESULTS.md")
+    cudnn_benchmark: bool = Field(
+        False, description="let cuDNN time its convolution algorithms for the training shapes, which do not change "
+                           "between steps (sampling always does, performance.optimize_pipeline); CUDA only, reset "
+                           "when training ends. Off until timed for training (benchmarks/RESULTS.md)")
     cache_image_moments: bool = Field(
         True, description="keep the VAE posterior of every image that always comes back the same (class images, "
                           "materialised examples) on the device and reuse it, so the VAE encodes only images "

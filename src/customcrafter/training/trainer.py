@@ -610,6 +610,9 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     log = _Log(accelerator, losses)
     dropout_seeds, dropouts = install_example_dropout(pipe.unet)
     model = DiffusionLoss(pipe, config, dropout_seeds=dropout_seeds, num_processes=processes)
+    cudnn_benchmark = torch.backends.cudnn.benchmark  # process-wide: put back when training ends
+    if config.cudnn_benchmark and accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     try:
         for stage, first, end in _stage_ranges(stages):
             if end <= start_step:
@@ -653,6 +656,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
             accelerator.free_memory()
         log.flush()
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         progress.close()
         for handle in hooks:
             handle.remove()
