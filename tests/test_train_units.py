@@ -201,10 +201,10 @@ def test_keyed_images_are_encoded_once_and_give_the_same_latents():
     encode = pipe.vae.encode
     pipe.vae.encode = lambda x, *a, **k: (encoded.append(x.shape[0]), encode(x, *a, **k))[1]
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(3, 3, 32, 48, generator=generator) * 2 - 1
-    images[2] = images[1]  # the same class image drawn twice in one batch
-    keys = [None, ("class", 7), ("class", 7)]
-    noise = torch.randn(3, 4, 4, 4, 6, generator=generator)
+    images = torch.rand(4, 3, 32, 48, generator=generator) * 2 - 1
+    images[3] = images[1]  # the same class image drawn twice in one batch
+    keys = [None, ("class", 7), None, ("class", 7)]
+    noise = torch.randn(4, 4, 4, 4, 6, generator=generator)
     with torch.no_grad():
         fresh = encode_still_clip(pipe.vae, images, noise)
     encoded.clear()
@@ -212,9 +212,9 @@ def test_keyed_images_are_encoded_once_and_give_the_same_latents():
     config = TrainConfig(base_model="tiny", subject_dir="x", class_word="dog")
     loss = DiffusionLoss(pipe, config)
     first = loss.encode_clip(images, noise, keys)
-    assert encoded == [1, 1]  # the unkeyed image, then the class image once
+    assert encoded == [2, 1]  # the unkeyed images in one batch, then the class image once, alone
     second = loss.encode_clip(images, noise, keys)
-    assert encoded == [1, 1, 1]  # only the unkeyed image again
+    assert encoded == [2, 1, 2]  # only the unkeyed images again
     torch.testing.assert_close(first, fresh, rtol=1e-5, atol=1e-6)
     assert torch.equal(first, second)
 
@@ -222,7 +222,7 @@ def test_keyed_images_are_encoded_once_and_give_the_same_latents():
     uncached = DiffusionLoss(pipe, config.model_copy(update={"cache_image_moments": False}))
     uncached.encode_clip(images, noise, keys)
     uncached.encode_clip(images, noise, keys)
-    assert encoded == [3, 3]
+    assert encoded == [4, 4]
 
 
 def test_frozen_weights_in_bf16_keep_trained_tensors_and_token_table_fp32():

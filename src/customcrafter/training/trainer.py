@@ -340,9 +340,9 @@ class DiffusionLoss(nn.Module):
         clip's one image (n, 3, H, W), encoded once per clip, and every frame gets its own posterior noise — the same
         latents as encoding each frame, for 1/T of the VAE work. With ``config.cache_image_moments``, the posterior
         of an image with a key (``Example.image_key``: class images, materialised examples) is kept on the device
-        and reused whenever that image comes again: the VAE then encodes only images augmented on the fly. Each
-        image is encoded alone, so its moments do not depend on what it was batched with (a resumed run, which
-        starts with an empty cache, gets the same latents).
+        and reused whenever that image comes again: the VAE then encodes only images augmented on the fly (in one
+        batch). A keyed image is encoded alone, so its moments do not depend on what it was first batched with (a
+        resumed run, which starts with an empty cache, gets the same latents).
         """
         from customcrafter.models.vae import still_clip_latents, still_image_moments
 
@@ -351,14 +351,21 @@ class DiffusionLoss(nn.Module):
         if not self.config.cache_image_moments or all(k is None for k in keys):
             mean, std = still_image_moments(vae, images)
         else:
-            moments = []
+            moments = [None] * len(keys)
+            fresh = [row for row, key in enumerate(keys) if key is None]  # augmented on the fly: one batch
+            if fresh:
+                mean, std = still_image_moments(vae, images[fresh])
+                for j, row in enumerate(fresh):
+                    moments[row] = (mean[j:j + 1], std[j:j + 1])
             for row, key in enumerate(keys):
-                cached = self._image_moments.get(key) if key is not None else None
-                if cached is None:
+                if key is None:
+                    continue
+                cached = self._image_moments.get(key)
+                if cached is None:  # first sight: encoded alone
                     cached = still_image_moments(vae, images[row:row + 1])
-                    if key is not None and len(self._image_moments) < MAX_CACHED_IMAGE_MOMENTS:
+                    if len(self._image_moments) < MAX_CACHED_IMAGE_MOMENTS:
                         self._image_moments[key] = cached
-                moments.append(cached)
+                moments[row] = cached
             mean, std = (torch.cat(parts) for parts in zip(*moments, strict=True))
         return still_clip_latents(vae, mean, std, posterior_noise).to(torch.float32)
 
