@@ -152,7 +152,8 @@ class TrainConfig(StrictModel):
     cache_image_moments: bool = Field(
         True, description="keep the VAE posterior of every image that always comes back the same (class images, "
                           "materialised examples) on the device and reuse it, so the VAE encodes only images "
-                          "augmented on the fly; same latents (each image is encoded alone either way)")
+                          "augmented on the fly. Same latents up to convolution rounding; a cached image is "
+                          "encoded alone on first sight, so a resumed run gets the same ones")
     device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
     checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
