@@ -302,6 +302,17 @@ def benchmark_train_config(pipe, root: Path, frames: int, **overrides):
                        class_images_dir=str(class_dir), num_class_images=4, **settings)
 
 
+# --train-variants options after FRAMES:ckpt|nockpt: each sets one field of the benchmark's TrainConfig (`examples`:
+# benchmark_train_config's own switch)
+TRAIN_VARIANT_OPTIONS = {
+    "regional": ("compile", "regional"), "full": ("compile", "full"),
+    "rewrites": ("compile_rewrites", True), "norewrites": ("compile_rewrites", False),
+    "bf16": ("frozen_dtype", "bf16"), "graphs": ("cuda_graphs", True), "sdpa": ("temporal_attention", "sdpa"),
+    "nocache": ("cache_image_moments", False), "examples": ("examples", True),
+    "cudnnbench": ("cudnn_benchmark", True),
+}
+
+
 def bench_training(args, frames: int, checkpointing: bool, extra: dict) -> dict:
     from customcrafter.training.trainer import train
 
@@ -540,12 +551,12 @@ def main() -> None:
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
                         help="FRAMES:ckpt|nockpt[:regional|full][:rewrites|norewrites][:bf16][:graphs][:sdpa]"
-                             "[:nocache][:examples][:cudnnbench] (gradient checkpointing, torch.compile, with compile the sampling path's "
-                             "channels-last convs and layer rewrites (on by default), frozen weights stored in bf16, "
-                             "CUDA graphs, temporal attention on SDPA's own kernel choice instead of the default "
-                             "memory-efficient one, class images' VAE posteriors encoded every step instead of "
-                             "cached, training from 16 materialised examples as the pipeline does instead of "
-                             "augmenting on the fly, cuDNN's algorithm timing on)")
+                             "[:nocache][:examples][:cudnnbench] (gradient checkpointing, torch.compile, with "
+                             "compile the sampling path's channels-last convs and layer rewrites (on by default), "
+                             "frozen weights stored in bf16, CUDA graphs, temporal attention on SDPA's own kernel "
+                             "choice instead of the default memory-efficient one, class images' VAE posteriors "
+                             "encoded every step instead of cached, training from 16 materialised examples as the "
+                             "pipeline does instead of augmenting on the fly, cuDNN's algorithm timing on)")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--out", default="benchmark_gpu.json")
     add_turn_arguments(parser)
@@ -602,28 +613,12 @@ def run(args) -> None:
         for variant in args.train_variants:
             parts = variant.split(":")
             frames, checkpointing = int(parts[0]), parts[1] == "ckpt"
-            extra = {"cuda_graphs": "graphs" in parts[2:]}
+            extra = {"cuda_graphs": False}
             for option in parts[2:]:
-                if option == "bf16":
-                    extra["frozen_dtype"] = "bf16"
-                elif option in ("regional", "full"):
-                    extra["compile"] = option
-                elif option == "graphs":
-                    pass
-                elif option == "sdpa":
-                    extra["temporal_attention"] = "sdpa"
-                elif option == "rewrites":
-                    extra["compile_rewrites"] = True
-                elif option == "norewrites":
-                    extra["compile_rewrites"] = False
-                elif option == "nocache":
-                    extra["cache_image_moments"] = False
-                elif option == "examples":
-                    extra["examples"] = True
-                elif option == "cudnnbench":
-                    extra["cudnn_benchmark"] = True
-                else:
+                if option not in TRAIN_VARIANT_OPTIONS:
                     raise SystemExit(f"--train-variants {variant}: unknown option {option!r}")
+                field, value = TRAIN_VARIANT_OPTIONS[option]
+                extra[field] = value
             try:
                 report["training"].append(bench_training(args, frames, checkpointing, extra))
             except Exception as exc:  # noqa: BLE001
