@@ -89,7 +89,7 @@ def still_image_moments(vae: AutoencoderKL, frame: torch.Tensor) -> tuple[torch.
     (B, 3, 1, H, W) in [-1, 1]: all a still clip's latents need (:func:`still_clip_latents`)."""
     if frame.ndim == 5:
         if frame.shape[2] != 1:
-            raise ValueError(f"encode_still_clip takes one frame per clip, got {tuple(frame.shape)}")
+            raise ValueError(f"a still clip's image is one frame, got {tuple(frame.shape)}")
         frame = frame[:, :, 0]
     if frame.ndim != 4 or frame.shape[1] != 3:
         raise ValueError(f"frame must be (B, 3, H, W), got {tuple(frame.shape)}")
@@ -115,9 +115,6 @@ def encode_still_clip(vae: AutoencoderKL, frame: torch.Tensor, noise: torch.Tens
     latent is ``mean + std · noise[:, :, t]``: exactly what encoding the T identical frames one by one gives, for
     1/T of the encoder's work (training clips are still clips).
     """
-    batch = frame.shape[0] if frame.ndim in (4, 5) else None
-    if batch is not None and (noise.ndim != 5 or noise.shape[0] != batch):
-        raise ValueError(f"noise must be (B, C, T, h, w) for {batch} frames, got {tuple(noise.shape)}")
     return still_clip_latents(vae, *still_image_moments(vae, frame), noise)
 
 

@@ -94,8 +94,8 @@ class Example:
 
 
 def _still_clip(pixels: torch.Tensor, mask: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (pixels.unsqueeze(1).expand(-1, num_frames, -1, -1).contiguous(),
-            mask[None, None].expand(1, num_frames, -1, -1).contiguous())
+    """The image and mask repeated over ``num_frames`` as views (training sends only the one image to the device)."""
+    return pixels.unsqueeze(1).expand(-1, num_frames, -1, -1), mask[None, None].expand(1, num_frames, -1, -1)
 
 
 class SubjectDataset:

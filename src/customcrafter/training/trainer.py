@@ -347,17 +347,16 @@ class DiffusionLoss(nn.Module):
         from customcrafter.models.vae import still_clip_latents, still_image_moments
 
         vae = self.pipe.vae
-        keys = list(image_keys) if image_keys is not None else [None] * images.shape[0]
-        if not self.config.cache_image_moments or all(k is None for k in keys):
+        if not self.config.cache_image_moments or image_keys is None or all(k is None for k in image_keys):
             mean, std = still_image_moments(vae, images)
         else:
-            moments = [None] * len(keys)
-            fresh = [row for row, key in enumerate(keys) if key is None]  # augmented on the fly: one batch
+            moments = [None] * len(image_keys)
+            fresh = [row for row, key in enumerate(image_keys) if key is None]  # augmented on the fly: one batch
             if fresh:
                 mean, std = still_image_moments(vae, images[fresh])
                 for j, row in enumerate(fresh):
                     moments[row] = (mean[j:j + 1], std[j:j + 1])
-            for row, key in enumerate(keys):
+            for row, key in enumerate(image_keys):
                 if key is None:
                     continue
                 cached = self._image_moments.get(key)
