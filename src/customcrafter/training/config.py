@@ -121,13 +121,13 @@ class TrainConfig(StrictModel):
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile the UNet: 'regional' (its repeated blocks) or 'full' (the whole forward); "
                             "GPU only, replayed in CUDA graphs (see cuda_graphs). The first step compiles for "
-                            "minutes at full size (H100: 4.4 min regional, 5.4 min full; inductor's cache in "
-                            "TORCHINDUCTOR_CACHE_DIR serves later processes). Measured on one H100 at 16 frames, "
-                            "bf16, no gradient checkpointing: 'full' 0.259 s per step (38 GiB), 'regional' 0.275 s, "
-                            "CUDA graphs alone 0.410 s (53 GiB) - it pays after ~2,000 steps. With gradient "
-                            "checkpointing 'full' measured slower (4 frames: 0.273 against 0.233 s) because the "
-                            "whole UNet fell back to eager (a graph break, since fixed; not yet re-timed), so it "
-                            "stays opt-in; benchmarks/RESULTS.md")
+                            "minutes at full size (H100: ~6 min 'full' from an empty cache; inductor's cache in "
+                            "TORCHINDUCTOR_CACHE_DIR serves later processes). Measured on one H100 with bf16 "
+                            "autocast: 4 frames with gradient checkpointing, 'full' 0.150 s per step (10.9 GiB) "
+                            "against 0.220 s with CUDA graphs alone; 16 frames without checkpointing, 'full' "
+                            "0.246-0.249 s (38 GiB) against 0.40 s (53 GiB); 'regional' 0.275 s. Opt-in: the "
+                            "compile is repaid after ~2,000-5,000 steps, and it is untimed in fp32 and on "
+                            "several GPUs; benchmarks/RESULTS.md")
     compile_rewrites: bool = Field(
         True, description="with compile: also run the UNet as compiled sampling does - channels-last convolutions "
                           "and the exact layer rewrites of customcrafter.fusions (sub-pixel upsampling, "
@@ -148,7 +148,8 @@ class TrainConfig(StrictModel):
     cudnn_benchmark: bool = Field(
         False, description="let cuDNN time its convolution algorithms for the training shapes, which do not change "
                            "between steps (sampling always does, performance.optimize_pipeline); CUDA only, reset "
-                           "when training ends. Off until timed for training (benchmarks/RESULTS.md)")
+                           "when training ends. Off: on an H100 it changed nothing (0.401 against 0.399 s per step "
+                           "at 16 frames, 0.223 against 0.220 s at 4; benchmarks/RESULTS.md)")
     cache_image_moments: bool = Field(
         True, description="keep the VAE posterior of every image that always comes back the same (class images, "
                           "materialised examples) on the device and reuse it, so the VAE encodes only images "

@@ -597,7 +597,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
             prepare_unet_for_compiled_training(pipe.unet)
         compile_unet(pipe.unet, config.compile)
         logger.info("torch.compile (%s): the first step compiles the UNet's forward and backward (minutes at full "
-                    "size: 4-5.5 minutes on an H100; a later process reuses TORCHINDUCTOR_CACHE_DIR)", config.compile)
+                    "size: ~6 minutes on an H100; a later process reuses TORCHINDUCTOR_CACHE_DIR)", config.compile)
     elif config.compile != "none":
         logger.warning("compile applies on CUDA only; training the UNet eagerly on %s", accelerator.device.type)
     dataset = SubjectDataset(subject, config, class_images)
