@@ -369,7 +369,7 @@ class DiffusionLoss(nn.Module):
         return still_clip_latents(vae, mean, std, posterior_noise).to(torch.float32)
 
     def forward(self, batch: _Batch) -> torch.Tensor:
-        # named ranges for benchmarks/profile_train.py (no cost without a profiler)
+        # named ranges for benchmarks/profile_train.py (a few µs per step without a profiler)
         with record_function("customcrafter.vae_encode"):
             latents = self.encode_clip(batch.images, batch.posterior_noise, batch.image_keys)  # (B, 4, T, h, w)
         noise, timesteps = batch.noise.to(latents.device), batch.timesteps.to(latents.device)
