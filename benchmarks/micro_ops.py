@@ -194,6 +194,40 @@ def temporal_kernel_row(name: str, b: int, h: int, s: int, d: int, layers: int) 
     return row
 
 
+def temporal_backward_rows() -> list[dict]:
+    """Training's temporal attention, forward + backward (the q, k, v gradients), our Triton kernels against SDPA's
+    memory-efficient kernel, at the UNet's levels for one instance + one class clip of 16 and of 4 frames."""
+    return [temporal_backward_row(name, b, h, frames, d, layers) for name, b, h, _lq, _lk, d, layers in ATTENTION
+            if name.startswith("temporal") for frames in (16, 4)]
+
+
+def temporal_backward_row(name: str, b: int, h: int, s: int, d: int, layers: int) -> dict:
+    from customcrafter import kernels
+
+    q, k, v = (torch.randn(b, s, h * d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(b, s, h * d, device="cuda", dtype=torch.bfloat16)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    reference = torch.autograd.grad(kernels.temporal_attention_reference(q32, k32, v32, h), (q32, k32, v32),
+                                    grad.float())
+
+    def efficient():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return torch.autograd.grad(kernels.temporal_attention_reference(q, k, v, h), (q, k, v), grad)
+
+    def triton():
+        return torch.autograd.grad(kernels.temporal_attention(q, k, v, h), (q, k, v), grad)
+
+    row = {"op": f"{name} {s} frames, forward + backward", "layers_per_forward": layers,
+           # forward: q, k, v read, output written; backward: q, k, v, output gradient read, 3 gradients written
+           "bandwidth_floor_ms": round(11 * q.numel() * 2 / 3.0e9, 4)}
+    for label, fn in (("efficient", efficient), ("triton", triton)):
+        row[f"{label}_ms"] = round(cuda_time(fn), 4)
+        row[f"{label}_grad_rel_err"] = max(_rel_err(g, r) for g, r in zip(fn(), reference, strict=True))
+    row["triton_backward_config"] = str(kernels._temporal_attention_backward_kernel.best_config)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 # (name, M tokens, channels, self-attention layers per CFG forward): spatial attn1 + temporal attn1/attn2
 PROJECTIONS = [("L0", 81920, 320, 15), ("L1", 20480, 640, 15), ("L2", 5120, 1280, 15), ("L3", 1280, 1280, 3)]
 
@@ -478,7 +512,7 @@ def graph_rows() -> list[dict]:
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
             "bias": bias_rows, "graph": graph_rows, "gn_scale_shift": gn_scale_shift_rows,
-            "temporal_configs": temporal_config_rows}
+            "temporal_configs": temporal_config_rows, "temporal_backward": temporal_backward_rows}
 
 
 def main() -> None:

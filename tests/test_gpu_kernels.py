@@ -74,13 +74,75 @@ def test_temporal_attention_kernel_reads_strided_projections():
 def test_temporal_attention_falls_back_where_the_kernel_does_not_apply():
     from customcrafter import kernels
 
-    q = torch.randn(8, 16, 320, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert not kernels.temporal_attention_supported(q, q, q, 5)  # a gradient is needed
-    long = torch.randn(2, 80, 128, device="cuda", dtype=torch.bfloat16)
+    long = torch.randn(2, 80, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert not kernels.temporal_attention_supported(long, long, long, 2)  # longer than 64
-    out = kernels.temporal_attention(q, q, q, 5)
-    out.float().sum().backward()  # through PyTorch, so it has a backward
-    assert q.grad is not None
+    out = kernels.temporal_attention(long, long, long, 2)
+    out.float().sum().backward()  # through PyTorch
+    assert long.grad is not None
+    fp32 = torch.randn(8, 16, 320, device="cuda")
+    assert not kernels.temporal_attention_supported(fp32, fp32, fp32, 5)
+
+
+def _attention_grads(q, k, v, heads, grad_out, attention):
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = attention(q, k, v, heads)
+    out.backward(grad_out)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("shape", TEMPORAL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_temporal_attention_backward_matches_float64_attention(shape, dtype, monkeypatch):
+    """The backward kernel's q, k and v gradients against PyTorch's autograd through float64 attention."""
+    from customcrafter import kernels
+
+    b, s, h, d = shape
+    q, k, v = (torch.randn(b, s, h * d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(b, s, h * d, device="cuda", dtype=dtype)
+    assert kernels.temporal_attention_supported(q, k, v, h)  # with gradients
+    _poison_empty(monkeypatch)
+    _, *grads = _attention_grads(q, k, v, h, grad_out, kernels.temporal_attention)
+    _, *expected = _attention_grads(q.double(), k.double(), v.double(), h, grad_out.double(),
+                                    kernels.temporal_attention_reference)
+    for name, grad, reference in zip("qkv", grads, expected, strict=True):
+        assert grad.shape == q.shape and grad.dtype == dtype, name
+        assert not grad.isnan().any(), name
+        assert _rel(grad, reference) < 2e-2, (name, _rel(grad, reference))  # bf16 operands: ~5e-3 expected
+
+
+def test_temporal_attention_backward_is_as_accurate_as_sdpa():
+    """At the UNet's level-0 shape the kernel's gradients are as close to float64 as SDPA's in the same dtype."""
+    from customcrafter import kernels
+
+    q, k, v = (torch.randn(2 * 2560, 16, 320, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    _, *grads = _attention_grads(q, k, v, 5, grad_out, kernels.temporal_attention)
+    _, *sdpa = _attention_grads(q, k, v, 5, grad_out, kernels.temporal_attention_reference)
+    _, *expected = _attention_grads(q.double(), k.double(), v.double(), 5, grad_out.double(),
+                                    kernels.temporal_attention_reference)
+    for name, grad, theirs, reference in zip("qkv", grads, sdpa, expected, strict=True):
+        ours, sdpa_error = _rel(grad, reference), _rel(theirs, reference)
+        assert ours < 1.5 * sdpa_error + 1e-3, (name, ours, sdpa_error)
+
+
+def test_temporal_attention_backward_inside_torch_compile():
+    """Compiled with a fused projection in front (strided q/k/v, as the UNet's), forward and backward through the
+    kernels give the float64 gradients of the projection's input and weight."""
+    from customcrafter import kernels
+
+    def block(x, weight):
+        q, k, v = torch.nn.functional.linear(x, weight).chunk(3, dim=-1)
+        return kernels.temporal_attention(q, k, v, 5) * 2
+
+    x = torch.randn(640, 16, 320, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(960, 320, device="cuda", dtype=torch.bfloat16) * 320 ** -0.5).requires_grad_(True)
+    grad_out = torch.randn(640, 16, 320, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)
+    compiled(x, weight).backward(grad_out)
+    x64, w64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    q, k, v = torch.nn.functional.linear(x64, w64).chunk(3, dim=-1)
+    (kernels.temporal_attention_reference(q, k, v, 5) * 2).backward(grad_out.double())
+    assert _rel(x.grad, x64.grad) < 2e-2 and _rel(weight.grad, w64.grad) < 2e-2
 
 
 def test_kernel_runs_inside_torch_compile():

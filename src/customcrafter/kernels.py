@@ -1,4 +1,5 @@
-"""Triton kernels for memory-bound spots of the UNet at inference (CUDA; a plain PyTorch path elsewhere).
+"""Triton kernels for memory-bound spots of the UNet (CUDA; a plain PyTorch path elsewhere): at inference, and for
+the temporal attention in training too.
 
 ``temporal_attention(q, k, v, heads)``: attention over short sequences (the temporal transformers' 16 frames),
 read straight from and written straight to the projections' ``(batch, frames, channels)`` layout. One program
@@ -21,8 +22,12 @@ of the weight share each loaded tile of ``x``), device-side TMA loads, a persist
 UNet's level-0 shape (81920 x 320 -> 2 x 1280) it takes 0.39 ms against 0.26 ms for cuBLAS's 2N-wide GEMM + 0.21 ms
 for inductor's gating pass (H100, ``benchmarks/probe_geglu.py``); where K is 1280 cuBLAS + the pass is as fast.
 
-They are registered with ``torch.library.triton_op``, so ``torch.compile`` sees through them. They are inference-only
-(no backward): callers fall back to PyTorch whenever a gradient is needed, as they do on the CPU.
+``temporal_attention`` has a backward (training): a second kernel of the same tiling that recomputes each tile's
+softmax from q and k and writes the three input gradients, so nothing is saved for it but its inputs.
+
+They are registered with ``torch.library.triton_op``, so ``torch.compile`` sees through them (and AOTAutograd
+through the temporal kernel's backward). The other two are inference-only: callers fall back to PyTorch whenever a
+gradient is needed, as every caller does on the CPU.
 ``temporal_attention_reference`` and ``group_norm_scale_shift_reference`` are the PyTorch formulations they replace.
 """
 
@@ -56,9 +61,10 @@ def _no_grad(*tensors: torch.Tensor) -> bool:
 
 
 def temporal_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
-    """Whether the Triton kernel takes these inputs: CUDA, bf16/fp16, no gradient, sequences of at most 64, a head
-    dim that is a power of two from 16 to 128, and rows of each tensor evenly strided with contiguous channels."""
-    if not (HAS_TRITON and q.is_cuda and q.dim() == 3 and q.dtype in _DTYPES and _no_grad(q, k, v)):
+    """Whether the Triton kernel takes these inputs: CUDA, bf16/fp16, sequences of at most 64, a head dim that is a
+    power of two from 16 to 128, and rows of each tensor evenly strided with contiguous channels. Gradients are fine:
+    the op's backward is a second kernel of the same form (training)."""
+    if not (HAS_TRITON and q.is_cuda and q.dim() == 3 and q.dtype in _DTYPES):
         return False
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         return False
@@ -206,6 +212,72 @@ if HAS_TRITON:
             QK_SCALE=math.log2(math.e) / math.sqrt(head_dim), SEQ=s, HEAD_DIM=head_dim)
         return out
 
+    @triton.autotune(configs=[triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=1)
+                              for r in (64, 128) for w in (4, 8)],
+                     key=["n_rows", "SEQ", "HEAD_DIM"])
+    @triton.jit
+    def _temporal_attention_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, n_rows, stride_q,
+                                            stride_k, stride_v, stride_do, stride_grad, QK_SCALE: tl.constexpr,
+                                            SM_SCALE: tl.constexpr, SEQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                            BLOCK_R: tl.constexpr):
+        # the forward's tiling: whole sequences of one head per program, so every gradient row is complete in the
+        # program that computes it (no atomics, no second pass). The softmax is recomputed from q and k (nothing
+        # saved but the inputs) and delta_i = sum_j P_ij dP_ij = dO_i . O_i needs no output either
+        seqs = BLOCK_R // SEQ
+        local = tl.arange(0, BLOCK_R)
+        rows = tl.program_id(1) * seqs * SEQ + local
+        valid = (local < seqs * SEQ) & (rows < n_rows)
+        cols = tl.program_id(0) * HEAD_DIM + tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * stride_k + cols[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * stride_v + cols[None, :], mask=valid[:, None], other=0.0)
+        do = tl.load(do_ptr + rows[:, None] * stride_do + cols[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * QK_SCALE
+        same_sequence = (local[:, None] // SEQ) == (local[None, :] // SEQ)
+        scores = tl.where(same_sequence, scores, float("-inf"))
+        p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]  # zero off the diagonal blocks, so the products below stay per sequence
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        dq = tl.dot(ds.to(k.dtype), k) * SM_SCALE
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * SM_SCALE
+        grad = rows[:, None] * stride_grad + cols[None, :]
+        tl.store(dq_ptr + grad, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(dk_ptr + grad, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(dv_ptr + grad, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
+
+    @triton_op("customcrafter::temporal_attention_backward", mutates_args=())
+    def _temporal_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                                        heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, s, c = q.shape
+        head_dim = c // heads
+        if not (grad_out.stride(2) == 1 and grad_out.stride(0) == s * grad_out.stride(1)):
+            grad_out = grad_out.contiguous()
+        dq, dk, dv = (torch.empty((b, s, c), device=q.device, dtype=q.dtype) for _ in range(3))
+
+        def grid(meta):
+            return (heads, triton.cdiv(b, meta["BLOCK_R"] // s))
+
+        wrap_triton(_temporal_attention_backward_kernel)[grid](
+            q, k, v, grad_out, dq, dk, dv, b * s, q.stride(1), k.stride(1), v.stride(1), grad_out.stride(1), c,
+            QK_SCALE=math.log2(math.e) / math.sqrt(head_dim), SM_SCALE=1 / math.sqrt(head_dim), SEQ=s,
+            HEAD_DIM=head_dim)
+        return dq, dk, dv
+
+    def _temporal_attention_setup_context(ctx, inputs, output) -> None:
+        q, k, v, heads = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.heads = heads
+
+    def _temporal_attention_backward(ctx, grad_out: torch.Tensor):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = torch.ops.customcrafter.temporal_attention_backward(q, k, v, grad_out, ctx.heads)
+        return dq, dk, dv, None
+
+    _temporal_attention_op.register_autograd(_temporal_attention_backward,
+                                             setup_context=_temporal_attention_setup_context)
+
     @triton.jit
     def _group_norm_scale_shift_kernel(mean_ptr, var_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, channels, eps,
                                        PER_GROUP: tl.constexpr, BLOCK: tl.constexpr):
@@ -302,3 +374,8 @@ if HAS_TRITON:
     def _temporal_attention_flops(q_shape, *args, out_shape=None, **kwargs) -> int:
         b, s, c = q_shape
         return 4 * b * s * s * c  # QK^T and PV over every head, as for SDPA
+
+    @register_flop_formula(torch.ops.customcrafter.temporal_attention_backward)
+    def _temporal_attention_backward_flops(q_shape, *args, out_shape=None, **kwargs) -> int:
+        b, s, c = q_shape
+        return 10 * b * s * s * c  # the scores again, then dV, dP, dQ, dK: as torch counts SDPA's backward

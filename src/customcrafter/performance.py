@@ -152,8 +152,8 @@ class EfficientAttnProcessor:
 
 class TritonTemporalAttnProcessor:
     """Self-attention through ``customcrafter.kernels.temporal_attention`` (the short-sequence Triton kernel, reading
-    the projections' layout as it is). Anything that kernel does not take — a mask, cross-attention, extra norms, a
-    gradient, the CPU — goes through ``EfficientAttnProcessor`` instead."""
+    the projections' layout as it is; with gradients, its backward kernel too). Anything that kernel does not take — a
+    mask, cross-attention, extra norms, float32, the CPU — goes through ``EfficientAttnProcessor`` instead."""
 
     def __init__(self):
         self.fallback = EfficientAttnProcessor()

@@ -123,9 +123,10 @@ class TrainConfig(StrictModel):
                             "GPU only, replayed in CUDA graphs (see cuda_graphs). The first step compiles for "
                             "minutes at full size (H100: ~6 min 'full' from an empty cache; inductor's cache in "
                             "TORCHINDUCTOR_CACHE_DIR serves later processes). Measured on one H100 with bf16 "
-                            "autocast: 4 frames with gradient checkpointing, 'full' 0.150 s per step (10.9 GiB) "
-                            "against 0.220 s with CUDA graphs alone; 16 frames without checkpointing, 'full' "
-                            "0.246-0.249 s (38 GiB) against 0.40 s (53 GiB); 'regional' 0.275 s. Opt-in: the "
+                            "autocast and the Triton temporal attention: 4 frames with gradient checkpointing, "
+                            "'full' 0.130 s per step (10.7 GiB) against 0.205 s with CUDA graphs alone; 16 frames "
+                            "without checkpointing, 'full' 0.232 s (37 GiB) against 0.40 s (52 GiB); 'regional' "
+                            "0.275 s (session 15, SDPA temporal attention). Opt-in: the "
                             "compile is repaid after ~2,000-5,000 steps, and it is untimed in fp32 and on "
                             "several GPUs; benchmarks/RESULTS.md")
     compile_rewrites: bool = Field(
@@ -133,11 +134,14 @@ class TrainConfig(StrictModel):
                           "and the exact layer rewrites of customcrafter.fusions (sub-pixel upsampling, "
                           "channel-statistics GroupNorm, unfused linear bias). The measured compiled training "
                           "(benchmarks/RESULTS.md) ran with them; false = compile the UNet as it is")
-    temporal_attention: Literal["sdpa", "efficient"] = Field(
-        "efficient", description="the UNet's temporal attention on CUDA: 'efficient' pins SDPA to the "
-                                 "memory-efficient kernel for these short (frames-long) sequences, as sampling does; "
-                                 "'sdpa' = SDPA's own choice. For training the two measured within machine noise on "
-                                 "an H100 (-2 % to +3 % per step, benchmarks/RESULTS.md)")
+    temporal_attention: Literal["sdpa", "efficient", "triton"] = Field(
+        "triton", description="the UNet's temporal attention on CUDA: 'triton' = the short-sequence kernel sampling "
+                              "uses (customcrafter.kernels.temporal_attention) with its backward kernel, whole "
+                              "sequences per tile (H100, same machine, CUDA graphs: 4 frames with checkpointing "
+                              "0.205 against 0.222 s per step, 16 frames 0.396 against 0.401 s); 'efficient' pins "
+                              "SDPA to its memory-efficient kernel; 'sdpa' = SDPA's own choice. Where the kernel "
+                              "does not apply (CPU, float32, sequences over 64) it falls back to 'efficient'. "
+                              "benchmarks/RESULTS.md")
     cuda_graphs: bool | None = Field(None, description="capture the UNet's and the text encoder's forward and "
                                                         "backward as CUDA graphs once per stage and replay them every "
                                                         "step (removes the per-kernel launch overhead that makes eager "
