@@ -308,7 +308,7 @@ TRAIN_VARIANT_OPTIONS = {
     "regional": ("compile", "regional"), "full": ("compile", "full"),
     "rewrites": ("compile_rewrites", True), "norewrites": ("compile_rewrites", False),
     "bf16": ("frozen_dtype", "bf16"), "graphs": ("cuda_graphs", True), "sdpa": ("temporal_attention", "sdpa"),
-    "triton": ("temporal_attention", "triton"),
+    "triton": ("temporal_attention", "triton"), "efficient": ("temporal_attention", "efficient"),
     "nocache": ("cache_image_moments", False), "examples": ("examples", True),
     "cudnnbench": ("cudnn_benchmark", True),
 }

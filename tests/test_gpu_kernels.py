@@ -145,6 +145,33 @@ def test_temporal_attention_backward_inside_torch_compile():
     assert _rel(x.grad, x64.grad) < 2e-2 and _rel(weight.grad, w64.grad) < 2e-2
 
 
+def test_torch_sees_each_kernel_write_only_its_outputs():
+    """torch's mutation analysis of a user Triton kernel decides whether compiled code copies its inputs before each
+    call (a kernel taken to write q, k and v gets three copies per call; session 10 measured that cost). A shared
+    @triton.jit helper between the temporal forward and backward kernels made the analysis mark q, k and v written."""
+    from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table
+
+    from customcrafter import kernels
+
+    def written(kernel, tensors, constants):
+        return sorted(get_mutated_tensors(kernel_side_table.add_kernel(kernel),
+                                          kernel_side_table.add_constant_args(constants), tensors, {}))
+
+    b, s, h, d = 64, 16, 5, 64
+    rows = {"n_rows": b * s, "SEQ": s, "HEAD_DIM": d, "BLOCK_R": 64, "QK_SCALE": 0.18}
+
+    def tensors(*names):
+        return {name: torch.empty(b, s, h * d, device="cuda", dtype=torch.bfloat16) for name in names}
+
+    forward = written(kernels._temporal_attention_kernel, tensors("q_ptr", "k_ptr", "v_ptr", "o_ptr"),
+                      rows | {f"stride_{x}": h * d for x in "qkvo"})
+    backward = written(kernels._temporal_attention_backward_kernel,
+                       tensors("q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"),
+                       rows | {f"stride_{x}": h * d for x in ("q", "k", "v", "do", "grad")} | {"SM_SCALE": 0.125})
+    assert forward == ["o_ptr"]
+    assert backward == ["dk_ptr", "dq_ptr", "dv_ptr"]
+
+
 def test_kernel_runs_inside_torch_compile():
     """Compiled with the projections around it (inductor calls the kernel itself) it computes the same function."""
     from customcrafter import kernels

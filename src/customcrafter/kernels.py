@@ -222,7 +222,11 @@ if HAS_TRITON:
                                             BLOCK_R: tl.constexpr):
         # the forward's tiling: whole sequences of one head per program, so every gradient row is complete in the
         # program that computes it (no atomics, no second pass). The softmax is recomputed from q and k (nothing
-        # saved but the inputs) and delta_i = sum_j P_ij dP_ij = dO_i . O_i needs no output either
+        # saved but the inputs) and delta_i = sum_j P_ij dP_ij = dO_i . O_i needs no output either. The tile's loads
+        # and softmax repeat the forward's on purpose: moved into a shared @triton.jit function, torch's mutation
+        # analysis of the kernels (what lets compiled code skip defensive copies) marks q, k and v as written
+        # (torch 2.13, checked on the CPU), and compiled callers would copy them before every call
+        # (tests/test_gpu_kernels.py checks what each kernel is taken to write)
         seqs = BLOCK_R // SEQ
         local = tl.arange(0, BLOCK_R)
         rows = tl.program_id(1) * seqs * SEQ + local
