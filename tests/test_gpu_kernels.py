@@ -148,7 +148,8 @@ def test_temporal_attention_backward_inside_torch_compile():
 def test_torch_sees_each_kernel_write_only_its_outputs():
     """torch's mutation analysis of a user Triton kernel decides whether compiled code copies its inputs before each
     call (a kernel taken to write q, k and v gets three copies per call; session 10 measured that cost). A shared
-    @triton.jit helper between the temporal forward and backward kernels made the analysis mark q, k and v written."""
+    @triton.jit helper between the temporal forward and backward kernels made the analysis mark q, k and v written.
+    Every kernel of ``customcrafter.kernels`` must be taken to write its outputs and nothing else."""
     from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table
 
     from customcrafter import kernels
@@ -170,6 +171,17 @@ def test_torch_sees_each_kernel_write_only_its_outputs():
                        rows | {f"stride_{x}": h * d for x in ("q", "k", "v", "do", "grad")} | {"SM_SCALE": 0.125})
     assert forward == ["o_ptr"]
     assert backward == ["dk_ptr", "dq_ptr", "dv_ptr"]
+    n, c = 32, 320
+    stats = {name: torch.empty(n, c, device="cuda") for name in ("mean_ptr", "var_ptr", "scale_ptr", "shift_ptr")}
+    params = {name: torch.empty(c, device="cuda") for name in ("weight_ptr", "bias_ptr")}
+    assert written(kernels._group_norm_scale_shift_kernel, stats | params,
+                   {"channels": c, "eps": 1e-6, "PER_GROUP": 10, "BLOCK": 16}) == ["scale_ptr", "shift_ptr"]
+    m, k, half = 4096, 320, 1280
+    geglu = {"x_ptr": (m, k), "w_ptr": (2 * half, k), "b_ptr": (2 * half,), "o_ptr": (m, half)}
+    assert written(kernels._geglu_kernel,
+                   {name: torch.empty(shape, device="cuda", dtype=torch.bfloat16) for name, shape in geglu.items()},
+                   {"M": m, "N": half, "K": k, "stride_xm": k, "PROGRAMS": 132, "BN": 128, "BM": 128, "BK": 64,
+                    "GROUP_M": 8}) == ["o_ptr"]
 
 
 def test_kernel_runs_inside_torch_compile():
