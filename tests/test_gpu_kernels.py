@@ -85,9 +85,8 @@ def test_temporal_attention_falls_back_where_the_kernel_does_not_apply():
 
 def _attention_grads(q, k, v, heads, grad_out, attention):
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-    out = attention(q, k, v, heads)
-    out.backward(grad_out)
-    return out, q.grad, k.grad, v.grad
+    attention(q, k, v, heads).backward(grad_out)
+    return q.grad, k.grad, v.grad
 
 
 @pytest.mark.parametrize("shape", TEMPORAL_SHAPES)
@@ -101,8 +100,8 @@ def test_temporal_attention_backward_matches_float64_attention(shape, dtype, mon
     grad_out = torch.randn(b, s, h * d, device="cuda", dtype=dtype)
     assert kernels.temporal_attention_supported(q, k, v, h)  # with gradients
     _poison_empty(monkeypatch)
-    _, *grads = _attention_grads(q, k, v, h, grad_out, kernels.temporal_attention)
-    _, *expected = _attention_grads(q.double(), k.double(), v.double(), h, grad_out.double(),
+    grads = _attention_grads(q, k, v, h, grad_out, kernels.temporal_attention)
+    expected = _attention_grads(q.double(), k.double(), v.double(), h, grad_out.double(),
                                     kernels.temporal_attention_reference)
     for name, grad, reference in zip("qkv", grads, expected, strict=True):
         assert grad.shape == q.shape and grad.dtype == dtype, name
@@ -116,9 +115,9 @@ def test_temporal_attention_backward_is_as_accurate_as_sdpa():
 
     q, k, v = (torch.randn(2 * 2560, 16, 320, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     grad_out = torch.randn_like(q)
-    _, *grads = _attention_grads(q, k, v, 5, grad_out, kernels.temporal_attention)
-    _, *sdpa = _attention_grads(q, k, v, 5, grad_out, kernels.temporal_attention_reference)
-    _, *expected = _attention_grads(q.double(), k.double(), v.double(), 5, grad_out.double(),
+    grads = _attention_grads(q, k, v, 5, grad_out, kernels.temporal_attention)
+    sdpa = _attention_grads(q, k, v, 5, grad_out, kernels.temporal_attention_reference)
+    expected = _attention_grads(q.double(), k.double(), v.double(), 5, grad_out.double(),
                                     kernels.temporal_attention_reference)
     for name, grad, theirs, reference in zip("qkv", grads, sdpa, expected, strict=True):
         ours, sdpa_error = _rel(grad, reference), _rel(theirs, reference)

@@ -60,6 +60,12 @@ def _no_grad(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def _sequence_rows(t: torch.Tensor) -> bool:
+    """Whether a ``(batch, seq, channels)`` tensor is laid out as the temporal kernels read it: contiguous channels,
+    rows evenly strided (batch stride = seq x row stride), e.g. a column slice of a fused projection."""
+    return t.stride(2) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
+
+
 def temporal_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
     """Whether the Triton kernel takes these inputs: CUDA, bf16/fp16, sequences of at most 64, a head dim that is a
     power of two from 16 to 128, and rows of each tensor evenly strided with contiguous channels. Gradients are fine:
@@ -74,7 +80,7 @@ def temporal_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return False
     if -(-b // (64 // s)) > _MAX_GRID_Y:  # row blocks (64 rows at the least) are the grid's second axis
         return False
-    return all(t.stride(2) == 1 and t.stride(0) == s * t.stride(1) for t in (q, k, v))
+    return all(_sequence_rows(t) for t in (q, k, v))
 
 
 def group_norm_scale_shift_reference(mean_c: torch.Tensor, var_c: torch.Tensor, weight: torch.Tensor | None,
@@ -256,7 +262,7 @@ if HAS_TRITON:
                                         heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, s, c = q.shape
         head_dim = c // heads
-        if not (grad_out.stride(2) == 1 and grad_out.stride(0) == s * grad_out.stride(1)):
+        if not _sequence_rows(grad_out):
             grad_out = grad_out.contiguous()
         dq, dk, dv = (torch.empty((b, s, c), device=q.device, dtype=q.dtype) for _ in range(3))
 
