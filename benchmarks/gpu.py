@@ -551,11 +551,12 @@ def main() -> None:
                         help="videos sampled and discarded after the (timed) first one, before the timed runs")
     parser.add_argument("--train-variants", nargs="+", default=["4:ckpt", "4:nockpt", "16:ckpt", "16:nockpt",
                                                                  "4:nockpt:regional", "16:nockpt:regional"],
-                        help="FRAMES:ckpt|nockpt[:regional|full][:rewrites|norewrites][:bf16][:graphs][:sdpa]"
-                             "[:nocache][:examples][:cudnnbench] (gradient checkpointing, torch.compile, with "
-                             "compile the sampling path's channels-last convs and layer rewrites (on by default), "
-                             "frozen weights stored in bf16, CUDA graphs, temporal attention on SDPA's own kernel "
-                             "choice instead of the default memory-efficient one, class images' VAE posteriors "
+                        help="FRAMES:ckpt|nockpt[:regional|full][:rewrites|norewrites][:bf16][:graphs]"
+                             "[:triton|:efficient|:sdpa][:nocache][:examples][:cudnnbench] (gradient checkpointing, "
+                             "torch.compile, with compile the sampling path's channels-last convs and layer rewrites "
+                             "(on by default), frozen weights stored in bf16, CUDA graphs, the temporal attention on "
+                             "our Triton kernels (the default), SDPA's memory-efficient kernel or SDPA's own kernel "
+                             "choice, class images' VAE posteriors "
                              "encoded every step instead of cached, training from 16 materialised examples as the "
                              "pipeline does instead of augmenting on the fly, cuDNN's algorithm timing on)")
     parser.add_argument("--train-steps", type=int, default=12)
