@@ -215,3 +215,60 @@ def test_fused_geglu_dispatch_keeps_the_function_and_sends_only_eligible_layers_
                                                                         init_lora_weights=False))
         lora_out = wrapped(x_small)
         assert len(calls) == 1 and (lora_out - before[0]).abs().max() > 1e-3  # the adapter's update is not lost
+
+
+# (compute capability, shared memory per block as Triton counts it) -> (temporal attention and GroupNorm kernels,
+# GEGLU kernel)
+CARDS = {
+    "H100": ((9, 0), 232448, True, True),
+    "B200": ((10, 0), 232448, True, True),
+    "A100": ((8, 0), 166912, True, False),
+    "RTX 4090 (24 GB)": ((8, 9), 101376, True, False),
+    "RTX 5090": ((12, 0), 101376, True, False),
+    "T4": ((7, 5), 65536, False, False),
+}
+
+
+@pytest.mark.parametrize("card", list(CARDS))
+def test_kernels_run_only_on_cards_that_can_launch_them(monkeypatch, card):
+    """The GEGLU kernel needs device-side TMA and ~176 KiB of shared memory per block: on a consumer 24 GB card or an
+    A100 it could not launch, so those keep cuBLAS + the gating pass; the other kernels need Ampere or newer. The
+    support checks ask the tensor's own device (fake CUDA tensors here: no GPU on this machine)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from customcrafter import kernels
+
+    capability, shared_memory, runs_triton, runs_geglu = CARDS[card]
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(kernels, "_max_shared_memory", lambda index: shared_memory)
+    assert kernels._runs_triton_kernels(0) is runs_triton and kernels._runs_geglu_kernel(0) is runs_geglu
+    with FakeTensorMode():
+        q = torch.empty(64, 16, 320, device="cuda", dtype=torch.bfloat16)
+        weight = torch.empty(2560, 320, device="cuda", dtype=torch.bfloat16)
+        bias = torch.empty(2560, device="cuda", dtype=torch.bfloat16)
+        assert kernels.temporal_attention_supported(q, q, q, heads=5) is runs_triton
+        assert kernels.geglu_supported(q, weight, bias) is runs_geglu
+
+
+def test_device_checks_are_constants_to_torch_compile(monkeypatch):
+    """Read once at trace time: the compiled UNet keeps one graph (a graph break around every feed-forward cost
+    ~10 % per step in session 11) and the compiled code asks the device nothing."""
+    from customcrafter import kernels
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, 0))
+    monkeypatch.setattr(kernels, "_max_shared_memory", lambda index: 232448)
+
+    def layer(x):
+        x = x + 1
+        return x * 2 if kernels._runs_geglu_kernel(0) and kernels._runs_triton_kernels(0) else x - 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(8)
+    torch.testing.assert_close(compiled(x), (x + 1) * 2)
+    traced = len(asked)
+    assert traced >= 2
+    compiled(torch.randn(8))
+    assert len(asked) == traced

@@ -374,3 +374,15 @@ def test_flop_counter_counts_the_kernels_as_the_ops_they_replace():
     q, k, v = (torch.randn(640, 16, 320, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     assert kernels.temporal_attention_supported(q, k, v, 5)
     assert count(kernels.temporal_attention, q, k, v, 5) == count(kernels.temporal_attention_reference, q, k, v, 5) > 0
+
+
+def test_this_card_runs_every_kernel_when_it_is_a_hopper():
+    """The device checks keep the kernels off cards that cannot launch them; on the H100 (and H200) the benchmarks
+    ran on, all of them stay on."""
+    from customcrafter import kernels
+
+    index = torch.cuda.current_device()
+    assert kernels._runs_triton_kernels(index)
+    if torch.cuda.get_device_capability(index) == (9, 0):
+        assert kernels._max_shared_memory(index) >= kernels._GEGLU_SHARED_MEMORY
+        assert kernels._runs_geglu_kernel(index)

@@ -21,6 +21,8 @@ bias).chunk(2, -1)``, ``value * gelu(gate)``) as one GEMM whose epilogue adds th
 of the weight share each loaded tile of ``x``), device-side TMA loads, a persistent loop over output tiles. At the
 UNet's level-0 shape (81920 x 320 -> 2 x 1280) it takes 0.39 ms against 0.26 ms for cuBLAS's 2N-wide GEMM + 0.21 ms
 for inductor's gating pass (H100, ``benchmarks/probe_geglu.py``); where K is 1280 cuBLAS + the pass is as fast.
+It needs a Hopper-class card (device-side TMA, ~176 KiB of shared memory per block); the other kernels need Ampere
+or newer. Other cards (an A100, a consumer 24 GB card) take the PyTorch paths for what they cannot launch.
 
 ``temporal_attention`` has a backward (training): a second kernel of the same tiling that recomputes each tile's
 softmax from q and k and writes the three input gradients, so nothing is saved for it but its inputs.
@@ -47,6 +49,36 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.bfloat16, torch.float16)
 _MAX_GRID_Y = 65535
 _GEGLU_BLOCK_N = 128  # output columns per tile: the gate half starts N rows into the weight, so N % 128 == 0
+#: Triton's bf16 tensor-core products need Ampere (sm_80) or newer: older cards take the PyTorch paths.
+_MIN_CAPABILITY = (8, 0)
+#: Shared memory per block that the GEGLU kernel's smallest tile configuration needs: 3 pipeline stages of a 128 x 64
+#: tile of x and two of the weight, and the 128 x 128 output tile of the TMA store, bf16. Hopper and datacenter
+#: Blackwell have 227 KiB; the A100 has 163 KiB, consumer cards (sm_86/89/120, e.g. 24 GB RTX cards) 99 KiB.
+_GEGLU_SHARED_MEMORY = 3 * (128 * 64 + 2 * 128 * 64) * 2 + 128 * 128 * 2
+
+
+@torch.compiler.assume_constant_result
+def _runs_triton_kernels(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` runs the temporal attention and GroupNorm kernels (compute capability 8.0
+    or newer). A constant to ``torch.compile``: read at trace time, no graph break."""
+    return torch.cuda.get_device_capability(device_index) >= _MIN_CAPABILITY
+
+
+@torch.compiler.assume_constant_result
+def _runs_geglu_kernel(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` runs the GEGLU kernel: device-side TMA (Hopper, sm_90, or newer) and the
+    shared memory of its tile configurations (``_GEGLU_SHARED_MEMORY``, as Triton counts it). Elsewhere the kernel
+    could not launch (Triton's out-of-resources error), so those cards keep cuBLAS + the gating pass."""
+    if torch.cuda.get_device_capability(device_index) < (9, 0):
+        return False
+    return _max_shared_memory(device_index) >= _GEGLU_SHARED_MEMORY
+
+
+def _max_shared_memory(device_index: int) -> int:
+    """Shared memory per block that Triton may use on CUDA device ``device_index`` (its own launch check's figure)."""
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def temporal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -70,7 +102,7 @@ def temporal_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """Whether the Triton kernel takes these inputs: CUDA, bf16/fp16, sequences of at most 64, a head dim that is a
     power of two from 16 to 128, and rows of each tensor evenly strided with contiguous channels. Gradients are fine:
     the op's backward is a second kernel of the same form (training)."""
-    if not (HAS_TRITON and q.is_cuda and q.dim() == 3 and q.dtype in _DTYPES):
+    if not (HAS_TRITON and q.is_cuda and q.dim() == 3 and q.dtype in _DTYPES and _runs_triton_kernels(q.device.index)):
         return False
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         return False
@@ -109,7 +141,8 @@ def group_norm_scale_shift(mean_c: torch.Tensor, var_c: torch.Tensor, weight: to
     n, c = mean_c.shape
     params = [t for t in (weight, bias) if t is not None]
     if (HAS_TRITON and mean_c.is_cuda and mean_c.dtype == var_c.dtype == torch.float32 and c % groups == 0
-            and _no_grad(mean_c, var_c, *params) and all(t.shape == (c,) for t in params)):
+            and _no_grad(mean_c, var_c, *params) and all(t.shape == (c,) for t in params)
+            and _runs_triton_kernels(mean_c.device.index)):
         ones = weight if weight is not None else mean_c.new_ones(c)
         zeros = bias if bias is not None else mean_c.new_zeros(c)
         return torch.ops.customcrafter.group_norm_scale_shift(mean_c.contiguous(), var_c.contiguous(), ones, zeros,
@@ -124,9 +157,12 @@ def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def geglu_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the Triton kernel takes these inputs: CUDA, bf16/fp16 throughout, a bias, no gradient, N a multiple
-    of 128, and what TMA needs: contiguous channels, 16-byte aligned rows (K a multiple of 8, a row-major weight)."""
+    """Whether the Triton kernel takes these inputs: a CUDA device that runs it (``_runs_geglu_kernel``), bf16/fp16
+    throughout, a bias, no gradient, N a multiple of 128, and what TMA needs: contiguous channels, 16-byte aligned
+    rows (K a multiple of 8, a row-major weight)."""
     if not (HAS_TRITON and x.is_cuda and x.dtype in _DTYPES and bias is not None and _no_grad(x, weight, bias)):
+        return False
+    if not _runs_geglu_kernel(x.device.index):
         return False
     if not (weight.dim() == 2 and weight.dtype == bias.dtype == x.dtype and bias.shape == (weight.shape[0],)):
         return False

@@ -140,7 +140,8 @@ class TrainConfig(StrictModel):
                               "sequences per tile (H100, same machine, CUDA graphs: 4 frames with checkpointing "
                               "0.205 against 0.222 s per step, 16 frames 0.396 against 0.401 s); 'efficient' pins "
                               "SDPA to its memory-efficient kernel; 'sdpa' = SDPA's own choice. Where the kernel "
-                              "does not apply (CPU, float32, sequences over 64) it falls back to 'efficient'. "
+                              "does not apply (CPU, float32, sequences over 64, a card older than Ampere) it falls "
+                              "back to 'efficient'. "
                               "benchmarks/RESULTS.md")
     cuda_graphs: bool | None = Field(None, description="capture the UNet's and the text encoder's forward and "
                                                         "backward as CUDA graphs once per stage and replay them every "
