@@ -270,8 +270,6 @@ def test_group_norm_scale_shift_falls_back_with_gradients_and_on_cpu():
     torch.testing.assert_close(cpu[0], scale.detach().cpu())
 
 
-# (M, K, N): the UNet's level-0 and level-1 feed-forwards (CFG batch 2 x 16 frames), a row count that is no multiple of
-# the 128-row tile, K that is no multiple of the 64-wide K tile, and level 2's K
 @pytest.fixture
 def geglu_card():
     """The GEGLU kernel's tests need a card that launches it (device-side TMA, 176 KiB of shared memory per block:
@@ -282,6 +280,8 @@ def geglu_card():
         pytest.skip(f"{torch.cuda.get_device_name()} cannot launch the GEGLU kernel (kernels._runs_geglu_kernel)")
 
 
+# (M, K, N): the UNet's level-0 and level-1 feed-forwards (CFG batch 2 x 16 frames), a row count that is no multiple of
+# the 128-row tile, K that is no multiple of the 64-wide K tile, and level 2's K
 GEGLU_SHAPES = [(81920, 320, 1280), (20480, 640, 2560), (1000, 320, 1280), (333, 200, 256), (5120, 1280, 5120)]
 
 

@@ -35,6 +35,7 @@ gradient is needed, as every caller does on the CPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -57,11 +58,20 @@ _MIN_CAPABILITY = (8, 0)
 _GEGLU_SHARED_MEMORY = 3 * (128 * 64 + 2 * 128 * 64) * 2 + 128 * 128 * 2
 
 
+@functools.cache
+def _device_runs(device_index: int) -> tuple[bool, bool]:
+    """(the temporal attention and GroupNorm kernels, the GEGLU kernel) on CUDA device ``device_index``: asked once
+    per device, not on every call of the support checks."""
+    capability = torch.cuda.get_device_capability(device_index)
+    geglu = capability >= (9, 0) and _max_shared_memory(device_index) >= _GEGLU_SHARED_MEMORY
+    return capability >= _MIN_CAPABILITY, geglu
+
+
 @torch.compiler.assume_constant_result
 def _runs_triton_kernels(device_index: int) -> bool:
     """Whether CUDA device ``device_index`` runs the temporal attention and GroupNorm kernels (compute capability 8.0
     or newer). A constant to ``torch.compile``: read at trace time, no graph break."""
-    return torch.cuda.get_device_capability(device_index) >= _MIN_CAPABILITY
+    return _device_runs(device_index)[0]
 
 
 @torch.compiler.assume_constant_result
@@ -69,9 +79,7 @@ def _runs_geglu_kernel(device_index: int) -> bool:
     """Whether CUDA device ``device_index`` runs the GEGLU kernel: device-side TMA (Hopper, sm_90, or newer) and the
     shared memory of its tile configurations (``_GEGLU_SHARED_MEMORY``, as Triton counts it). Elsewhere the kernel
     could not launch (Triton's out-of-resources error), so those cards keep cuBLAS + the gating pass."""
-    if torch.cuda.get_device_capability(device_index) < (9, 0):
-        return False
-    return _max_shared_memory(device_index) >= _GEGLU_SHARED_MEMORY
+    return _device_runs(device_index)[1]
 
 
 def _max_shared_memory(device_index: int) -> int:

@@ -76,9 +76,9 @@ class SpeedConfig(StrictModel):
     fused_geglu: bool = Field(
         True, description="run the UNet feed-forwards' GEGLU (projection + gating) as one Triton GEMM with the gating "
                           "in its epilogue where it measured faster (customcrafter.fusions: K <= 640, levels 0-1; H100 "
-                          "level 0 0.47 -> 0.39 ms per layer); CUDA, no gradient, a card with device-side TMA and the kernel's 176 KiB "
-                          "of shared memory (Hopper, datacenter Blackwell; not an A100 or a consumer card), else the "
-                          "layer's own path")
+                          "level 0 0.47 -> 0.39 ms per layer); CUDA, no gradient, a card with device-side TMA and "
+                          "the kernel's 176 KiB of shared memory (Hopper, datacenter Blackwell; not an A100 or a "
+                          "consumer card), else the layer's own path")
     decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
                                                         "time; 8 is faster and keeps peak memory low)")
     tf32: bool = Field(True, description="allow TF32 for whatever still runs in float32 matmuls/convs")
@@ -89,8 +89,7 @@ class SpeedConfig(StrictModel):
                               "0.07 ms bandwidth floor, against 0.28 ms for 'efficient'), falling back to 'efficient' "
                               "where it does not apply (CPU, no Triton, a card older than Ampere); 'efficient' = SDPA "
                               "pinned to the memory-efficient kernel on CUDA, which beats the cuDNN/flash kernels SDPA "
-                              "picks at such "
-                              "short sequences (full compile: 4.32 -> 4.20 s per video); 'sdpa' = SDPA's own choice; "
+                              "picks at such short sequences (full compile: 4.32 -> 4.20 s per video); 'sdpa' = SDPA's own choice; "
                               "'math' = plain batched matmul + softmax (diffusers' AttnProcessor). All but 'sdpa' need "
                               "sdpa for the spatial layers")
 

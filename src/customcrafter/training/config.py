@@ -122,8 +122,8 @@ class TrainConfig(StrictModel):
         "none", description="torch.compile the UNet: 'regional' (its repeated blocks) or 'full' (the whole forward); "
                             "GPU only, replayed in CUDA graphs (see cuda_graphs). The first step compiles for "
                             "minutes at full size (H100: ~6 min 'full' from an empty cache; inductor's cache in "
-                            "TORCHINDUCTOR_CACHE_DIR serves later processes: ~2.3 min at 16 frames). Measured on one H100 with bf16 "
-                            "autocast and the Triton temporal attention: 4 frames with gradient checkpointing, "
+                            "TORCHINDUCTOR_CACHE_DIR serves later processes: ~2.3 min at 16 frames). Measured on "
+                            "one H100 with bf16 autocast and the Triton temporal attention: 4 frames with gradient checkpointing, "
                             "'full' 0.130 s per step (10.7 GiB) against 0.205 s with CUDA graphs alone; 16 frames "
                             "without checkpointing, 'full' 0.232 s (37 GiB) against 0.40 s (52 GiB); 'regional' "
                             "0.275 s (session 15, SDPA temporal attention). Opt-in: the "
@@ -141,8 +141,7 @@ class TrainConfig(StrictModel):
                               "0.205 against 0.222 s per step, 16 frames 0.396 against 0.401 s); 'efficient' pins "
                               "SDPA to its memory-efficient kernel; 'sdpa' = SDPA's own choice. Where the kernel "
                               "does not apply (CPU, float32, sequences over 64, a card older than Ampere) it falls "
-                              "back to 'efficient'. "
-                              "benchmarks/RESULTS.md")
+                              "back to 'efficient'. benchmarks/RESULTS.md")
     cuda_graphs: bool | None = Field(None, description="capture the UNet's and the text encoder's forward and "
                                                         "backward as CUDA graphs once per stage and replay them every "
                                                         "step (removes the per-kernel launch overhead that makes eager "
