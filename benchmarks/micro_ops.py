@@ -387,17 +387,18 @@ def gn_scale_shift_rows() -> list[dict]:
 
 
 # (name, GroupNorm input shapes, concatenated along the channels): what the UNet's GroupNorms see, CFG batch 2 x 16
-# frames at 320x512, and the VAE decoder's last (full size, 8 frames per decode call)
+# frames at 320x512, and the VAE decoder's at full and quarter size (8 frames per decode call)
 GN_STATISTICS = [("resnet L0", [(32, 320, 40, 64)]), ("temporal-conv L0", [(2, 320, 16, 40, 64)]),
                  ("up-block L0 (cat 640+320)", [(32, 640, 40, 64), (32, 320, 40, 64)]),
                  ("resnet L1", [(32, 640, 20, 32)]), ("temporal-conv L1", [(2, 640, 16, 20, 32)]),
-                 ("resnet L2", [(32, 1280, 10, 16)]), ("resnet L3", [(32, 1280, 5, 8)]),
+                 ("resnet L2", [(32, 1280, 10, 16)]), ("temporal-conv L2", [(2, 1280, 16, 10, 16)]),
+                 ("resnet L3", [(32, 1280, 5, 8)]), ("vae 80x128", [(8, 512, 80, 128)]),
                  ("vae 320x512", [(8, 128, 320, 512)])]
 #: tilings of the moments kernel tried on the first shapes: (BLOCK_R, BLOCK_C, num_warps, programs)
-GN_TILINGS = [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 64, 4, 2048), (128, 64, 8, 1024)]
+GN_TILINGS = [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 64, 4, 2048), (128, 64, 8, 1024), (64, 64, 4, 512)]
 
 
-def gn_statistics_rows(tiled: int = 2) -> list[dict]:
+def gn_statistics_rows(tiled: int = 3) -> list[dict]:
     """A producer (residual add, or the up-blocks' concatenation) whose output is kept, then GroupNorm + SiLU of it,
     compiled and replayed in a CUDA graph: ``channel_stats_group_norm`` with inductor's reduction for the statistics
     (the product's path until session 20, where inductor fuses the reduction into the producer's kernel) against the
