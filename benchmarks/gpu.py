@@ -529,9 +529,7 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-unfused-bias": SpeedConfig(compile="full", compile_mode="default", fused_geglu=False),
     "bf16-full-compile-unfused-bias-cudagraphs": SpeedConfig(compile="full", fused_geglu=False),
     # + the feed-forwards' GEGLU as one Triton GEMM with the gating in its epilogue (session 11; the defaults)
-    "bf16-full-compile-fused-geglu-cudagraphs": SpeedConfig(compile="full", group_norm_kernel=False),
-    # + GroupNorm statistics by the Triton kernels instead of inductor's reductions (session 20)
-    "bf16-full-compile-gn-kernel-cudagraphs": SpeedConfig(compile="full", group_norm_kernel=True),
+    "bf16-full-compile-fused-geglu-cudagraphs": SpeedConfig(compile="full"),
     "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True, unfused_linear_bias=True),
 }
 
