@@ -53,49 +53,6 @@ def test_channel_stats_group_norm_stays_accurate_far_from_zero_mean():
     assert (out.double() - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("shape", [(3, 64, 5, 7), (2, 64, 3, 4, 5), (2, 32, 11)])
-@pytest.mark.parametrize("affine", [False, True])
-def test_group_norm_coefficients_are_group_norms_scale_and_shift(shape, affine):
-    """What the statistics kernel computes (its PyTorch formulation): ``x * scale + shift`` is GroupNorm."""
-    from customcrafter.kernels import group_norm_coefficients, group_norm_coefficients_reference
-
-    torch.manual_seed(0)
-    x = torch.randn(shape, dtype=torch.float64) * 3 + 5
-    weight = torch.rand(shape[1], dtype=torch.float64) + 0.5 if affine else None
-    bias = torch.randn(shape[1], dtype=torch.float64) if affine else None
-    per_channel = shape[:2] + (1,) * (len(shape) - 2)
-    for scale, shift in (group_norm_coefficients_reference(x, weight, bias, 16, 1e-6),
-                         group_norm_coefficients(x, weight, bias, 16, 1e-6)):  # the CPU takes the formulation
-        assert scale.shape == shift.shape == shape[:2]
-        torch.testing.assert_close(x * scale.view(per_channel) + shift.view(per_channel),
-                                   F.group_norm(x, 16, weight, bias, 1e-6), rtol=0, atol=1e-10)
-
-
-def test_statistics_kernel_serves_large_inputs_only_and_when_asked(monkeypatch):
-    """``channel_stats_group_norm(..., statistics_kernel=True)`` sends inputs of ``GROUP_NORM_KERNEL_MIN_NUMEL``
-    elements or more to the kernel when it applies, and computes GroupNorm either way."""
-    from customcrafter import fusions, kernels
-
-    calls = []
-
-    def kernel(x, weight, bias, groups, eps):
-        calls.append(x.shape)
-        return kernels.group_norm_coefficients_reference(x, weight, bias, groups, eps)
-
-    monkeypatch.setattr(fusions, "group_norm_coefficients", kernel)
-    monkeypatch.setattr(fusions, "group_norm_coefficients_supported", lambda x, weight, bias, groups: True)
-    monkeypatch.setattr(fusions, "GROUP_NORM_KERNEL_MIN_NUMEL", 2 * 64 * 3 * 4 * 5)
-    torch.manual_seed(0)
-    large = torch.randn(2, 64, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
-    small = torch.randn(2, 64, 3, 4, 4, dtype=torch.float64)
-    weight, bias = torch.rand(64, dtype=torch.float64) + 0.5, torch.randn(64, dtype=torch.float64)
-    for x, asked, sent in ((large, True, True), (small, True, False), (large, False, False)):
-        calls.clear()
-        out = fusions.channel_stats_group_norm(x, 16, weight, bias, 1e-6, statistics_kernel=asked)
-        assert calls == ([x.shape] if sent else [])
-        torch.testing.assert_close(out, F.group_norm(x, 16, weight, bias, 1e-6), rtol=0, atol=1e-10)
-
-
 @pytest.mark.parametrize("shape", [(5, 6), (2, 3, 6)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_unfused_bias_linear_equals_linear(shape, bias):
@@ -227,13 +184,6 @@ def test_speed_config_switches_the_rewrites_on_where_they_pay(compile_mode):
     assert not any(isinstance(m, fusions.SubpixelUpsample2D) for m in pipe.unet.modules())
     assert all(isinstance(m, fusions.ChannelStatsGroupNorm) for m in pipe.unet.modules()
                if isinstance(m, torch.nn.GroupNorm))
-    assert not any(m.statistics_kernel for m in pipe.unet.modules() if isinstance(m, fusions.ChannelStatsGroupNorm))
-
-    pipe = _tiny_pipeline()
-    _layer_rewrites(pipe, SpeedConfig(compile=compile_mode, group_norm_kernel=True))
-    for part in (pipe.unet, pipe.vae.decoder):
-        switched = [m for m in part.modules() if isinstance(m, fusions.ChannelStatsGroupNorm)]
-        assert all(m.statistics_kernel for m in switched) and bool(switched) == compiled
 
 
 def test_fused_geglu_dispatch_keeps_the_function_and_sends_only_eligible_layers_to_the_kernel(monkeypatch):
