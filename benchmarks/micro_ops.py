@@ -386,80 +386,6 @@ def gn_scale_shift_rows() -> list[dict]:
     return rows
 
 
-# (name, GroupNorm input shapes, concatenated along the channels): what the UNet's GroupNorms see, CFG batch 2 x 16
-# frames at 320x512, and the VAE decoder's at full and quarter size (8 frames per decode call)
-GN_STATISTICS = [("resnet L0", [(32, 320, 40, 64)]), ("temporal-conv L0", [(2, 320, 16, 40, 64)]),
-                 ("up-block L0 (cat 640+320)", [(32, 640, 40, 64), (32, 320, 40, 64)]),
-                 ("resnet L1", [(32, 640, 20, 32)]), ("temporal-conv L1", [(2, 640, 16, 20, 32)]),
-                 ("resnet L2", [(32, 1280, 10, 16)]), ("temporal-conv L2", [(2, 1280, 16, 10, 16)]),
-                 ("resnet L3", [(32, 1280, 5, 8)]), ("vae 80x128", [(8, 512, 80, 128)]),
-                 ("vae 320x512", [(8, 128, 320, 512)])]
-#: tilings of the moments kernel tried on the first shapes: (BLOCK_R, BLOCK_C, num_warps, programs)
-GN_TILINGS = [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 64, 4, 2048), (128, 64, 8, 1024), (64, 64, 4, 512)]
-
-
-def gn_statistics_rows(tiled: int = 3) -> list[dict]:
-    """A producer (residual add, or the up-blocks' concatenation) whose output is kept, then GroupNorm + SiLU of it,
-    compiled and replayed in a CUDA graph: ``channel_stats_group_norm`` with inductor's reduction for the statistics
-    (the product's path until session 20, where inductor fuses the reduction into the producer's kernel) against the
-    Triton statistics kernel (``customcrafter.kernels.group_norm_coefficients``: the producer becomes a pointwise
-    pass, the kernel reads its output once more). Also the kernel alone against its read floor, and each tiling in
-    ``GN_TILINGS`` on the first ``tiled`` shapes."""
-    from customcrafter import fusions, kernels
-
-    default = dict(kernels.GROUP_NORM_MOMENTS)
-    fusions.GROUP_NORM_KERNEL_MIN_NUMEL = 0  # every shape through the kernel here
-    # the tiling is read when inductor lowers the op, after the FX graph cache has looked the graph up
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
-    rows = []
-    for index, (name, shapes) in enumerate(GN_STATISTICS):
-        fmt = torch.channels_last if len(shapes[0]) == 4 else torch.channels_last_3d
-        parts = [(torch.randn(s, device="cuda") * 3 + 1).to(torch.bfloat16).contiguous(memory_format=fmt)
-                 for s in shapes]
-        if len(parts) == 1:
-            parts.append(torch.randn_like(parts[0]))
-        c = sum(s[1] for s in shapes)
-        weight = (torch.rand(c, device="cuda") + 0.5).to(torch.bfloat16)
-        bias = torch.randn(c, device="cuda").to(torch.bfloat16)
-        cat = len(shapes) == 2
-
-        def layer(a, b, use_kernel, weight=weight, bias=bias, cat=cat):
-            h = torch.cat([a, b], dim=1) if cat else a + b
-            return h, F.silu(fusions.channel_stats_group_norm(h, 32, weight, bias, 1e-6, use_kernel))
-
-        with torch.no_grad():
-            h64 = torch.cat([p.double() for p in parts], 1) if cat else parts[0].double() + parts[1].double()
-            ref = F.silu(F.group_norm(h64, 32, weight.double(), bias.double(), 1e-6)).float()
-        size = h64.numel() * 2
-        # bytes: the producer reads its inputs and writes h, the statistics read h, the apply pass reads and writes
-        moved = (sum(p.numel() for p in parts) * 2 + size) + size + 2 * size
-        row = {"op": f"producer + group_norm + silu {name}", "elements": h64.numel(),
-               "floor_ms_at_3tb": round(moved / 3.0e9, 4), "stats_read_floor_ms_at_3tb": round(size / 3.0e9, 4)}
-        del h64
-        tilings = GN_TILINGS if index < tiled else GN_TILINGS[:1]
-        variants = [("inductor", False, None)] + [
-            ("kernel" if t == GN_TILINGS[0] else "kernel_" + "_".join(map(str, t)), True, t) for t in tilings]
-        for label, use_kernel, tiling in variants:
-            if tiling is not None:
-                kernels.GROUP_NORM_MOMENTS.update(zip(("BLOCK_R", "BLOCK_C", "num_warps", "programs"), tiling, strict=True))
-            torch._dynamo.reset()
-            compiled = torch.compile(functools.partial(layer, use_kernel=use_kernel), dynamic=False)
-            with torch.no_grad():
-                row[label + "_ms"] = round(graph_ms(functools.partial(compiled, *parts)), 4)
-                row[label + "_rel_err"] = _rel_err(compiled(*parts)[1], ref)
-                if tiling is not None:
-                    h = layer(*parts, use_kernel=False)[0]
-                    ones = weight.float()
-                    row[label + "_alone_ms"] = round(graph_ms(lambda h=h, ones=ones: torch.ops.customcrafter
-                                                              .group_norm_coefficients(h, ones, ones, 32, 1e-6)), 4)
-        kernels.GROUP_NORM_MOMENTS.update(default)
-        row["gain_ms"] = round(row["inductor_ms"] - row["kernel_ms"], 4)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
 # (name, sequences, heads, head_dim) of the temporal attention calls of one CFG forward (16 frames)
 TEMPORAL_CALLS = [("transformer_in (latents once)", 2560, 8, 64), ("L0", 5120, 5, 64), ("L1", 1280, 10, 64),
                   ("L2", 320, 20, 64)]
@@ -586,8 +512,7 @@ def graph_rows() -> list[dict]:
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
             "bias": bias_rows, "graph": graph_rows, "gn_scale_shift": gn_scale_shift_rows,
-            "temporal_configs": temporal_config_rows, "temporal_backward": temporal_backward_rows,
-            "gn_statistics": gn_statistics_rows}
+            "temporal_configs": temporal_config_rows, "temporal_backward": temporal_backward_rows}
 
 
 def main() -> None:

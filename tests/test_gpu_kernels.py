@@ -1,5 +1,5 @@
-"""The Triton kernels (``customcrafter.kernels``: temporal attention, GroupNorm's statistics, scale and shift,
-GEGLU) on a GPU (opt-in: ``pytest -m gpu``; CI has no GPU).
+"""The Triton kernels (``customcrafter.kernels``: temporal attention, GroupNorm's scale and shift, GEGLU) on a GPU (opt-in: ``pytest -m gpu``; CI has no
+GPU).
 
 It is checked against its PyTorch formulation computed in float64, on fresh random inputs, with the output
 poisoned first so that an unwritten element fails; eagerly and inside ``torch.compile``.
@@ -175,17 +175,6 @@ def test_torch_sees_each_kernel_write_only_its_outputs():
     params = {name: torch.empty(c, device="cuda") for name in ("weight_ptr", "bias_ptr")}
     assert written(kernels._group_norm_scale_shift_kernel, stats | params,
                    {"channels": c, "eps": 1e-6, "PER_GROUP": 10, "BLOCK": 16}) == ["scale_ptr", "shift_ptr"]
-    chunks = 8
-    moments = {"x_ptr": torch.empty(n, 40 * 64, c, device="cuda", dtype=torch.bfloat16),
-               "mean_ptr": torch.empty(n, chunks, c, device="cuda"), "m2_ptr": torch.empty(n, chunks, c, device="cuda")}
-    assert written(kernels._channel_moments_kernel, moments,
-                   {"positions": 2560, "channels": c, "chunk_rows": 320, "BLOCK_R": 64, "BLOCK_C": 64}) == [
-        "m2_ptr", "mean_ptr"]
-    coefficients = {"mean_ptr": moments["mean_ptr"], "m2_ptr": moments["m2_ptr"], "scale_ptr": stats["scale_ptr"],
-                    "shift_ptr": stats["shift_ptr"]} | params
-    assert written(kernels._group_norm_coefficients_kernel, coefficients,
-                   {"positions": 2560, "channels": c, "chunks": chunks, "chunk_rows": 320, "eps": 1e-6,
-                    "PER_GROUP": 10, "BLOCK_G": 16, "BLOCK_K": 32}) == ["scale_ptr", "shift_ptr"]
     m, k, half = 4096, 320, 1280
     geglu = {"x_ptr": (m, k), "w_ptr": (2 * half, k), "b_ptr": (2 * half,), "o_ptr": (m, half)}
     assert written(kernels._geglu_kernel,
@@ -279,86 +268,6 @@ def test_group_norm_scale_shift_falls_back_with_gradients_and_on_cpu():
     assert mean_c.grad is not None and torch.isfinite(mean_c.grad).all()
     cpu = kernels.group_norm_scale_shift(mean_c.detach().cpu(), var_c.cpu(), None, None, 8, 1e-5)
     torch.testing.assert_close(cpu[0], scale.detach().cpu())
-
-
-# (shape, memory format, groups): what the UNet's GroupNorms see (a temporal-conv input, a per-frame resnet input, an
-# up-block concatenation of 960 channels: 30 per group, no power of two), positions and channels off the kernel's
-# tiles, one sample, a contiguous (not channels-last) input, which the op copies first, and a sequence (3-D)
-GROUP_NORM_INPUTS = [((2, 320, 16, 40, 64), torch.channels_last_3d, 32), ((32, 640, 20, 32), torch.channels_last, 32),
-                     ((4, 960, 10, 16), torch.channels_last, 32), ((3, 96, 13, 11), torch.channels_last, 32),
-                     ((1, 40, 3, 3), torch.channels_last, 4), ((2, 64, 5, 7, 9), torch.contiguous_format, 16),
-                     ((2, 48, 300), torch.contiguous_format, 8)]
-
-
-@pytest.mark.parametrize("shape,memory_format,groups", GROUP_NORM_INPUTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_group_norm_coefficients_kernels_match_float64(shape, memory_format, groups, dtype, monkeypatch):
-    """The statistics and the scale and shift, against float64, far from zero mean (a sum of squares would lose the
-    variance there), for every tiling the op may choose (few chunks, many chunks, tiles larger than the input)."""
-    from customcrafter import kernels
-
-    _poison_empty(monkeypatch)
-    x = (torch.randn(shape, device="cuda") * 0.5 + 100).to(dtype).contiguous(memory_format=memory_format)
-    c = shape[1]
-    weight, bias = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
-    expected = kernels.group_norm_coefficients_reference(x.double(), weight.double(), bias.double(), groups, 1e-6)
-    positions = x[0, 0].numel()
-    tilings = [dict(kernels.GROUP_NORM_MOMENTS), {"BLOCK_R": 16, "BLOCK_C": 32, "num_warps": 2, "programs": 7},
-               {"BLOCK_R": 128, "BLOCK_C": 128, "num_warps": 8, "programs": 1 << 16}]
-    default = dict(kernels.GROUP_NORM_MOMENTS)
-    try:
-        for tiling in tilings:
-            kernels.GROUP_NORM_MOMENTS.update(tiling)
-            with torch.no_grad():
-                scale, shift = kernels.group_norm_coefficients(x, weight, bias, groups, 1e-6)
-            for out, ref in zip((scale, shift), expected, strict=True):
-                assert out.dtype == torch.float32 and out.shape == (shape[0], c) and torch.isfinite(out).all()
-                assert _rel(out, ref) < 1e-5, (tiling, positions)
-    finally:
-        kernels.GROUP_NORM_MOMENTS.update(default)
-    out = x.double() * scale.double().view(*scale.shape, *[1] * (x.dim() - 2)) + shift.double().view(
-        *shift.shape, *[1] * (x.dim() - 2))
-    reference = torch.nn.functional.group_norm(x.double(), groups, weight.double(), bias.double(), 1e-6)
-    assert (out - reference).abs().max().item() < 1e-3
-
-
-def test_group_norm_with_the_statistics_kernel_compiled_equals_eager_and_float64():
-    """``channel_stats_group_norm`` with the kernel, compiled after a producer whose output is also kept (as in the
-    UNet, where inductor would otherwise fuse the reduction into the producer), and in CUDA graphs."""
-    from customcrafter import fusions
-
-    a = torch.randn(2, 320, 16, 40, 64, device="cuda").to(torch.bfloat16).contiguous(
-        memory_format=torch.channels_last_3d)
-    b = torch.randn_like(a)
-    weight, bias = (torch.rand(320, device="cuda") + 0.5).to(torch.bfloat16), torch.randn(320, device="cuda").to(
-        torch.bfloat16)
-
-    def layer(a, b):
-        h = a + b
-        return h, torch.nn.functional.silu(fusions.channel_stats_group_norm(h, 32, weight, bias, 1e-6, True))
-
-    reference = torch.nn.functional.silu(torch.nn.functional.group_norm(
-        a.double() + b.double(), 32, weight.double(), bias.double(), 1e-6))
-    with torch.no_grad():
-        eager = layer(a, b)[1]
-        for mode in ("default", "reduce-overhead"):
-            torch._dynamo.reset()
-            compiled = torch.compile(layer, fullgraph=True, dynamic=False, mode=mode)
-            for _ in range(3):
-                out = compiled(a, b)[1].clone()
-            assert _rel(out, eager) < 1e-2 and _rel(out, reference) < 1e-2, mode
-    assert _rel(eager, reference) < 1e-2
-
-
-def test_group_norm_coefficients_fall_back_with_gradients():
-    from customcrafter import fusions, kernels
-
-    x = torch.randn(2, 64, 4, 8, 8, device="cuda", requires_grad=True)
-    assert not kernels.group_norm_coefficients_supported(x, None, None, 8)
-    out = fusions.channel_stats_group_norm(x, 8, None, None, 1e-5, statistics_kernel=True)
-    out.square().sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-    torch.testing.assert_close(out, torch.nn.functional.group_norm(x, 8, None, None, 1e-5), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture

@@ -40,14 +40,11 @@ import torch.nn.functional as F
 from customcrafter.kernels import (
     geglu,
     geglu_supported,
-    group_norm_coefficients,
-    group_norm_coefficients_supported,
     group_norm_scale_shift,
     group_norm_scale_shift_reference,
 )
 
-__all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_stats_group_norm",
-           "GROUP_NORM_KERNEL_MIN_NUMEL", "subpixel_kernels",
+__all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_stats_group_norm", "subpixel_kernels",
            "subpixel_upsample_conv", "SubpixelUpsample2D", "use_subpixel_upsamplers", "SUBPIXEL_MIN_POSITIONS",
            "unfused_bias_linear", "UnfusedBiasLinear", "use_unfused_bias_linears", "FUSED_GEGLU_MAX_K", "FusedGEGLU",
            "use_fused_geglu"]
@@ -55,29 +52,15 @@ __all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_sta
 logger = logging.getLogger(__name__)
 
 
-#: The statistics kernel (``statistics_kernel=True``) is used for inputs of at least this many elements; smaller ones
-#: keep inductor's reduction, where two more kernel launches would cost more than the reduction.
-GROUP_NORM_KERNEL_MIN_NUMEL = 1 << 20
-
-
 def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                             bias: torch.Tensor | None, eps: float, statistics_kernel: bool = False) -> torch.Tensor:
+                             bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``F.group_norm`` computed from per-channel statistics: mean and variance of each channel over all positions
     (one Welford reduction whose kept dim, the channels, is the contiguous one in channels-last memory), then each
     group's mean and variance from its channels' (exact for equal counts: the variance of the group is the mean of
-    the channels' variances plus the variance of their means), then one scale-and-shift pass.
-
-    ``statistics_kernel``: the statistics and the scale and shift by ``customcrafter.kernels.group_norm_coefficients``
-    (two Triton kernels reading ``x`` once at bandwidth) where it applies and ``x`` has at least
-    ``GROUP_NORM_KERNEL_MIN_NUMEL`` elements, instead of the reduction inductor generates."""
+    the channels' variances plus the variance of their means), then one scale-and-shift pass."""
     n, c = x.shape[:2]
     dims = list(range(2, x.dim()))
     compute = torch.promote_types(x.dtype, torch.float32)
-    shape = (n, c) + (1,) * len(dims)
-    if (statistics_kernel and x.numel() >= GROUP_NORM_KERNEL_MIN_NUMEL
-            and group_norm_coefficients_supported(x, weight, bias, num_groups)):
-        scale, shift = group_norm_coefficients(x, weight, bias, num_groups, eps)
-        return (x.to(compute) * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
     var_c, mean_c = torch.var_mean(x.to(compute), dim=dims, correction=0)
     # 5-D inputs (the temporal convolutions' and transformers' GroupNorms): one small kernel on CUDA at inference, so
     # that the pass over x below is a multiply-add per element instead of recomputing the group statistics per
@@ -85,6 +68,7 @@ def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     # ran faster there (benchmarks/micro_ops.py --only gn_scale_shift, RESULTS.md session 10)
     scale_shift = group_norm_scale_shift if x.dim() == 5 else group_norm_scale_shift_reference
     scale, shift = scale_shift(mean_c, var_c, weight, bias, num_groups, eps)
+    shape = (n, c) + (1,) * len(dims)
     return (x.to(compute) * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
 
 
@@ -156,8 +140,7 @@ def _subpixel_forward(self, hidden_states: torch.Tensor, output_size=None, *args
 
 
 def _group_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return channel_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                    getattr(self, "statistics_kernel", False))
+    return channel_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,15 +214,10 @@ def use_subpixel_upsamplers(module: torch.nn.Module) -> int:
                        SubpixelUpsample2D, _subpixel_forward, "sub-pixel upsampling")
 
 
-def use_channel_stats_group_norm(module: torch.nn.Module, statistics_kernel: bool = False) -> int:
-    """Switch every ``nn.GroupNorm`` inside ``module`` to ``channel_stats_group_norm`` (with the Triton statistics
-    kernel if ``statistics_kernel``, for those switched now and before); returns how many switched now."""
-    count = _switch_all(module, lambda sub: isinstance(sub, torch.nn.GroupNorm), ChannelStatsGroupNorm,
-                        _group_norm_forward, "channel-statistics GroupNorm")
-    for sub in module.modules():
-        if isinstance(sub, ChannelStatsGroupNorm):
-            sub.statistics_kernel = statistics_kernel
-    return count
+def use_channel_stats_group_norm(module: torch.nn.Module) -> int:
+    """Switch every ``nn.GroupNorm`` inside ``module`` to ``channel_stats_group_norm``; returns how many switched."""
+    return _switch_all(module, lambda sub: isinstance(sub, torch.nn.GroupNorm), ChannelStatsGroupNorm,
+                       _group_norm_forward, "channel-statistics GroupNorm")
 
 
 def use_unfused_bias_linears(module: torch.nn.Module) -> int:

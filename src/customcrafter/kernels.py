@@ -42,9 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HAS_TRITON", "GROUP_NORM_MOMENTS", "geglu", "geglu_reference", "geglu_supported",
-           "group_norm_coefficients", "group_norm_coefficients_reference", "group_norm_coefficients_supported",
-           "group_norm_scale_shift",
+__all__ = ["HAS_TRITON", "geglu", "geglu_reference", "geglu_supported", "group_norm_scale_shift",
            "group_norm_scale_shift_reference", "temporal_attention", "temporal_attention_reference",
            "temporal_attention_supported"]
 
@@ -158,44 +156,6 @@ def group_norm_scale_shift(mean_c: torch.Tensor, var_c: torch.Tensor, weight: to
         return torch.ops.customcrafter.group_norm_scale_shift(mean_c.contiguous(), var_c.contiguous(), ones, zeros,
                                                               groups, eps)
     return group_norm_scale_shift_reference(mean_c, var_c, weight, bias, groups, eps)
-
-
-#: Tiling of the GroupNorm moments kernel: tiles of BLOCK_R positions x BLOCK_C channels, and about ``programs``
-#: programs per call (chunks of positions x channel blocks x samples) so that every SM has several.
-GROUP_NORM_MOMENTS = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4, "programs": 1024}
-
-
-def group_norm_coefficients_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                                      groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm's per-(sample, channel) ``(scale, shift)`` of ``x`` ``(samples, channels, *positions)``, float32:
-    ``F.group_norm(x) == x * scale + shift``, from each channel's mean and variance over the positions."""
-    var_c, mean_c = torch.var_mean(x.to(torch.promote_types(x.dtype, torch.float32)), dim=list(range(2, x.dim())),
-                                   correction=0)
-    return group_norm_scale_shift_reference(mean_c, var_c, weight, bias, groups, eps)
-
-
-def group_norm_coefficients_supported(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                                      groups: int) -> bool:
-    """Whether the Triton kernels take these inputs: CUDA on a card that runs them, bf16/fp16/fp32, no gradient,
-    positions after the channels, channels divisible into the groups, a per-channel weight and bias if any. Any layout
-    works; channels-last memory (what the compiled UNet has) is read in place, other layouts are copied to it first."""
-    params = [t for t in (weight, bias) if t is not None]
-    if not (HAS_TRITON and x.is_cuda and x.dtype in _DTYPES + (torch.float32,) and _no_grad(x, *params)):
-        return False
-    if x.dim() < 3 or x.shape[1] % groups or not all(t.shape == (x.shape[1],) for t in params):
-        return False
-    return x.numel() > 0 and _runs_triton_kernels(x.device.index)
-
-
-def group_norm_coefficients(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``group_norm_coefficients_reference`` through the Triton kernels where they apply, else through PyTorch."""
-    if not group_norm_coefficients_supported(x, weight, bias, groups):
-        return group_norm_coefficients_reference(x, weight, bias, groups, eps)
-    c = x.shape[1]
-    ones = weight if weight is not None else x.new_ones(c)
-    zeros = bias if bias is not None else x.new_zeros(c)
-    return torch.ops.customcrafter.group_norm_coefficients(x, ones, zeros, groups, eps)
 
 
 def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -401,103 +361,6 @@ if HAS_TRITON:
         wrap_triton(_group_norm_scale_shift_kernel)[(n * groups,)](
             mean_c, var_c, weight, bias, scale, shift, c, eps, PER_GROUP=per_group,
             BLOCK=triton.next_power_of_2(per_group))
-        return scale, shift
-
-    @triton.jit
-    def _channel_moments_kernel(x_ptr, mean_ptr, m2_ptr, positions, channels, chunk_rows,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # x (samples, positions, channels) contiguous; one program per (sample, chunk of positions, block of channels)
-        # writes its channels' mean and sum of squared deviations over its chunk, (samples, chunks, channels) float32.
-        # Each tile's moments are exact two-pass ones (the tile is in registers), merged into the running ones by
-        # Chan's formula: no sum-of-squares cancellation far from zero mean
-        sample, chunk = tl.program_id(0), tl.program_id(1)
-        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = cols < channels
-        start = chunk * chunk_rows
-        stop = tl.minimum(start + chunk_rows, positions)
-        x_ptr += sample.to(tl.int64) * positions * channels
-        count = tl.full([], 0.0, tl.float32)
-        mean = tl.zeros((BLOCK_C,), tl.float32)
-        m2 = tl.zeros((BLOCK_C,), tl.float32)
-        # chunk_rows is a multiple of BLOCK_R; the last chunk's tiles past the end load nothing and change nothing
-        for offset in range(0, chunk_rows, BLOCK_R):
-            rows = start + offset + tl.arange(0, BLOCK_R)
-            valid = rows < stop
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * channels + cols[None, :],
-                        mask=valid[:, None] & inside[None, :], other=0.0).to(tl.float32)
-            n = tl.sum(valid.to(tl.float32), axis=0)
-            tile_mean = tl.sum(x, axis=0) / tl.maximum(n, 1.0)
-            centred = tl.where(valid[:, None], x - tile_mean[None, :], 0.0)
-            total = count + n
-            delta = tile_mean - mean
-            mean += delta * (n / tl.maximum(total, 1.0))
-            m2 += tl.sum(centred * centred, axis=0) + delta * delta * (count * n / tl.maximum(total, 1.0))
-            count = total
-        out = (sample * tl.num_programs(1) + chunk) * channels + cols
-        tl.store(mean_ptr + out, mean, mask=inside)
-        tl.store(m2_ptr + out, m2, mask=inside)
-
-    @triton.jit
-    def _group_norm_coefficients_kernel(mean_ptr, m2_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, positions,
-                                        channels, chunks, chunk_rows, eps, PER_GROUP: tl.constexpr,
-                                        BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one program per (sample, group): each channel's moments over all positions from its chunks' (two passes:
-        # the mean, then the deviations), then the group's from its channels' (equal counts), then scale and shift
-        sample = tl.program_id(0) // (channels // PER_GROUP)
-        lane = tl.arange(0, BLOCK_G)
-        inside = lane < PER_GROUP
-        cols = (tl.program_id(0) % (channels // PER_GROUP)) * PER_GROUP + lane
-        total = positions * 1.0
-        weighted = tl.zeros((BLOCK_G,), tl.float32)
-        for first in range(0, chunks, BLOCK_K):
-            k = first + tl.arange(0, BLOCK_K)
-            count = tl.where(k < chunks, tl.minimum(positions - k * chunk_rows, chunk_rows) * 1.0, 0.0)
-            at = (sample * chunks + k)[:, None] * channels + cols[None, :]
-            mean = tl.load(mean_ptr + at, mask=(k < chunks)[:, None] & inside[None, :], other=0.0)
-            weighted += tl.sum(mean * count[:, None], axis=0)
-        mean_c = weighted / total
-        m2_c = tl.zeros((BLOCK_G,), tl.float32)
-        for first in range(0, chunks, BLOCK_K):
-            k = first + tl.arange(0, BLOCK_K)
-            count = tl.where(k < chunks, tl.minimum(positions - k * chunk_rows, chunk_rows) * 1.0, 0.0)
-            at = (sample * chunks + k)[:, None] * channels + cols[None, :]
-            loaded = (k < chunks)[:, None] & inside[None, :]
-            delta = tl.load(mean_ptr + at, mask=loaded, other=0.0) - mean_c[None, :]
-            m2_c += tl.sum(tl.load(m2_ptr + at, mask=loaded, other=0.0) + count[:, None] * delta * delta, axis=0)
-        mean_g = tl.sum(mean_c, axis=0) / PER_GROUP
-        spread = tl.where(inside, mean_c - mean_g, 0.0)
-        var_g = (tl.sum(m2_c, axis=0) / total + tl.sum(spread * spread, axis=0)) / PER_GROUP
-        weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        scale = weight / tl.sqrt_rn((var_g + eps).to(tl.float32))  # inductor passes eps as a float64
-        out = sample * channels + cols
-        tl.store(scale_ptr + out, scale, mask=inside)
-        tl.store(shift_ptr + out, bias - mean_g * scale, mask=inside)
-
-    @triton_op("customcrafter::group_norm_coefficients", mutates_args=())
-    def _group_norm_coefficients_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        n, c = x.shape[:2]
-        rows = x.movedim(1, -1)  # channels-last memory: a view whose rows are the positions
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        positions = rows.numel() // max(n * c, 1)
-        blocks = triton.cdiv(c, GROUP_NORM_MOMENTS["BLOCK_C"])
-        block_r = GROUP_NORM_MOMENTS["BLOCK_R"]
-        chunks = max(1, min(triton.cdiv(positions, block_r), GROUP_NORM_MOMENTS["programs"] // (n * blocks)))
-        chunk_rows = triton.cdiv(triton.cdiv(positions, chunks), block_r) * block_r
-        chunks = triton.cdiv(positions, chunk_rows)
-        mean = torch.empty((n, chunks, c), device=x.device, dtype=torch.float32)
-        m2 = torch.empty((n, chunks, c), device=x.device, dtype=torch.float32)
-        wrap_triton(_channel_moments_kernel)[(n, chunks, blocks)](
-            rows, mean, m2, positions, c, chunk_rows, BLOCK_R=block_r, BLOCK_C=GROUP_NORM_MOMENTS["BLOCK_C"],
-            num_warps=GROUP_NORM_MOMENTS["num_warps"])
-        scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
-        shift = torch.empty((n, c), device=x.device, dtype=torch.float32)
-        per_group = c // groups
-        wrap_triton(_group_norm_coefficients_kernel)[(n * groups,)](
-            mean, m2, weight, bias, scale, shift, positions, c, chunks, chunk_rows, eps, PER_GROUP=per_group,
-            BLOCK_G=triton.next_power_of_2(per_group), BLOCK_K=32)
         return scale, shift
 
     @triton.jit

@@ -64,11 +64,6 @@ class SpeedConfig(StrictModel):
         None, description="GroupNorm from per-channel statistics (customcrafter.fusions): inductor's own GroupNorm "
                           "reduction is slow on channels-last inputs, worst on the up-blocks' concatenations. None = "
                           "in whatever is compiled (eager mode keeps PyTorch's fused CUDA kernel)")
-    group_norm_kernel: bool = Field(
-        False, description="with channel_stats_group_norm, each GroupNorm's statistics, scale and shift by two Triton "
-                           "kernels that read the activation once at bandwidth (customcrafter.kernels."
-                           "group_norm_coefficients), instead of inductor's reduction, which ran at 1-2 TB/s on the "
-                           "H100; inputs of 2^20 elements or more, CUDA, no gradient, else inductor's")
     subpixel_upsample: bool | None = Field(
         None, description="run each upsampler's nearest 2x + 3x3 conv as 2x2 convs on its input (customcrafter."
                           "fusions: 2.25x fewer FLOPs, exact up to rounding; maps under 512 positions keep the plain "
@@ -239,7 +234,7 @@ def _rewrite_layers(module: torch.nn.Module, config: SpeedConfig, compiled: bool
     if config.resolved_subpixel_upsample():
         fusions.use_subpixel_upsamplers(module)
     if config.resolved_channel_stats_group_norm(compiled):
-        fusions.use_channel_stats_group_norm(module, config.group_norm_kernel)
+        fusions.use_channel_stats_group_norm(module)
     if config.resolved_unfused_linear_bias(compiled):
         fusions.use_unfused_bias_linears(module)
 
