@@ -19,10 +19,7 @@ Two compiled variants on one machine in the time of one compilation: two runs si
     sleep 20; python benchmarks/gpu.py --sections sampling --variants B --ready-file /tmp/b \
         --wait-for /tmp/b /tmp/a.done --out b.json
 
-(B's matmul peak is measured while A compiles: take A's.) Caution: the two blocks are not timed under the same
-conditions. In session 20 (RESULTS.md) the run timed first, while the other waited, was ~5 % slower than the run
-timed second, in both orders. Compare variants with ``probe_cfg_streams.py --alternate-dir`` (rounds in turns,
-A B B A); use this mode for each variant's own end-to-end figures and breakdown.
+(B's matmul peak is measured while A compiles: take A's.)
 
 Nothing here is asserted: the figures go into benchmarks/RESULTS.md.
 """

@@ -14,22 +14,13 @@ Each role compiles the full-size UNet (random weights, the product's layer rewri
     python benchmarks/probe_cfg_streams.py --role split --out split.json      # two batch-1 forwards per replay
     python benchmarks/probe_cfg_streams.py --role shared --out shared.json    # one latent, two contexts
 
-To compare two variants on one machine, run both side by side with ``--alternate-dir DIR`` and ``--alternate-index``
-0 and 1: each compiles alongside the other, then they time their rounds in turns, A B B A A B B A (``turns.py``).
-Do not time them in two blocks (``--ready-file``/``--wait-for``/``--done-file`` as in gpu.py): in session 20 the
-process timed first was ~5 % slower than the one timed second in both orders (``RESULTS.md``).
-
-    python benchmarks/probe_cfg_streams.py --role shared --alternate-dir /tmp/turns --alternate-index 0 \
-        --out a.json &
-    python benchmarks/probe_cfg_streams.py --role shared --speed fused_geglu=False --alternate-dir /tmp/turns \
-        --alternate-index 1 --out b.json
+Run both side by side (``--ready-file``/``--wait-for``/``--done-file`` as in gpu.py) to compare them on one machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import sys
 import time
@@ -39,7 +30,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import add_subject_lora, add_turn_arguments, build_pipeline, wait_turn  # noqa: E402
-from turns import Alternation  # noqa: E402
 
 from customcrafter.performance import SpeedConfig, optimize_pipeline  # noqa: E402
 
@@ -95,21 +85,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--alternate-dir", default=None,
-                        help="time the rounds in turns with the run given the other --alternate-index (turns.py)")
-    parser.add_argument("--alternate-index", type=int, choices=[0, 1], default=0)
     add_turn_arguments(parser)
     args = parser.parse_args()
-    turns = (Alternation(args.alternate_dir, args.alternate_index, timeout=args.wait_timeout)
-             if args.alternate_dir else None)
     try:
-        run(args, turns)
+        run(args)
     finally:  # a run that fails must not keep the others waiting
         for path in (args.ready_file, args.done_file):
             if path:
                 Path(path).touch()
-        if turns is not None:
-            turns.done()
 
 
 def set_inductor(entries: list[str]) -> dict:
@@ -150,7 +133,7 @@ def set_inner_persistent_max(limit: int) -> type:
     return Choices
 
 
-def run(args, turns: Alternation | None = None) -> None:
+def run(args) -> None:
     import os
 
     started = time.perf_counter()
@@ -211,18 +194,11 @@ def run(args, turns: Alternation | None = None) -> None:
     print(json.dumps(report), flush=True)
 
     # a run that never gets ready (a compile that overran) only delays the others
-    if turns is not None:
-        turns.ready()
-        report["alternated_with_partner"] = not turns.alone
-    else:
-        wait_turn(args, proceed_after_timeout=True)
+    wait_turn(args, proceed_after_timeout=True)
     times: dict[str, list[float]] = {name: [] for name in graphs}
-    for round_ in range(args.rounds):
-        with turns.turn(round_) if turns is not None else contextlib.nullcontext():
-            for name, graph in graphs.items():
-                times[name].append(round(replay_ms(graph), 3))
-    if turns is not None:
-        report["alternated_with_partner"] = report["alternated_with_partner"] and not turns.alone
+    for _ in range(args.rounds):
+        for name, graph in graphs.items():
+            times[name].append(round(replay_ms(graph), 3))
     report["ms_per_replay"] = times
     report["ms_per_replay_min"] = {name: min(v) for name, v in times.items()}
     report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
