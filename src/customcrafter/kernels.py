@@ -248,18 +248,23 @@ if HAS_TRITON:
         tl.store(o_ptr + rows[:, None] * stride_o + cols[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=valid[:, None])
 
+    def _temporal_grid(b: int, s: int, heads: int):
+        """Both temporal kernels' grid: one head per program on the first axis, row blocks of whole sequences on the
+        second (what ``temporal_attention_supported`` bounds by ``_MAX_GRID_Y``)."""
+        return lambda meta: (heads, triton.cdiv(b, meta["BLOCK_R"] // s))
+
+    def _temporal_qk_scale(head_dim: int) -> float:
+        """The scores' scale in the log2 domain (the kernels' softmax uses exp2)."""
+        return math.log2(math.e) / math.sqrt(head_dim)
+
     @triton_op("customcrafter::temporal_attention", mutates_args=())
     def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
         b, s, c = q.shape
         head_dim = c // heads
         out = torch.empty((b, s, c), device=q.device, dtype=q.dtype)
-
-        def grid(meta):
-            return (heads, triton.cdiv(b, meta["BLOCK_R"] // s))  # one head, whole sequences per program
-
-        wrap_triton(_temporal_attention_kernel)[grid](
+        wrap_triton(_temporal_attention_kernel)[_temporal_grid(b, s, heads)](
             q, k, v, out, b * s, q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-            QK_SCALE=math.log2(math.e) / math.sqrt(head_dim), SEQ=s, HEAD_DIM=head_dim)
+            QK_SCALE=_temporal_qk_scale(head_dim), SEQ=s, HEAD_DIM=head_dim)
         return out
 
     @triton.autotune(configs=[triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=1)
@@ -309,14 +314,9 @@ if HAS_TRITON:
         if not _sequence_rows(grad_out):
             grad_out = grad_out.contiguous()
         dq, dk, dv = (torch.empty((b, s, c), device=q.device, dtype=q.dtype) for _ in range(3))
-
-        def grid(meta):
-            return (heads, triton.cdiv(b, meta["BLOCK_R"] // s))
-
-        wrap_triton(_temporal_attention_backward_kernel)[grid](
+        wrap_triton(_temporal_attention_backward_kernel)[_temporal_grid(b, s, heads)](
             q, k, v, grad_out, dq, dk, dv, b * s, q.stride(1), k.stride(1), v.stride(1), grad_out.stride(1), c,
-            QK_SCALE=math.log2(math.e) / math.sqrt(head_dim), SM_SCALE=1 / math.sqrt(head_dim), SEQ=s,
-            HEAD_DIM=head_dim)
+            QK_SCALE=_temporal_qk_scale(head_dim), SM_SCALE=1 / math.sqrt(head_dim), SEQ=s, HEAD_DIM=head_dim)
         return dq, dk, dv
 
     def _temporal_attention_setup_context(ctx, inputs, output) -> None:
