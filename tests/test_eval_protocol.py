@@ -313,3 +313,68 @@ def test_unloadable_model_names_it(method_dirs, tmp_path):
     config = EvalConfig(clip_model=str(tmp_path / "nowhere"), device="cpu")
     with pytest.raises(ValueError, match="CLIP model .*nowhere"):
         evaluate(method_dirs, tmp_path / "eval", config)
+
+
+@pytest.mark.parametrize("fps, frozen, total", [(8, 13, 16), (16, 15, 16), (8, 1, 16), (12, 5, 16)])
+def test_gif_frames_merged_by_the_writer_are_restored(tmp_path, fps, frozen, total):
+    """A video frozen for its first frames, written as GIF: the writer merges them into one frame of a longer
+    duration (stored in centiseconds). Reading restores the written count, with and without the manifest's count."""
+    from customcrafter.evaluation.videos import read_video_frames
+
+    frames = np.stack([_blocks_image(0)] * frozen + [_blocks_image(i + 1) for i in range(total - frozen)])
+    path = tmp_path / "clip.gif"
+    iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+    assert Image.open(path).n_frames == total - frozen + 1  # merged on disk
+    for written in (None, total):
+        read = read_video_frames(path, num_frames=written)
+        assert read.shape[0] == total
+        np.testing.assert_array_equal(read, frames)
+
+
+def test_gif_frame_count_from_the_manifest_is_exact_where_durations_are_not(tmp_path):
+    """27 merged frames at 8 fps are stored as 3370 ms against 120 ms for one: 28 by durations alone."""
+    from customcrafter.evaluation.videos import read_video_frames
+
+    frames = np.stack([_blocks_image(0)] * 27 + [_blocks_image(1), _blocks_image(2), _blocks_image(3)])
+    path = tmp_path / "long.gif"
+    iio.imwrite(path, frames, duration=125, loop=0)
+    assert read_video_frames(path).shape[0] == 31
+    np.testing.assert_array_equal(read_video_frames(path, num_frames=30), frames)
+    with pytest.raises(ValueError, match=r"long.gif.*holds 4 frames, more than the 3 it was written with"):
+        read_video_frames(path, num_frames=3)
+
+
+def test_gif_videos_are_scored_at_the_manifests_frame_count(tiny_models, tmp_path):
+    subjects = {"dog_a": _write_subject(tmp_path, "dog_a", 0)}
+    frozen_then_moving = np.concatenate([np.repeat(_blocks_image(5)[None], 5, axis=0), _moving_video(1, 2)[:3]])
+    method = _write_method(tmp_path, "gif", subjects, lambda s, i: frozen_then_moving, "gif")
+    manifest = method / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["sampling"]["num_frames"] = FRAMES
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate([method], tmp_path / "eval", _config(tiny_models))
+    assert (pd.read_csv(result.per_video_csv)["num_frames"] == FRAMES).all()
+
+    rows[0]["sampling"]["num_frames"] = 0
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"manifest.jsonl:1: field 'sampling.num_frames' must be a positive integer"):
+        read_manifest(method)
+
+
+def test_a_subject_folder_without_images_is_named_before_any_work(tiny_models, method_dirs, tmp_path):
+    for image in (method_dirs[0].parent / "subjects" / "dog_b").glob("*.png"):
+        image.unlink()
+    with pytest.raises(ValueError, match=r"customcrafter/manifest.jsonl:3: subject_dir '.*dog_b'.*no reference images"):
+        evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_subject_dir_under_home_reaches_the_report(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_subject(tmp_path, "dog_a", 0)
+    method = _write_method(tmp_path, "base", {"dog_a": Path("~/subjects/dog_a")},
+                           lambda s, i: _moving_video(i, 2), "mp4")
+    result = evaluate([method], tmp_path / "eval", _config(tiny_models))
+    assert result.report_html.is_file()
+    assert pd.read_csv(result.per_video_csv)["subject_dir"].iloc[0] == str(tmp_path / "subjects" / "dog_a")

@@ -110,8 +110,17 @@ def read_manifest(method_dir: str | Path) -> list[dict]:
                 f"{where}: subject_dir {row['subject_dir']!r} not found "
                 f"(relative paths are resolved from the current directory)"
             )
+        try:
+            reference_image_paths(subject_path)
+        except ValueError as exc:
+            raise ValueError(f"{where}: subject_dir {row['subject_dir']!r}: {exc}") from None
         row.setdefault("prompt_template", None)
         row.setdefault("sampling", {})
+        if not isinstance(row["sampling"], dict):
+            raise ValueError(f"{where}: field 'sampling' must be an object, got {row['sampling']!r}")
+        written = row["sampling"].get("num_frames")
+        if written is not None and (not isinstance(written, int) or isinstance(written, bool) or written < 1):
+            raise ValueError(f"{where}: field 'sampling.num_frames' must be a positive integer, got {written!r}")
         row.update(video_path=video_path, subject_path=subject_path, method_dir=str(method_dir.resolve()))
         rows.append(row)
     if not rows:
@@ -167,6 +176,8 @@ def _cache_key(row: dict, video_sha: str, refs_sha: str, config: EvalConfig, tex
         "dino_model": config.dino_model,
         "config": config.metric_hash(),
     }
+    if Path(row["video_path"]).suffix.lower() == ".gif":  # merged GIF frames are restored (videos._read_gif)
+        identity["gif_frames"] = {"reader": 2, "num_frames": row["sampling"].get("num_frames")}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -248,7 +259,7 @@ def _score_rows(rows: list[dict], cache_path: Path, config: EvalConfig) -> tuple
             key = _cache_key(row, video_sha, _references_sha(row["subject_path"], refs_memo), config, text)
             record = cache.get(key)
             if record is None:
-                frames = read_video_frames(row["video_path"], config.max_frames)
+                frames = read_video_frames(row["video_path"], config.max_frames, row["sampling"].get("num_frames"))
                 record = {
                     "key": key,
                     **scorer.score(row, frames, text),
@@ -285,7 +296,7 @@ def _tidy_row(row: dict, record: dict, text: str, video_sha: str) -> dict:
         clip_text=text,
         video_path=str(row["video_path"]),
         video_sha256=video_sha,
-        subject_dir=row["subject_dir"],
+        subject_dir=str(row["subject_path"]),  # resolved: the report reads the reference images from it
         method_dir=row["method_dir"],
         num_frames=record["num_frames"],
         height=record["height"],

@@ -279,7 +279,7 @@ def _video_grid(per_video: pd.DataFrame, config: EvalConfig) -> str:
                     cells.append("<td>—</td>")
                     continue
                 video = match.iloc[0]
-                frames = read_video_frames(video["video_path"])
+                frames = read_video_frames(video["video_path"], num_frames=json.loads(video["sampling"]).get("num_frames"))
                 gif = encode_gif(frames, config.report.grid_gif_size, config.report.grid_fps)
                 title = f"CLIP-T {video['clip_t']:.3f}, DINO-I {video['dino_i']:.3f}, motion {video['motion']:.2f}"
                 cells.append(

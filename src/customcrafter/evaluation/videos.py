@@ -40,12 +40,15 @@ def _to_rgb_uint8(frames: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def _read_gif(path: Path) -> np.ndarray:
+def _read_gif(path: Path, num_frames: int | None = None) -> np.ndarray:
     """GIF frames, with the frames that GIF writers merged back in place.
 
     Writers (Pillow among them) merge identical consecutive frames into one frame of longer duration; a still
-    video would read as a single frame. Each frame is repeated ``round(duration / shortest duration)`` times,
-    which restores the written frame count whenever all frames were written with the same duration.
+    video would read as a single frame. GIF stores durations in centiseconds, so a frame written for 125 ms is
+    stored as 120 ms and 13 merged ones as 1620 ms (13.5 × 120). With ``num_frames`` (the count the video was
+    written with, e.g. from its manifest) the frames are spread over it in proportion to their durations, which
+    is exact. Without it each stored frame counts ``floor(duration / shortest)`` frames: exact for writers that
+    truncate to centiseconds (Pillow, imageio) up to 23 merged frames at any frame rate.
     """
     frames, durations = [], []
     with Image.open(path) as image:
@@ -54,10 +57,17 @@ def _read_gif(path: Path) -> np.ndarray:
             frames.append(np.asarray(image.convert("RGB")))
             durations.append(float(image.info.get("duration") or 0))
     positive = [d for d in durations if d > 0]
-    if positive:
+    if num_frames is not None:
+        if num_frames < len(frames):
+            raise ValueError(f"{path}: the GIF holds {len(frames)} frames, more than the {num_frames} it was written "
+                             f"with (manifest 'sampling.num_frames')")
+        repeats = _spread(num_frames, [d if d > 0 else min(positive, default=1.0) for d in durations])
+    elif positive:
         shortest = min(positive)
-        repeats = [max(1, round(d / shortest)) if d > 0 else 1 for d in durations]
-        frames = [frame for frame, count in zip(frames, repeats, strict=True) for _ in range(count)]
+        repeats = [max(1, int(d / shortest + 1e-6)) if d > 0 else 1 for d in durations]
+    else:
+        repeats = [1] * len(frames)
+    frames = [frame for frame, count in zip(frames, repeats, strict=True) for _ in range(count)]
     if len(frames) == 1:
         # Every frame was identical and merged into one: the frame count is lost, but each metric of a frozen
         # video (consistency 1, motion 0, frame means of CLIP/DINO similarity) is the same for any count.
@@ -68,14 +78,30 @@ def _read_gif(path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
-def read_video_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
-    """All frames of an MP4/GIF (or any format imageio reads) as uint8 ``(T, H, W, 3)``."""
+def _spread(total: int, weights: list[float]) -> list[int]:
+    """``total`` split over ``weights`` in proportion, each part at least 1 (largest remainder)."""
+    shares = [total * w / sum(weights) for w in weights]
+    counts = [max(1, int(share)) for share in shares]
+    order = sorted(range(len(weights)), key=lambda i: counts[i] - shares[i])  # furthest below its share first
+    while sum(counts) < total:
+        counts[order.pop(0)] += 1
+    for i in reversed(order):  # over (the floor of 1): take from those furthest above their share
+        if sum(counts) == total:
+            break
+        if counts[i] > 1:
+            counts[i] -= 1
+    return counts
+
+
+def read_video_frames(path: str | Path, max_frames: int | None = None, num_frames: int | None = None) -> np.ndarray:
+    """All frames of an MP4/GIF (or any format imageio reads) as uint8 ``(T, H, W, 3)``. ``num_frames``: the count
+    the video was written with, if known; a GIF's merged frames are restored to it (``_read_gif``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: video not found")
     try:
         frames = (
-            _read_gif(path) if path.suffix.lower() == ".gif" else np.asarray(iio.imread(path, index=None))
+            _read_gif(path, num_frames) if path.suffix.lower() == ".gif" else np.asarray(iio.imread(path, index=None))
         )
     except Exception as exc:  # noqa: BLE001 - imageio raises many types; the user needs the file name
         raise ValueError(f"{path}: cannot read video ({exc})") from exc
