@@ -189,6 +189,21 @@ def test_dataset_draws_still_clips_with_captions(dreambooth_dir: Path):
             assert torch.equal(a.pixels, b.pixels) == (a.image_key == b.image_key)
 
 
+def test_zoom_prefix_comes_before_the_caption_template(dreambooth_dir: Path):
+    """The reference prepends "a far away " etc. to the templated caption: "a far away video of a <new1> cat",
+    never "video of a a far away <new1> cat"."""
+    from customcrafter.training.dataset import SubjectDataset, resolve_subject
+
+    subject = resolve_subject(dreambooth_dir / "cat", class_word="cat")
+    config = TrainConfig(subject_dir="x", resolution=(64, 96), prior_preservation=False)
+    dataset = SubjectDataset(subject, config, class_image_paths=[])
+    prefixes = ("", *config.augment.zoom_out_prefixes, *config.augment.zoom_in_prefixes)
+    allowed = {p + t.format("<new1> cat") for p in prefixes for t in config.instance_templates}
+    captions = [dataset.instance_example().caption for _ in range(40)]
+    assert set(captions) <= allowed
+    assert any(c.startswith(prefixes[1:]) and not c.startswith("a <new1>") for c in captions)
+
+
 def test_keyed_images_are_encoded_once_and_give_the_same_latents():
     """``cache_image_moments``: a keyed image's VAE posterior is computed once and reused; the latents equal encoding
     every image afresh, and unkeyed (augmented on the fly) images are encoded every time."""

@@ -143,7 +143,8 @@ class SubjectDataset:
             augmented = augment_instance(image, self.rng, self.config.augment)
             pixels, mask, prefix = augmented.pixels, augmented.mask, augmented.prefix
         template = self.rng.choice(self.config.instance_templates)
-        caption = template.format(f"{prefix}{self.subject.token} {self.subject.class_word}")
+        # the zoom prefix goes before the whole caption, as the reference code's augment() adds it
+        caption = prefix + template.format(f"{self.subject.token} {self.subject.class_word}")
         caption = self._maybe_drop(caption)
         return Example(*_still_clip(pixels, mask, self.config.num_frames), caption, key)
 
