@@ -3,7 +3,8 @@
 #   customcrafter  (default, last stage): the one image every pipeline component runs in (KFP base_image,
 #                   install_kfp_package=False) and the CLI image. CUDA PyTorch base; its torch is kept.
 #   mlflow-server  the tracking server of k8s/ (MLflow + basic auth + Postgres driver + S3 client).
-# Build: docker build -t ghcr.io/customcrafter/customcrafter:0.1.0 .
+# Build: docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t ghcr.io/customcrafter/customcrafter:0.1.0 .
+#        (GIT_COMMIT: the code lineage tag on registered models; the image holds no .git)
 #        docker build --target mlflow-server -t ghcr.io/customcrafter/customcrafter-mlflow:0.1.0 .
 
 FROM python:3.11.11-slim-bookworm AS mlflow-server
@@ -23,7 +24,8 @@ CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
 
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime AS customcrafter
 # HF_HOME sits on the model-cache PVC (k8s/base/model-cache-pvc.yaml, mounted at /cache) so base-model
-# weights are downloaded once per cluster. Telemetry is off; HF_HUB_OFFLINE is left to the caller, because
+# weights are downloaded once per cluster; CUSTOMCRAFTER_CACHE too, so an original checkpoint is converted once per
+# cluster (pods converting at once keep the first folder written) and class images are generated once. Telemetry is off; HF_HUB_OFFLINE is left to the caller, because
 # the first run on a cluster has to fill the cache. torch.compile's caches (inductor's generated kernels, FX and
 # AOTAutograd graphs) sit there too, so a pod pays the minutes of compilation of `--compile` only when no pod compiled
 # the same model and shapes before (tiny model on a CPU: 166 s cold, 28 s from the cache).
@@ -33,6 +35,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/cache/huggingface \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    CUSTOMCRAFTER_CACHE=/cache/customcrafter \
     HF_HUB_DISABLE_TELEMETRY=1 \
     DO_NOT_TRACK=true \
     MLFLOW_DISABLE_TELEMETRY=true \
@@ -56,6 +59,9 @@ RUN groupadd --gid 1000 app \
     && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/app app \
     && mkdir -p /cache /workspace \
     && chown 1000:1000 /cache /workspace
+# Declared last so a new commit rebuilds only this layer.
+ARG GIT_COMMIT=""
+ENV CUSTOMCRAFTER_GIT_COMMIT=${GIT_COMMIT}
 # Numeric user so Kubernetes can verify runAsNonRoot without a runAsUser override.
 USER 1000:1000
 WORKDIR /workspace

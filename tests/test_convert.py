@@ -129,3 +129,39 @@ def test_config_with_unsupported_structure_is_rejected(fixtures_dir, tmp_path, c
                 str(config), "--components", "unet", "--output", str(tmp_path / "out"))
     assert code == 2 and "unet_config.params.use_linear" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_conversion_racing_another_process_keeps_the_first_folder(tmp_path, monkeypatch):
+    """Pods sharing the model-cache volume may convert the same checkpoint at once: the folder written first stays
+    (a reader may already be loading it), the later copy is dropped, and both callers get the same folder."""
+    import customcrafter.convert as convert
+    from customcrafter.loading import converted_checkpoint_dir
+    from customcrafter.utils import atomic_dir
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"weights")
+
+    def convert_while_another_pod_finishes(source, output, **kwargs):
+        with atomic_dir(output) as tmp:
+            (tmp / "model_index.json").write_text('{"writer": "this pod"}')
+            output.mkdir(parents=True)  # the other pod's rename lands first
+            (output / "model_index.json").write_text('{"writer": "other pod"}')
+
+    monkeypatch.setattr(convert, "convert_checkpoint", convert_while_another_pod_finishes)
+    target = converted_checkpoint_dir(checkpoint, cache_dir=tmp_path / "cache")
+    assert json.loads((target / "model_index.json").read_text()) == {"writer": "other pod"}
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary folder left behind
+
+
+def test_atomic_dir_without_overwrite_never_replaces_a_folder_that_appeared(tmp_path):
+    from customcrafter.utils import atomic_dir
+
+    target = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="written by another process meanwhile"):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("mine")
+            target.mkdir()
+    assert list(target.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic_dir(target, overwrite=True) as tmp:  # overwrite replaces, as before
+        (tmp / "a.txt").write_text("mine")
+    assert (target / "a.txt").read_text() == "mine"

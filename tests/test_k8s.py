@@ -220,6 +220,9 @@ def test_dockerfile_project_image_keeps_base_torch_and_installs_package():
     env = " ".join(args for ins, args in final if ins == "ENV")
     assert "HF_HOME=/cache/huggingface" in env
     assert "TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor" in env, "compiled kernels must outlive the pod (model cache)"
+    assert "CUSTOMCRAFTER_CACHE=/cache/customcrafter" in env, "converted checkpoints must outlive the pod (model cache)"
+    # registered models carry the code's commit: the image has no .git, so the build passes it in
+    assert ("ARG", 'GIT_COMMIT=""') in final and "CUSTOMCRAFTER_GIT_COMMIT=${GIT_COMMIT}" in env
     assert DEFAULT_GPU_SCHEDULING.model_cache_mount_path == "/cache"
     assert "MLFLOW_DISABLE_TELEMETRY=true" in env and "DO_NOT_TRACK=true" in env
 
@@ -228,3 +231,20 @@ def test_dockerignore_keeps_caches_and_secrets_out():
     entries = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {".git", "data/", "outputs/", "mlruns/", ".env", "*.env"} <= entries
+
+
+def test_auth_config_keeps_a_percent_encoded_database_password(tmp_path):
+    """The init container writes basic_auth.ini, which MLflow reads with configparser's interpolation: a password
+    percent-encoded in the URI ("/" -> %2F, "+" -> %2B) must reach the server unchanged, not crash it."""
+    import configparser
+    import os
+
+    (init,) = pod_specs(render("overlays/production"))[0]["initContainers"]
+    script = init["args"][0].replace("/etc/mlflow-auth/basic_auth.ini", str(tmp_path / "basic_auth.ini"))
+    uri = "postgresql://mlflow:ab%2Fcd%2Bef%25@db.internal:5432/mlflow_auth"
+    subprocess.run(["/bin/sh", "-c", script], env={**os.environ, "MLFLOW_AUTH_DATABASE_URI": uri}, check=True,
+                   timeout=30)
+    config = configparser.ConfigParser()  # as mlflow.server.auth.config.read_auth_config reads it
+    config.read(tmp_path / "basic_auth.ini")
+    assert config["mlflow"]["database_uri"] == uri
+    assert config["mlflow"]["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"

@@ -111,7 +111,12 @@ def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | Non
         logger.info("using converted %s from the cache: %s", checkpoint, target)
         return target
     logger.info("converting %s (once; cached at %s)", checkpoint, target)
-    convert_checkpoint(checkpoint, target)
+    try:
+        convert_checkpoint(checkpoint, target)
+    except FileExistsError:  # pods sharing the cache volume converted the same checkpoint at once: one wins
+        if not (target / "model_index.json").is_file():
+            raise
+        logger.info("another process converted %s meanwhile; using its folder %s", checkpoint, target)
     return target
 
 

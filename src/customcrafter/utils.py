@@ -19,7 +19,8 @@ logger = logging.getLogger("customcrafter")
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it is renamed to ``target``.
 
-    On any exception the temporary folder is removed and ``target`` is left as it was.
+    On any exception the temporary folder is removed and ``target`` is left as it was. Without ``overwrite``, a
+    ``target`` that another process wrote meanwhile is kept: ``FileExistsError``, and this folder is dropped.
     """
     target = Path(target)
     if target.exists() and not overwrite:
@@ -28,6 +29,8 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target}: written by another process meanwhile; kept, this copy dropped")
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -35,7 +38,13 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
             tmp.rename(target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:  # a non-empty folder appeared at target since the check above
+                if target.exists() and not overwrite:
+                    raise FileExistsError(f"{target}: written by another process meanwhile; kept, this copy "
+                                          "dropped") from None
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
