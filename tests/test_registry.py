@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from customcrafter.orchestration.registry import (
     GateRule,
@@ -60,6 +62,38 @@ def test_first_version_is_champion_then_gate_decides(uri, module_dir):
     assert not worse.promoted and worse.version == 3
     assert "dino_i" in worse.reason and "champion v2" in worse.reason and "motion" not in worse.reason
     assert _aliases(uri, first.name) == {"champion": 2, "challenger": 3}
+
+
+def test_registry_error_on_the_champion_lookup_is_not_taken_as_no_champion(uri, module_dir, monkeypatch):
+    """A 503 while reading the champion must stop the gate, not promote a worse version as "first version"."""
+    register_subject_model(uri, "dog", module_dir, "tiny", GOOD, TAGS)
+
+    # A transient 503 right after the new version gets its challenger alias: the next read of the registry
+    # (whichever way the champion is looked up) fails once; later calls, e.g. a promotion, would succeed.
+    outage = []
+    set_alias, get_model, get_by_alias = (MlflowClient.set_registered_model_alias,
+                                          MlflowClient.get_registered_model, MlflowClient.get_model_version_by_alias)
+
+    def set_alias_then_fail(self, name, alias, version):
+        set_alias(self, name, alias, version)
+        if alias == "challenger":
+            outage.append(name)
+
+    def unavailable(original):
+        def call(self, name, *args, **kwargs):
+            if outage:
+                raise MlflowException(f"503 Service Unavailable reading {outage.pop()}",
+                                      error_code=TEMPORARILY_UNAVAILABLE)
+            return original(self, name, *args, **kwargs)
+        return call
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", set_alias_then_fail)
+        patch.setattr(MlflowClient, "get_registered_model", unavailable(get_model))
+        patch.setattr(MlflowClient, "get_model_version_by_alias", unavailable(get_by_alias))
+        with pytest.raises(RuntimeError, match=r"customcrafter-dog v2: could not read the champion alias.*503"):
+            register_subject_model(uri, "dog", module_dir, "tiny", {**GOOD, "dino_i": 0.10}, TAGS)
+    assert _aliases(uri, "customcrafter-dog") == {"champion": 1, "challenger": 2}
 
 
 def test_version_tags_and_run(uri, module_dir):
@@ -128,6 +162,23 @@ def test_registered_versions_by_data_revision_and_subjects_to_retrain(uri, modul
     current = {"dog": "h-dog-1", "cat": "h-cat-changed", "bear": "h-bear"}
     assert subjects_to_retrain(current, at_rev1) == ["bear", "cat"]
     assert subjects_to_retrain({"dog": "h-dog-1"}, at_rev1) == []
+
+
+def test_registered_versions_follow_pages_past_the_first_hundred_models(uri, tmp_path):
+    """MLflow returns 100 registered models per page; subjects past the first page must still be seen."""
+    client = MlflowClient(uri)
+    subjects = [f"s{i:03d}" for i in range(105)]
+    for subject in subjects:
+        name = f"customcrafter-{subject}"
+        client.create_registered_model(name, tags={"subject": subject})
+        client.create_model_version(name, source=str(tmp_path / subject),
+                                    tags={"data_revision": "rev1", "subject_hash": f"h-{subject}"})
+    assert client.search_registered_models().token  # more than one page, or the test proves nothing
+
+    registered = registered_subject_versions(uri, data_revision="rev1")
+    assert sorted(registered) == subjects
+    assert registered["s104"] == {"version": 1, "subject_hash": "h-s104", "data_revision": "rev1"}
+    assert subjects_to_retrain({s: f"h-{s}" for s in subjects}, registered) == []
 
 
 def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkeypatch):

@@ -145,6 +145,30 @@ def _version_metrics(version) -> dict[str, float]:
     return {k[len(_METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(_METRIC_TAG)}
 
 
+def _champion(client, name: str):
+    """The version ``champion`` points at, or None when the model has no such alias yet.
+
+    Absence is read from the model's alias map, not inferred from an exception: ``get_model_version_by_alias``
+    raises the same :class:`MlflowException` for a missing alias as for a 503 or a permission error, and taking
+    those as "no champion" would promote a worse version. Any registry error propagates."""
+    aliases = client.get_registered_model(name).aliases
+    if CHAMPION not in aliases:
+        return None
+    return client.get_model_version(name, str(aliases[CHAMPION]))
+
+
+def _all_pages(search, *args, **kwargs) -> Iterator[Any]:
+    """Every result of an MLflow ``search_*`` call: they return one page (100 registered models by default) with
+    a ``token`` for the next, and stopping at the first page would hide every subject past it."""
+    token = None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def _check_inputs(module_dir: Path, tags: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
     if not module_dir.is_dir() or not any(module_dir.iterdir()):
         raise FileNotFoundError(f"module_dir: {module_dir} is missing or empty (train the subject first)")
@@ -209,9 +233,11 @@ def register_subject_model(tracking_uri: str, subject: str, module_dir: str | Pa
     client.set_registered_model_alias(name, CHALLENGER, version)
 
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
+        champion = _champion(client, name)
+    except MlflowException as exc:
+        raise RuntimeError(f"{name} v{version}: could not read the {CHAMPION} alias ({exc}); the version is "
+                           f"{CHALLENGER} only and {CHAMPION} was left as it was (register again to gate it)") \
+            from exc
     passed, reason = gate.evaluate(metrics, _version_metrics(champion) if champion else None)
     if champion is not None:
         reason = f"vs champion v{champion.version}: {reason}"
@@ -229,8 +255,8 @@ def registered_subject_versions(tracking_uri: str, data_revision: str | None = N
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     found: dict[str, dict[str, Any]] = {}
-    for model in client.search_registered_models(filter_string=f"name LIKE '{MODEL_PREFIX}%'"):
-        versions = client.search_model_versions(f"name = '{model.name}'")
+    for model in _all_pages(client.search_registered_models, filter_string=f"name LIKE '{MODEL_PREFIX}%'"):
+        versions = list(_all_pages(client.search_model_versions, f"name = '{model.name}'"))
         if data_revision is not None:
             versions = [v for v in versions if v.tags.get("data_revision") == data_revision]
         if not versions:
