@@ -75,6 +75,28 @@ def test_submit_reuses_existing_experiment(stub, package):
     assert [_runtime_params(r.body)["subject"] for r in stub.posted("runs")] == ["a", "b"]
 
 
+def test_submit_and_schedule_reject_parameters_the_pipeline_lacks(stub, package):
+    # a name the compiled package's root inputDefinitions lack would be ignored or refused by the server
+    with pytest.raises(ValueError,
+                       match=r"tiny_pipeline.yaml has no parameter 'subjects'; its parameters: steps, subject"):
+        submit_run(stub.url, package, {"subjects": ["dog"], "steps": 1})
+    with pytest.raises(ValueError, match=r"no parameter 'nope', 'sujbect'"):
+        schedule_retraining(stub.url, package, "0 3 * * *", arguments={"sujbect": "dog", "nope": 1})
+    assert stub.requests == []
+
+
+def test_submit_hints_at_subjects_for_the_subject_shorthand(stub, tmp_path):
+    @dsl.pipeline(name="subjects-pipeline")
+    def subjects_pipeline(subjects: list = ["dog"]):  # noqa: B006 (KFP reads defaults from the signature)
+        _echo(subject="x")
+
+    path = tmp_path / "subjects_pipeline.yaml"
+    compiler.Compiler().compile(subjects_pipeline, str(path))
+    with pytest.raises(ValueError, match=r"no parameter 'subject' .*subjects=\[\"dog\"\].*its parameters: subjects"):
+        submit_run(stub.url, path, {"subject": "dog"})
+    assert stub.requests == []
+
+
 def test_schedule_retraining_converts_cron_and_records_settings(stub, package):
     job_id = schedule_retraining(stub.url, package, "30 3 * * 1", experiment="retrain",
                                  job_name="nightly", arguments={"subject": "all"}, max_concurrency=1)

@@ -95,3 +95,85 @@ def test_retraining_with_no_data_change_trains_nothing(first_run):
                                tracking_uri=result.tracking_uri) == []
     assert local_run.plan_step(data_source=str(REPO_ROOT), data_revision="", subjects=["dog", "cat"],
                                tracking_uri=result.tracking_uri) == ["cat"]
+
+
+# ------------------------------------------------------------------ subjects of a retraining (no pipeline run)
+def _data_root(tmp_path: Path, broken: dict[str, str | None]) -> Path:
+    """A data root with copies of the sample subjects dog and cat, plus ``broken`` folders: name -> the text of
+    their subject.yaml (None: no subject.yaml at all)."""
+    import shutil
+
+    root = tmp_path / "data"
+    for name in ("dog", "cat"):
+        shutil.copytree(REPO_ROOT / "data" / "subjects" / name, root / "subjects" / name)
+    for name, text in broken.items():
+        shutil.copytree(REPO_ROOT / "data" / "subjects" / "dog", root / "subjects" / name)
+        (root / "subjects" / name / "subject.yaml").unlink()
+        if text is not None:
+            (root / "subjects" / name / "subject.yaml").write_text(text)
+    return root
+
+
+def _plan(monkeypatch, root: Path, subjects: list[str]) -> list[str]:
+    from customcrafter.orchestration import registry
+
+    monkeypatch.setattr(registry, "registered_subject_versions", lambda *a, **k: {})  # nothing registered yet
+    return local_run.plan_step(data_source=str(root), data_revision="", subjects=subjects, tracking_uri="unused")
+
+
+def test_plan_skips_subject_folders_that_do_not_load_unless_asked_for(tmp_path, monkeypatch, caplog):
+    from customcrafter.data.subjects import SubjectDataError
+
+    root = _data_root(tmp_path, {"no_meta": None})
+    with caplog.at_level("WARNING", logger=local_run.__name__):
+        assert _plan(monkeypatch, root, []) == ["cat", "dog"]  # one broken folder does not block the others
+    (warning,) = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert str(root / "subjects" / "no_meta") in warning and "subject.yaml" in warning
+    assert _plan(monkeypatch, root, ["cat"]) == ["cat"]
+    with pytest.raises(SubjectDataError, match=r"'no_meta' was asked for but cannot be loaded: .*subject\.yaml"):
+        _plan(monkeypatch, root, ["dog", "no_meta"])
+
+
+def test_local_retraining_without_subjects_considers_every_subject(tmp_path, monkeypatch):
+    """--retrain with no --subjects passes [] (= all subjects to the planner), not the run's default ["dog"]."""
+    calls: dict[str, list] = {}
+
+    class FakePipelines:  # stands in for pipelines.* : records the subjects each pipeline is called with
+        def retrain_new_subjects(self, subjects, **_):
+            calls.setdefault("retrain", []).append(subjects)
+
+        def customcrafter_pipeline(self, subjects, **_):
+            calls.setdefault("run", []).append(subjects)
+
+    for key in ("HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DVC_NO_ANALYTICS",
+                "GX_ANALYTICS_ENABLED", "CUSTOMCRAFTER_SPOOL_DIR"):  # run_local sets defaults: restore them after
+        monkeypatch.setenv(key, __import__("os").environ.get(key, str(tmp_path / "spool")))
+    monkeypatch.setattr(local_run, "_import_pipeline_module", lambda module: FakePipelines())
+    monkeypatch.setattr(local_run, "_ensure_experiment", lambda *a: None)
+    monkeypatch.setattr(local_run, "_registered", lambda uri, subjects: {s: "" for s in subjects})
+    root = _data_root(tmp_path, {})
+    lines: list[str] = []
+    result = local_run.run_local(base_model="not-tiny", out=tmp_path / "out", data_source=root, retrain=True,
+                                 echo=lines.append)
+    assert calls == {"retrain": [[]]}
+    assert "over all subjects" in "\n".join(lines)
+    assert sorted(result.registered) == ["cat", "dog"]  # the summary looks at every subject
+    local_run.run_local(base_model="not-tiny", out=tmp_path / "out", data_source=root, echo=lines.append)
+    assert calls["run"] == [["dog"]]  # a plain run keeps its default subject
+
+
+def test_fetch_subject_leaves_a_bad_class_word_to_data_validation(tmp_path, caplog):
+    """A class word like '1dog' must not fail the fetch (before any validation report exists): the warning names
+    the source folder, and Great Expectations reports the problem."""
+    from customcrafter.data.validate import validate_data
+
+    meta = "name: bad_word\nclass_word: 1dog\ntoken: <new1>\nkind: live\n"
+    root = _data_root(tmp_path, {"bad_word": meta})
+    with caplog.at_level("WARNING", logger=local_run.__name__):
+        out = local_run.fetch_subject(str(root), "", "bad_word", tmp_path / "fetched")
+    assert (out / "subjects" / "bad_word" / "subject.yaml").read_text() == meta
+    source = str(root / "subjects" / "bad_word")
+    assert any(r.getMessage().startswith(source) and "1dog" in r.getMessage() for r in caplog.records)
+    result = validate_data(out, subjects=["bad_word"], out_dir=tmp_path / "gx")
+    assert not result.success and result.html_path.is_file()
+    assert any("class_word" in line for line in result.problems["bad_word"])

@@ -172,26 +172,56 @@ def test_component_is_a_thin_wrapper_over_an_existing_step(component):
 def test_pipeline_arguments_parse_cli_parameters():
     args = local_run.pipeline_arguments([
         "subject=dog", "methods=customcrafter,dreamvideo", "seeds=[0, 1]", "prompt_limit=2",
-        "config_overrides={\"train.max_train_steps\": 400}", "base_model=VideoCrafter/VideoCrafter2"])
+        "config_overrides={\"train.steps\": 400}", "base_model=VideoCrafter/VideoCrafter2"])
     assert args == {"subjects": ["dog"], "methods": ["customcrafter", "dreamvideo"], "seeds": [0, 1],
-                    "prompt_limit": 2, "config_overrides": ["train.max_train_steps=400"],
+                    "prompt_limit": 2, "config_overrides": ["train.steps=400"],
                     "base_model": "VideoCrafter/VideoCrafter2"}
     assert local_run.pipeline_arguments(["subjects=[\"cat\",\"dog\"]"]) == {"subjects": ["cat", "dog"]}
     assert local_run.pipeline_arguments(["config_overrides=sample.num_inference_steps=25"]) == {
         "config_overrides": ["sample.num_inference_steps=25"]}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         local_run.pipeline_arguments(["subject"])
+    # an override naming no config field fails here, before anything is submitted
+    with pytest.raises(ValueError,
+                       match=r"train\.max_train_steps.*no field 'max_train_steps'.*valid fields:.*steps"):
+        local_run.pipeline_arguments(["config_overrides={\"train.max_train_steps\": 400}"])
 
 
 def test_overrides_route_to_their_section_and_reject_unknown_ones():
-    routed = local_run.split_overrides(["train.max_train_steps=4", '{"sample.height": 64}', "run.seeds=[0]"])
-    assert routed["train"] == ["max_train_steps=4"]
+    routed = local_run.split_overrides(["train.steps=4", '{"sample.height": 64}', "run.seeds=[0]",
+                                        "train.dreamvideo.inversion_steps=2", "augment.num_examples=2"])
+    assert routed["train"] == ["steps=4", "dreamvideo.inversion_steps=2"]
     assert routed["sample"] == ["height=64"]
     assert routed["run"] == ["seeds=[0]"]
+    assert routed["augment"] == ["num_examples=2"]
     with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
-        local_run.split_overrides(["max_train_steps=4"])
+        local_run.split_overrides(["steps=4"])
     with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
         local_run.split_overrides(["model.lr=1"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.max_train_steps=400",
+     r"train \(TrainConfig\) has no field 'max_train_steps'; valid fields: .*\bsteps\b"),
+    ("sample.heigth=64", r"sample \(SampleConfig\) has no field 'heigth'; valid fields: .*\bheight\b"),
+    ("augment.num_exampels=2",
+     r"augment \(AugmentConfig\) has no field 'num_exampels'; valid fields: .*num_examples"),
+    ("evaluate.nope=1", r"evaluate \(EvalConfig\) has no field 'nope'"),
+    ("run.seed=[0]", r"run \(RunOptions\) has no field 'seed'; valid fields: prompt_limit, seeds"),
+    ("train.dreamvideo.steps=2", r"train\.dreamvideo \(DreamVideoConfig\) has no field 'steps'"),
+    ("train.steps.max=2", r"train\.steps is not a section"),
+])
+def test_overrides_must_name_a_field_of_their_section_config(override, message):
+    with pytest.raises(ValueError, match=message) as info:
+        local_run.split_overrides([override])
+    assert repr(override) in str(info.value)  # the error names the override as given
+
+
+def test_every_preset_names_real_config_fields():
+    from customcrafter.orchestration.settings import PRESETS
+
+    for overrides in PRESETS.values():
+        local_run.split_overrides(overrides)  # raises on a field a config lacks
 
 
 def main_exit(argv: list[str]) -> int:
@@ -242,6 +272,20 @@ def test_cli_rejects_bad_cron_and_bad_params_without_calling_the_server(stub, ca
     assert "hour" in capsys.readouterr().err
     assert main_exit(["pipeline", "submit", "--host", stub.url, "--param", "subject"]) == 2
     assert not stub.posted("runs") and not stub.posted("recurringruns")
+
+
+def test_cli_submit_rejects_unknown_override_fields_and_parameters_before_submitting(stub, capsys):
+    code = main_exit(["pipeline", "submit", "--host", stub.url, "--param",
+                      'config_overrides={"train.max_train_steps": 400}'])
+    assert code == 2
+    assert "no field 'max_train_steps'" in capsys.readouterr().err
+    assert main_exit(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog",
+                      "--param", "prompt_limits=2"]) == 2
+    err = capsys.readouterr().err
+    assert "'prompt_limits'" in err and "prompt_limit" in err and "subjects" in err
+    assert main_exit(["pipeline", "schedule", "--host", stub.url, "--param", "seed=[0]"]) == 2
+    assert "'seed'" in capsys.readouterr().err
+    assert stub.requests == []  # nothing reached the server, not even the health check
 
 
 def test_compiled_yaml_holds_no_credentials():

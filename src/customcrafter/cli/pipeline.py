@@ -13,7 +13,8 @@ pipeline_app = typer.Typer(no_args_is_help=True, help="Kubeflow pipeline: compil
 app.add_typer(pipeline_app, name="pipeline")
 
 _PARAM_HELP = ("pipeline parameter KEY=VALUE, repeatable (JSON values: seeds=[0,1]; subject=dog or "
-               "subjects=dog,cat; methods=customcrafter,dreamvideo; config_overrides='{\"train.max_train_steps\": 400}')")
+               "subjects=dog,cat; methods=customcrafter,dreamvideo; config_overrides='{\"train.steps\": 400}'); "
+               "names and override fields are checked before submitting")
 
 
 @pipeline_app.command("compile")
@@ -79,7 +80,8 @@ def _csv(value: str | None) -> list[str] | None:
 
 @pipeline_app.command("run-local")
 def run_local_cmd(
-    subjects: str = typer.Option(None, "--subjects", help="comma-separated (default: dog)"),
+    subjects: str = typer.Option(None, "--subjects", help="comma-separated (default: dog; with --retrain: "
+                                                         "all subjects)"),
     methods: str = typer.Option(None, "--methods", help="comma-separated (default: customcrafter,"
                                                         "custom_diffusion,dreamvideo)"),
     base_model: str = typer.Option("tiny", "--base-model", help="'tiny', a hub id, a checkpoint or a folder"),

@@ -157,17 +157,43 @@ def _check_package(pipeline_package: str | Path) -> Path:
     return path
 
 
+def _root_parameters(path: Path) -> set[str] | None:
+    """The names of the compiled pipeline's parameters (``root.inputDefinitions.parameters`` of its IR YAML);
+    None for a .tar.gz/.zip package (not checked here: the server checks it)."""
+    if path.suffix not in (".yaml", ".yml"):
+        return None
+    spec = next(iter(yaml.safe_load_all(path.read_text())), None) or {}
+    return set(((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {})
+
+
+def _check_arguments(path: Path, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` unchanged, or a ValueError naming the parameters the pipeline does not take: KFP would
+    drop or refuse them on the server and run with the defaults."""
+    valid = _root_parameters(path)
+    if valid is None:
+        return arguments
+    unknown = sorted(set(arguments) - valid)
+    if unknown:
+        hint = " (subject=dog is a shorthand of `customcrafter pipeline submit --param`; pass subjects=[\"dog\"])" \
+            if "subject" in unknown and "subjects" in valid else ""
+        raise ValueError(f"arguments: {path.name} has no parameter {', '.join(map(repr, unknown))}{hint}; "
+                         f"its parameters: {', '.join(sorted(valid)) or 'none'}")
+    return arguments
+
+
 def submit_run(host: str, pipeline_package: str | Path, arguments: dict[str, Any] | None = None,
                experiment: str = "customcrafter", run_name: str | None = None,
                namespace: str | None = None, existing_token: str | None = None) -> str:
     """Create a run of a compiled pipeline (IR YAML) in ``experiment`` (created if missing); return its id.
 
-    Same as ``kfp --endpoint HOST run create -e EXPERIMENT -f PACKAGE key=value ...``.
+    Same as ``kfp --endpoint HOST run create -e EXPERIMENT -f PACKAGE key=value ...``. Argument names must be
+    parameters of the compiled pipeline (a ValueError listing them otherwise, before the server is called).
     """
     path = _check_package(pipeline_package)
+    arguments = _check_arguments(path, dict(arguments or {}))
     client = make_client(host, namespace=namespace, existing_token=existing_token)
     result = _call(host, f"submitting {path.name}", client.create_run_from_pipeline_package,
-                   str(path), arguments=dict(arguments or {}), run_name=run_name or path.stem,
+                   str(path), arguments=arguments, run_name=run_name or path.stem,
                    experiment_name=experiment, namespace=namespace)
     logger.info("submitted %s to %s as run %s (experiment %s)", path.name, host, result.run_id, experiment)
     return result.run_id
@@ -187,12 +213,13 @@ def schedule_retraining(host: str, pipeline_package: str | Path, cron: str,
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency: must be >= 1, got {max_concurrency}")
     path = _check_package(pipeline_package)
+    arguments = _check_arguments(path, dict(arguments or {}))
     client = make_client(host, namespace=namespace, existing_token=existing_token)
     exp = _call(host, f"getting/creating experiment {experiment!r}", client.create_experiment,
                 experiment, namespace=namespace)
     recurring = _call(host, f"scheduling {path.name}", client.create_recurring_run,
                       experiment_id=exp.experiment_id, job_name=job_name, cron_expression=kfp_cron,
-                      max_concurrency=max_concurrency, params=dict(arguments or {}),
+                      max_concurrency=max_concurrency, params=arguments,
                       pipeline_package_path=str(path), enabled=enabled, no_catchup=True)
     logger.info("scheduled %s on %s as %s (cron %r)", path.name, host, recurring.recurring_run_id, kfp_cron)
     return recurring.recurring_run_id

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
+from customcrafter.config import StrictModel
 from customcrafter.orchestration.settings import (
     COMPILED_DIR,
     PIPELINE_FILES,
@@ -41,13 +44,24 @@ from customcrafter.orchestration.settings import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "StepResult", "SECTIONS", "normalise_overrides", "split_overrides", "fetch_subject", "validate_step",
+    "StepResult", "SECTIONS", "SECTION_MODELS", "RunOptions", "normalise_overrides", "split_overrides",
+    "fetch_subject", "validate_step",
     "augment_step", "train_step", "run_training", "sample_step", "evaluate_step", "register_step", "plan_step",
     "compile_pipelines", "pipeline_arguments", "LocalRunResult", "run_local",
 ]
 
 # Config sections a ``section.key=value`` override can address. "run" holds the local run's own knobs.
 SECTIONS = ("train", "sample", "augment", "evaluate", "run")
+# The pydantic config model each section's keys must name a field of (imported when a section is used).
+SECTION_MODELS = {
+    "train": "customcrafter.training.config:TrainConfig",
+    "sample": "customcrafter.sampling:SampleConfig",
+    "augment": "customcrafter.data.augment:AugmentConfig",
+    "evaluate": "customcrafter.evaluation.config:EvalConfig",
+    "run": "customcrafter.orchestration.local_run:RunOptions",
+}
+# Keys a step reads itself, beside its config model's fields.
+SECTION_EXTRA_KEYS = {"augment": ("num_examples",)}
 
 
 @dataclass
@@ -78,8 +92,16 @@ def normalise_overrides(overrides: str | dict | Iterable[str] | None) -> list[st
     return out
 
 
+class RunOptions(StrictModel):
+    """The ``run`` section: the local run's own knobs (pipeline parameters of the same names)."""
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="sampling seeds per evaluation prompt")
+    prompt_limit: int = Field(0, ge=0, description="first N evaluation prompts per subject (0 = all)")
+
+
 def split_overrides(overrides: str | dict | Iterable[str] | None) -> dict[str, list[str]]:
-    """Route ``section.key=value`` overrides to their section (prefix removed); unknown sections are errors."""
+    """Route ``section.key=value`` overrides to their section (prefix removed). Unknown sections, and keys that
+    are no field of the section's config model (:data:`SECTION_MODELS`), are errors naming the valid ones."""
     routed: dict[str, list[str]] = {section: [] for section in SECTIONS}
     for item in normalise_overrides(overrides):
         key, sep, value = item.partition("=")
@@ -87,8 +109,43 @@ def split_overrides(overrides: str | dict | Iterable[str] | None) -> dict[str, l
         if not sep or not dot or section not in routed or not rest:
             raise ValueError(f"config override {item!r}: expected SECTION.KEY=VALUE with SECTION one of "
                              f"{', '.join(SECTIONS)}")
+        _check_override_key(item, section, rest)
         routed[section].append(f"{rest}={value}")
     return routed
+
+
+def _section_model(section: str) -> type[BaseModel]:
+    import importlib
+
+    module, _, name = SECTION_MODELS[section].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds (``Model`` or ``Model | None``), else None."""
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _check_override_key(item: str, section: str, key: str) -> None:
+    """``key`` (dotted into nested configs) must name a field of the section's config model."""
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] in SECTION_EXTRA_KEYS.get(section, ()):
+        return
+    model, path = _section_model(section), section
+    for index, part in enumerate(parts):
+        if model is None:
+            raise ValueError(f"config override {item!r}: {path} is not a section (no field {part!r} below it)")
+        fields = model.model_fields
+        if part not in fields:
+            valid = sorted([*fields, *(SECTION_EXTRA_KEYS.get(section, ()) if index == 0 else ())])
+            raise ValueError(f"config override {item!r}: {path} ({model.__name__}) has no field {part!r}; "
+                             f"valid fields: {', '.join(valid)}")
+        model, path = _nested_model(fields[part].annotation), f"{path}.{part}"
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -113,8 +170,6 @@ def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: s
     only) or a git repository URL whose data come from its DVC remote at ``data_revision`` (S3 credentials from
     the environment: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``).
     """
-    from customcrafter.data.subjects import load_subject
-
     out = Path(out_dir)
     target = out / "subjects" / subject
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +177,9 @@ def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: s
         from dvc.repo import Repo
 
         Repo.get(data_source, f"data/subjects/{subject}", out=str(target), rev=data_revision or None)
-        class_word = load_subject(target).class_word
+        class_word = _class_word(target, f"subject {subject!r} of {data_source}@{data_revision or 'HEAD'}")
+        if class_word is None:
+            return out
         try:
             Repo.get(data_source, f"data/class_images/{class_word}", out=str(out / "class_images" / class_word),
                      rev=data_revision or None)
@@ -135,11 +192,24 @@ def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: s
             raise FileNotFoundError(f"{source}: no such subject (known: "
                                     f"{', '.join(sorted(p.name for p in (root / 'subjects').iterdir()))})")
         shutil.copytree(source, target, dirs_exist_ok=True)
-        class_word = load_subject(target).class_word
-        class_dir = root / "class_images" / class_word
-        if class_dir.is_dir():
-            shutil.copytree(class_dir, out / "class_images" / class_word, dirs_exist_ok=True)
+        class_word = _class_word(source, str(source))  # the source folder, so messages name it
+        if class_word and (root / "class_images" / class_word).is_dir():
+            shutil.copytree(root / "class_images" / class_word, out / "class_images" / class_word,
+                            dirs_exist_ok=True)
     return out
+
+
+def _class_word(subject_dir: Path, where: str) -> str | None:
+    """The subject's class word (to fetch its class images), or None when the folder does not load: the data
+    validation that follows reports the problem (the pipeline stops there), so fetching must not fail first."""
+    from customcrafter.data.subjects import SubjectDataError, load_subject
+
+    try:
+        return load_subject(subject_dir).class_word
+    except SubjectDataError as exc:
+        logger.warning("%s: no class images fetched, the subject does not load (data validation reports it): %s",
+                       where, exc)
+        return None
 
 
 def _data_version(data_source: str, data_revision: str) -> dict[str, str]:
@@ -417,11 +487,11 @@ def _subjects_root(data_source: str, data_revision: str) -> Path:
 
 def plan_step(*, data_source: str, data_revision: str, subjects: list[str], tracking_uri: str) -> list[str]:
     """Subjects at ``data_revision`` (those in ``subjects`` if given) that are new or changed vs the registry."""
-    from customcrafter.data.subjects import list_subjects, subject_content_hash
+    from customcrafter.data.subjects import subject_content_hash
     from customcrafter.orchestration.registry import registered_subject_versions, subjects_to_retrain
 
-    found = list_subjects(_subjects_root(data_source, data_revision))
     wanted = set(subjects or [])
+    found = _plannable_subjects(_subjects_root(data_source, data_revision), wanted)
     unknown = wanted - {s.name for s in found}
     if unknown:
         raise ValueError(f"subjects not in the data: {', '.join(sorted(unknown))}")
@@ -430,6 +500,31 @@ def plan_step(*, data_source: str, data_revision: str, subjects: list[str], trac
     logger.info("retraining plan: %d of %d subjects new or changed: %s", len(todo), len(current),
                 ", ".join(todo) or "none")
     return todo
+
+
+def _subject_dirs(data_root: Path) -> list[Path]:
+    """The subject folders under ``data_root/subjects`` (none when it is missing), sorted by name."""
+    from customcrafter.data.subjects import is_ignored_file
+
+    base = data_root / "subjects"
+    return sorted(p for p in base.iterdir() if p.is_dir() and not is_ignored_file(p)) if base.is_dir() else []
+
+
+def _plannable_subjects(data_root: Path, wanted: set[str]):
+    """The subjects under ``data_root/subjects`` that load. A folder that does not is skipped with a warning (one
+    broken subject must not block the others' retraining), unless it is one of ``wanted``: then it is an error."""
+    from customcrafter.data.subjects import SubjectDataError, load_subject
+
+    found = []
+    for folder in _subject_dirs(data_root):
+        try:
+            found.append(load_subject(folder))
+        except SubjectDataError as exc:
+            if folder.name in wanted:
+                raise SubjectDataError(f"subject {folder.name!r} was asked for but cannot be loaded: {exc}") \
+                    from None
+            logger.warning("retraining plan: skipping subject folder %s: cannot be loaded: %s", folder, exc)
+    return found
 
 
 # ------------------------------------------------------------------------------------------- compile
@@ -473,6 +568,7 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
         if key == "config_overrides":
             args[key] = normalise_overrides(value if value.lstrip()[:1] in "{" else
                                             _parse_value(value) if value.lstrip().startswith("[") else [value])
+            split_overrides(args[key])  # every SECTION.KEY must exist before anything is submitted
             continue
         args[key] = _parse_value(value)
     return args
@@ -495,6 +591,12 @@ class LocalRunResult:
     reports: list[Path]
     trained: list[str]  # "<subject>/<method>" trained in this run
     registered: dict[str, str]  # subject -> "customcrafter-<subject> vN (aliases)"
+
+
+def _run_subjects(subjects: Iterable[str] | None, retrain: bool) -> list[str]:
+    """The ``subjects`` parameter: the given ones; if none, ``dog`` for a run, every subject ([]) to retrain
+    (where the list is a filter of the planner)."""
+    return list(subjects or ([] if retrain else ["dog"]))
 
 
 def _ensure_data(repo: Path, echo) -> Path:
@@ -575,21 +677,20 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
     """
     import kfp.local
 
-    from customcrafter.config import apply_overrides
+    from customcrafter.config import load_config
     from customcrafter.orchestration.settings import DEFAULT_METHODS, preset_overrides
 
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     repo = Path(data_source).resolve()
     data_root = _ensure_data(repo, echo)
-    subjects = list(subjects or ["dog"])
+    subjects = _run_subjects(subjects, retrain)
     methods = list(methods or DEFAULT_METHODS)
     all_overrides = preset_overrides(preset) + normalise_overrides(list(overrides))
     routed = split_overrides(all_overrides)  # validates every override before anything runs
-    run_options = apply_overrides({}, routed["run"])
+    run_options = load_config(RunOptions, overrides=routed["run"])
     config_overrides = [o for o in all_overrides if not o.startswith("run.")]
-    seeds = [int(s) for s in run_options.get("seeds", [0, 1, 2])]
-    prompt_limit = int(run_options.get("prompt_limit", 0) or 0)
+    seeds, prompt_limit = list(run_options.seeds), run_options.prompt_limit
 
     echo(f"preset {preset!r}" + (":" if all_overrides else ": paper settings, no reductions"))
     for item in all_overrides:
@@ -627,7 +728,8 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
                      mlflow_tracking_uri=tracking_uri, experiment_name=experiment)
     if retrain:
         pipeline = _import_pipeline_module("pipelines.retrain_new_subjects").retrain_new_subjects
-        echo(f"running retrain_new_subjects over {', '.join(subjects)} (trains only new or changed subjects)")
+        echo(f"running retrain_new_subjects over {', '.join(subjects) or 'all subjects'} (trains only new or "
+             "changed subjects)")
         pipeline(subjects=subjects, **arguments)
     else:
         pipeline = _import_pipeline_module("pipelines.customcrafter_pipeline").customcrafter_pipeline
@@ -640,7 +742,7 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
     trained = sorted(f"{m.get('subject')}/{m.get('method')}" for m in _artifact_metadata(run_dir, "train-subject"))
     result = LocalRunResult(out_dir=out_dir, run_dir=run_dir, tracking_uri=tracking_uri, experiment=experiment,
                             videos=videos, reports=reports, trained=trained,
-                            registered=_registered(tracking_uri, subjects))
+                            registered=_registered(tracking_uri, subjects or [p.name for p in _subject_dirs(data_root)]))
     _print_summary(result, base_model, echo)
     return result
 
