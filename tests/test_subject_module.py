@@ -100,3 +100,66 @@ def test_two_modules_with_the_same_token_load_together(trained_module):
     video = sample_video(pipe, "<new1> cat and <new2> cat", seed=0, config=SMALL)
     assert video.shape == (2, 64, 96, 3)
     assert last_sampling_record(pipe)["scales"] == [0.4, 0.4, 0.4]  # 3 steps < K = 5
+
+
+@pytest.fixture(scope="module")
+def custom_diffusion_module(tmp_path_factory) -> Path:
+    from conftest import require_shared
+
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
+
+    dreambooth = require_shared("datasets", "dreambooth")
+    tmp = tmp_path_factory.mktemp("cd_module")
+    config = TrainConfig(method="custom_diffusion", base_model="tiny", subject_dir=str(dreambooth / "dog"),
+                         class_word="dog", output_dir=str(tmp / "run"), resolution=(64, 96), num_frames=2, steps=2,
+                         prior_preservation=False, checkpoint_every=None, lr=1e-2)
+    return train(config).module_dir
+
+
+def test_custom_diffusion_loads_after_a_lora_module(trained_module, custom_diffusion_module):
+    """peft renames the layers a LoRA wraps (``to_k.base_layer.weight``): the Custom Diffusion deltas still go to
+    their base weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.sampling import sample_video
+    from customcrafter.subject_module import load_subject_module
+
+    pipe = load_base_pipeline("tiny")
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    lora = load_subject_module(pipe, trained_module)
+    deltas = load_file(str(custom_diffusion_module / "deltas.safetensors"))
+    cd = load_subject_module(pipe, custom_diffusion_module)
+    assert (lora.token, cd.token) == ("<new1>", "<new2>") and cd.method == "custom_diffusion"
+    state = pipe.unet.state_dict()
+    for name, delta in deltas.items():
+        wrapped = name.replace(".weight", ".base_layer.weight")
+        assert wrapped in state, wrapped
+        torch.testing.assert_close(state[wrapped], base[name] + delta)
+    video = sample_video(pipe, "<new1> cat and <new2> dog", seed=0, config=SMALL)
+    assert video.shape == (2, 64, 96, 3)
+
+
+def test_a_module_whose_weights_do_not_fit_adds_no_token(custom_diffusion_module, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.subject_module import load_subject_module
+
+    broken = tmp_path / "broken"
+    shutil.copytree(custom_diffusion_module, broken)
+    deltas = load_file(str(broken / "deltas.safetensors"))
+    last = sorted(deltas)[-1]
+    deltas[last] = deltas[last][:, :-1].contiguous()
+    save_file(deltas, str(broken / "deltas.safetensors"))
+    pipe = load_base_pipeline("tiny")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"deltas\.safetensors: '{last}'"):
+        load_subject_module(pipe, broken)
+    assert "<new1>" not in pipe.tokenizer.get_vocab()  # nothing half-loaded
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())

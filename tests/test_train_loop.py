@@ -200,3 +200,97 @@ def test_cudnn_benchmark_is_cuda_only_and_leaves_the_process_flag(tmp_path, drea
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     result = train(_config(tmp_path, dreambooth_dir, steps=2, cudnn_benchmark=True))
     assert len(result.losses) == 2 and torch.backends.cudnn.benchmark is False
+
+
+# --- a run resumes only its own checkpoints --------------------------------------------------------------------------
+def _kill_at_step(monkeypatch, config: TrainConfig, step: int) -> None:
+    """Train ``config`` and die in step ``step`` (1-based; one instance draw per step at batch 1)."""
+    from customcrafter.training import dataset as dataset_module
+    from customcrafter.training.trainer import train
+
+    calls, original = {"n": 0}, dataset_module.SubjectDataset.next_batch
+
+    def dies(self):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("killed")
+        return original(self)
+
+    monkeypatch.setattr(dataset_module.SubjectDataset, "next_batch", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(dataset_module.SubjectDataset, "next_batch", original)
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    return {f"{name}:{k}": v for name in ("adapter_model.safetensors", "token_embeddings.safetensors")
+            for k, v in load_file(str(result.module_dir / name)).items()}
+
+
+def _same_run(a, b) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return a.losses == b.losses and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _bowl(tmp_path: Path, dreambooth_dir: Path, **fields) -> TrainConfig:
+    return _config(tmp_path, dreambooth_dir, subject_dir=str(dreambooth_dir / "berry_bowl"), class_word="bowl",
+                   **fields)
+
+
+def test_a_finished_run_leaves_no_checkpoint_for_the_next_subject(tmp_path, dreambooth_dir, caplog):
+    """The reviewer's case: dog for 4 steps with checkpoints every 2, then berry_bowl into the same folder - the
+    second run used to resume from dog's step-2."""
+    from customcrafter.training.trainer import train
+
+    fields = dict(steps=4, checkpoint_every=2, prior_preservation=False)
+    train(_config(tmp_path / "shared", dreambooth_dir, **fields))
+    assert not (tmp_path / "shared" / "run" / "checkpoints").exists()
+    with caplog.at_level("INFO", logger="customcrafter.training.trainer"):
+        bowl = train(_bowl(tmp_path / "shared", dreambooth_dir, **fields))
+    assert "resumed from" not in caplog.text
+    assert _same_run(bowl, train(_bowl(tmp_path / "fresh", dreambooth_dir, **fields)))
+
+
+def test_a_killed_run_of_another_subject_is_not_resumed(tmp_path, dreambooth_dir, monkeypatch):
+    from customcrafter.training.trainer import train
+
+    fields = dict(steps=4, checkpoint_every=2, prior_preservation=False)
+    _kill_at_step(monkeypatch, _config(tmp_path / "shared", dreambooth_dir, **fields), 3)
+    checkpoint = tmp_path / "shared" / "run" / "checkpoints" / "step-2"
+    assert checkpoint.is_dir()
+    with pytest.raises(ValueError, match=rf"{checkpoint}: checkpoint of another run: .*subject\.class_word .*"
+                                         r"another output_dir, or resume=false"):
+        train(_bowl(tmp_path / "shared", dreambooth_dir, **fields))
+    # resume=false trains from scratch (and drops the stale checkpoints)
+    bowl = train(_bowl(tmp_path / "shared", dreambooth_dir, resume=False, **fields))
+    assert _same_run(bowl, train(_bowl(tmp_path / "fresh", dreambooth_dir, **fields)))
+    assert not checkpoint.parent.exists()
+
+
+@pytest.mark.parametrize("change", [{"lr": 2e-3}, {"seed": 7}])
+def test_a_killed_run_with_other_settings_is_not_resumed(tmp_path, dreambooth_dir, monkeypatch, change):
+    from customcrafter.training.trainer import train
+
+    fields = dict(steps=4, checkpoint_every=2, prior_preservation=False)
+    _kill_at_step(monkeypatch, _config(tmp_path, dreambooth_dir, **fields), 3)
+    (field_name, value), = change.items()
+    with pytest.raises(ValueError, match=rf"step-2: checkpoint of another run: {field_name} \(checkpoint .*, "
+                                         rf"this run {value}\)"):
+        train(_config(tmp_path, dreambooth_dir, **fields, **change))
+    # what does not change the math (logging, checkpoint cadence, steps) still resumes
+    assert train(_config(tmp_path, dreambooth_dir, **{**fields, "log_every": 1, "checkpoint_every": 3})).steps == 4
+
+
+def test_a_checkpoint_without_a_fingerprint_is_not_resumed(tmp_path, dreambooth_dir, monkeypatch):
+    import json
+
+    from customcrafter.training.trainer import train
+
+    config = _config(tmp_path, dreambooth_dir, steps=4, checkpoint_every=2, prior_preservation=False)
+    _kill_at_step(monkeypatch, config, 3)
+    state_file = tmp_path / "run" / "checkpoints" / "step-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["extra"]["fingerprint"]  # as written before fingerprints
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"step-2: checkpoint without a run fingerprint"):
+        train(config)

@@ -140,7 +140,8 @@ def _unique_adapter_name(pipe, wanted: str | None, meta: dict) -> str:
 
 def load_subject_module(pipe, module_dir: str | Path, adapter_name: str | None = None,
                         weight: float = 1.0) -> LoadedModule:
-    """Load a subject module onto ``pipe``: token + embedding row, then the method's weights.
+    """Load a subject module onto ``pipe``: the method's weights, then the token + its embedding row (so a module
+    whose weights do not fit adds no token).
 
     Raises ValueError naming both base models when the module was trained on a different base. ``weight`` is the
     LoRA adapter scale (CustomCrafter; DWVSS multiplies its schedule by it).
@@ -166,10 +167,15 @@ def load_subject_module(pipe, module_dir: str | Path, adapter_name: str | None =
     if token in pipe.tokenizer.get_vocab():
         token = _next_free_token(pipe.tokenizer)
         logger.info("token %s is taken on this pipeline; %s uses %s", saved_token, module_dir, token)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    if rows[saved_token].shape != (width,):
+        raise ValueError(f"{module_dir / 'token_embeddings.safetensors'}: row of {saved_token!r} has shape "
+                         f"{tuple(rows[saved_token].shape)}, but this text encoder's embeddings have width {width}")
     name = _unique_adapter_name(pipe, adapter_name, meta)
+    # weights first, the token after: a module whose weights do not fit leaves no token behind
+    cls.load(pipe, module_dir, name, meta)
     add_placeholder_token(pipe.tokenizer, pipe.text_encoder, token, meta["class_word"],
                           init_vector=rows[saved_token])
-    cls.load(pipe, module_dir, name, meta)
     loaded = LoadedModule(module_dir=module_dir, method=meta["method"], adapter_name=name, token=token,
                           class_word=meta["class_word"], fps=int(meta["fps"]), uses_lora=cls.uses_lora, meta=meta,
                           token_mapping={saved_token: token})

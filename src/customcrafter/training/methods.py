@@ -232,14 +232,33 @@ class CustomDiffusionMethod(SubjectMethod):
     @classmethod
     @torch.no_grad()
     def load(cls, pipe, module_dir: Path, adapter_name: str, meta: dict) -> None:
+        """Add the deltas to the base weights; every delta is matched first, so a mismatch changes nothing."""
         deltas = load_file(str(module_dir / "deltas.safetensors"))
-        params = dict(pipe.unet.named_parameters())
+        params = {name: _base_weight(pipe.unet, name, delta.shape, module_dir / "deltas.safetensors")
+                  for name, delta in deltas.items()}
         for name, delta in deltas.items():
-            if name not in params or params[name].shape != delta.shape:
-                raise ValueError(f"{module_dir / 'deltas.safetensors'}: {name!r} has no matching parameter in "
-                                 "this UNet")
             param = params[name]
             param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
+
+
+def _base_weight(unet: nn.Module, name: str, shape: torch.Size, source: Path) -> nn.Parameter:
+    """The weight ``<layer>.weight`` of ``unet``; when a LoRA module loaded before wrapped the layer (peft renames
+    it ``<layer>.base_layer.weight``), the wrapped layer's own weight."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer_name, _, attribute = name.rpartition(".")
+    try:
+        layer = unet.get_submodule(layer_name)
+    except AttributeError:
+        layer = None
+    if isinstance(layer, BaseTunerLayer):
+        layer = layer.get_base_layer()
+    param = getattr(layer, attribute, None)
+    if not isinstance(param, nn.Parameter):
+        raise ValueError(f"{source}: {name!r} has no matching parameter in this UNet")
+    if param.shape != shape:
+        raise ValueError(f"{source}: {name!r} has shape {tuple(shape)} but this UNet's is {tuple(param.shape)}")
+    return param
 
 
 class CustomDiffusionLongMethod(CustomDiffusionMethod):

@@ -21,9 +21,12 @@ over processes) every ``log_every`` steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +48,8 @@ from customcrafter.training.dataset import SubjectDataset, resolve_subject
 from customcrafter.training.methods import SPATIAL_BLOCK_RE, Stage, SubjectMethod, make_method
 
 __all__ = ["TrainResult", "train", "DiffusionLoss", "use_cuda_graphs", "ExampleDropout", "detach_start_token_kv",
-           "epsilon_loss", "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout"]
+           "epsilon_loss", "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout",
+           "run_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -522,15 +526,91 @@ class _Log:
         self.pending.clear()
 
 
-def _resume(config: TrainConfig, method: SubjectMethod, dataset: SubjectDataset, total: int):
+# --- resuming ------------------------------------------------------------------------------------------------------
+#: TrainConfig fields that do not change what a run computes, so a checkpoint resumes across them: where it writes
+#: and how often it logs or checkpoints; the run's length (a step does not depend on how many follow); and what their
+#: descriptions give as speed only (same losses up to rounding). The subject, base model and batch split are
+#: fingerprinted resolved instead (:func:`run_fingerprint`).
+_NOT_FINGERPRINTED = frozenset({
+    "output_dir", "overwrite", "resume", "log_every", "checkpoint_every", "keep_checkpoints",
+    "steps", "dreamvideo.adapter_steps",
+    "device", "gradient_checkpointing", "compile", "compile_rewrites", "temporal_attention", "cuda_graphs",
+    "cudnn_benchmark", "cache_image_moments", "class_images_cache_dir",
+    "subject_dir", "class_word", "token", "kind", "base_model", "per_device_batch_size",
+})
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _images_digest(paths: list[Path]) -> str:
+    """sha256 (16 hex digits) of the subject's image files: names and bytes."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(config: TrainConfig, subject, pipe, global_batch: int) -> dict:
+    """What a checkpoint must share with a run to be resumed by it (JSON): the resolved subject (its images by
+    content, not where the folder is; name, class word, token, kind), the base model (as named and its signature), the global batch and every other
+    TrainConfig field but :data:`_NOT_FINGERPRINTED`."""
+    from customcrafter.loading import base_model_signature
+
+    base = Path(config.base_model)
+    fields = {k: v for k, v in _flatten(config.model_dump(mode="json")).items() if k not in _NOT_FINGERPRINTED}
+    return json.loads(json.dumps({
+        "subject.images": _images_digest(subject.image_paths),
+        "subject.name": subject.name, "subject.class_word": subject.class_word, "subject.token": subject.token,
+        "subject.kind": subject.kind,
+        "base_model": str(base.resolve()) if base.exists() else config.base_model,
+        "base_model.signature": base_model_signature(pipe),
+        "global_batch": global_batch,
+        **fields,
+    }))
+
+
+def _fingerprint_mismatch(path: Path, saved: dict | None, fingerprint: dict) -> str | None:
+    """Why the checkpoint at ``path`` is not this run's (None when it is)."""
+    advice = ("pass another output_dir, or resume=false to train from scratch here (the folder's checkpoints "
+              "are then removed)")
+    if saved is None:
+        return (f"{path}: checkpoint without a run fingerprint (written before fingerprints were recorded), so it "
+                f"cannot be told apart from another run's; {advice}")
+    differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if not differ:
+        return None
+    shown = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, this run {fingerprint.get(k)!r})" for k in differ[:6])
+    more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+    return f"{path}: checkpoint of another run: {shown}{more}; {advice}"
+
+
+def _clear_checkpoints(checkpoints_dir: Path, why: str) -> None:
+    """Remove the checkpoints folder: renamed first, so no half-deleted ``step-N`` is ever found by a resume."""
+    if not checkpoints_dir.exists():
+        return
+    doomed = checkpoints_dir.with_name(f".{checkpoints_dir.name}-removed-{os.getpid()}-{time.time_ns()}")
+    checkpoints_dir.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    logger.info("removed %s (%s)", checkpoints_dir, why)
+
+
+def _resume(config: TrainConfig, method: SubjectMethod, dataset: SubjectDataset, total: int, fingerprint: dict):
     checkpoints = Path(config.output_dir) / "checkpoints"
     path = latest_checkpoint(checkpoints) if config.resume else None
     if path is None:
         return 0, [], None
     checkpoint = load_checkpoint(path)
-    if checkpoint.extra.get("method") != config.method:
-        raise ValueError(f"{path}: checkpoint of method {checkpoint.extra.get('method')!r}, but this run trains "
-                         f"{config.method!r} (use another output_dir or resume=false)")
+    mismatch = _fingerprint_mismatch(path, checkpoint.extra.get("fingerprint"), fingerprint)
+    if mismatch:
+        raise ValueError(mismatch)
     if checkpoint.step > total:
         raise ValueError(f"{path}: checkpoint at step {checkpoint.step} but this run has only {total} steps")
     method.load_trainable_state(checkpoint.trainable)
@@ -604,10 +684,14 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
 
     stages = method.stages()
     total = sum(s.steps for s in stages)
-    start_step, losses, checkpoint = _resume(config, method, dataset, total)
-    checkpoints_dir = Path(config.output_dir) / "checkpoints"
     per_device, processes = config.per_device_batch_size, accelerator.num_processes
     global_batch, first_index = per_device * processes, per_device * accelerator.process_index
+    fingerprint = run_fingerprint(config, subject, pipe, global_batch)
+    start_step, losses, checkpoint = _resume(config, method, dataset, total, fingerprint)
+    checkpoints_dir = Path(config.output_dir) / "checkpoints"
+    if not config.resume and accelerator.is_main_process:
+        _clear_checkpoints(checkpoints_dir, "resume=false: an earlier run's checkpoints")
+    accelerator.wait_for_everyone()
     logger.info("training %s for %d steps: global batch %d = %d per process x %d process(es)%s", config.method,
                 total, global_batch, per_device, processes,
                 " (+ as many class clips)" if config.prior_preservation else "")
@@ -654,7 +738,8 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
                     log.flush()
                     if accelerator.is_main_process:
                         save_checkpoint(checkpoints_dir, done, method.trainable_state(), optimizer.state_dict(),
-                                        dataset.rng, losses, {"method": config.method, "stage": stage.name},
+                                        dataset.rng, losses, {"method": config.method, "stage": stage.name,
+                                                              "fingerprint": fingerprint},
                                         keep=config.keep_checkpoints)
                     accelerator.wait_for_everyone()
                     log.restart_clock()  # step_seconds times training, not checkpoint writing
@@ -678,6 +763,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         save_subject_module(module_dir, method=method, pipe=pipe, subject=subject, config=config,
                             token_id=token_id)
         (Path(config.output_dir) / "losses.json").write_text(json.dumps(losses))
+        _clear_checkpoints(checkpoints_dir, "the run finished and its module is written")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     logger.info("trained %s for %d steps in %.1fs (final loss %.4f)", config.method, total, seconds,
