@@ -38,7 +38,9 @@ class DWVSSConfig(StrictModel):
 
     lambda_s: float = Field(0.4, ge=0, description="LoRA scale of the first K steps (motion, layout)")
     lambda_l: float = Field(0.8, ge=0, description="LoRA scale of the remaining steps (appearance)")
-    k: int = Field(5, ge=0, description="number of steps at lambda_s")
+    k: int = Field(5, ge=0, description="number of steps at lambda_s, a count of the steps actually run, not a "
+                                        "share: the paper's 5 of 50 are the first 10 %; at 25 steps the same share "
+                                        "is k=3 (round(5 * steps / 50)); not rescaled automatically")
     mode: Literal["paper", "reference"] = Field("paper", description="'reference' = the reference code: K-1 steps "
                                                                      "at lambda_s, step K-1 skipped")
 
