@@ -185,6 +185,9 @@ def test_pipeline_arguments_parse_cli_parameters():
     with pytest.raises(ValueError,
                        match=r"train\.max_train_steps.*no field 'max_train_steps'.*valid fields:.*steps"):
         local_run.pipeline_arguments(["config_overrides={\"train.max_train_steps\": 400}"])
+    # the run section is run-local's own: a cluster run would ignore it, so submitting it is an error
+    with pytest.raises(ValueError, match=r"run\.seeds=\[0\].*local run's.*--param seeds="):
+        local_run.pipeline_arguments(["config_overrides={\"run.seeds\": [0], \"train.steps\": 4}"])
 
 
 def test_overrides_route_to_their_section_and_reject_unknown_ones():

@@ -568,7 +568,11 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
         if key == "config_overrides":
             args[key] = normalise_overrides(value if value.lstrip()[:1] in "{" else
                                             _parse_value(value) if value.lstrip().startswith("[") else [value])
-            split_overrides(args[key])  # every SECTION.KEY must exist before anything is submitted
+            routed = split_overrides(args[key])  # every SECTION.KEY must exist before anything is submitted
+            if routed["run"]:
+                raise ValueError(f"config_overrides: {', '.join('run.' + o for o in routed['run'])}: the run section "
+                                 "is the local run's; on a cluster pass the pipeline parameters of the same names "
+                                 "(e.g. --param seeds=[0,1] --param prompt_limit=2)")
             continue
         args[key] = _parse_value(value)
     return args
