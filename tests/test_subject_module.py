@@ -163,3 +163,53 @@ def test_a_module_whose_weights_do_not_fit_adds_no_token(custom_diffusion_module
         load_subject_module(pipe, broken)
     assert "<new1>" not in pipe.tokenizer.get_vocab()  # nothing half-loaded
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def dreamvideo_module(tmp_path_factory) -> Path:
+    from conftest import require_shared
+
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
+
+    dreambooth = require_shared("datasets", "dreambooth")
+    tmp = tmp_path_factory.mktemp("dv_module")
+    config = TrainConfig(method="dreamvideo", base_model="tiny", subject_dir=str(dreambooth / "dog"),
+                         class_word="dog", output_dir=str(tmp / "run"), resolution=(64, 96), num_frames=2, steps=2,
+                         dreamvideo={"inversion_steps": 2}, prior_preservation=False, checkpoint_every=None, lr=1e-2)
+    return train(config).module_dir
+
+
+@pytest.mark.parametrize("method", ["customcrafter", "dreamvideo"])
+def test_a_module_that_fails_to_load_leaves_the_pipeline_as_it_was(method, trained_module, dreamvideo_module,
+                                                                   tmp_path):
+    """A weight file that does not fit: an error naming it, and no adapter, token or hook left behind (the next
+    video is the base model's)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.sampling import sample_video
+    from customcrafter.subject_module import load_subject_module
+
+    source, weights = {"customcrafter": (trained_module, "adapter_model.safetensors"),
+                       "dreamvideo": (dreamvideo_module, "identity_adapter.safetensors")}[method]
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    tensors = load_file(str(broken / weights))
+    if method == "dreamvideo":  # one block's adapter weight missing
+        tensors.pop(sorted(tensors)[-1])
+    else:  # a LoRA weight for a layer this UNet does not have
+        name = sorted(tensors)[0]
+        tensors[name.replace("down_blocks", "no_such_blocks")] = tensors.pop(name)
+    save_file(tensors, str(broken / weights))
+
+    pipe = load_base_pipeline("tiny")
+    base_video = sample_video(pipe, "a dog", seed=0, config=SMALL)
+    with pytest.raises(ValueError, match=weights.replace(".", r"\.")):
+        load_subject_module(pipe, broken)
+    assert "<new1>" not in pipe.tokenizer.get_vocab()
+    assert not getattr(pipe.unet, "peft_config", {})
+    assert not any(len(getattr(m, "identity_adapters", ())) for m in pipe.unet.modules())
+    np.testing.assert_array_equal(sample_video(pipe, "a dog", seed=0, config=SMALL), base_video)

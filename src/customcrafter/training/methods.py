@@ -192,11 +192,15 @@ class CustomCrafterMethod(SubjectMethod):
         state = load_file(str(module_dir / "adapter_model.safetensors"))
         state = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()}
         pipe.unet.add_adapter(config, adapter_name=adapter_name)
-        result = set_peft_model_state_dict(pipe.unet, state, adapter_name=adapter_name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if unexpected:
-            raise ValueError(f"{module_dir / 'adapter_model.safetensors'}: keys that match no layer of this "
-                             f"UNet, e.g. {unexpected[0]!r}")
+        try:
+            result = set_peft_model_state_dict(pipe.unet, state, adapter_name=adapter_name)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if unexpected:
+                raise ValueError(f"{module_dir / 'adapter_model.safetensors'}: keys that match no layer of this "
+                                 f"UNet, e.g. {unexpected[0]!r}")
+        except BaseException:  # nothing half-loaded: the adapter goes again
+            pipe.unet.delete_adapters(adapter_name)
+            raise
         pipe.unet.requires_grad_(False)
 
 
@@ -291,6 +295,8 @@ def _identity_hooks(block: nn.Module):
 
     def add_adapter_output(attn2, args, kwargs, output):
         hidden_states, block._identity_input = block._identity_input, None
+        if not block.identity_adapters:  # every adapter removed again (a load that failed)
+            return output
         extra = sum(adapter(hidden_states) for adapter in block.identity_adapters.values())
         return output + extra.to(output.dtype)
 
@@ -363,17 +369,22 @@ class DreamVideoMethod(SubjectMethod):
         info = json.loads((module_dir / "identity_adapter.json").read_text())
         state = load_file(str(module_dir / "identity_adapter.safetensors"))
         adapters = attach_identity_adapters(pipe.unet, adapter_name, info["hidden_ratio"])
-        for block, adapter in adapters.items():
-            for key, param in adapter.named_parameters():
-                stored = state.pop(f"{block}.identity_adapter.{key}", None)
-                if stored is None or stored.shape != param.shape:
-                    raise ValueError(f"{module_dir / 'identity_adapter.safetensors'}: no tensor for "
-                                     f"{block}.identity_adapter.{key} with shape {tuple(param.shape)}")
-                param.copy_(stored)
-            adapter.requires_grad_(False)
-        if state:
-            raise ValueError(f"{module_dir / 'identity_adapter.safetensors'}: tensors for blocks this UNet lacks, "
-                             f"e.g. {next(iter(state))!r}")
+        try:
+            for block, adapter in adapters.items():
+                for key, param in adapter.named_parameters():
+                    stored = state.pop(f"{block}.identity_adapter.{key}", None)
+                    if stored is None or stored.shape != param.shape:
+                        raise ValueError(f"{module_dir / 'identity_adapter.safetensors'}: no tensor for "
+                                         f"{block}.identity_adapter.{key} with shape {tuple(param.shape)}")
+                    param.copy_(stored)
+                adapter.requires_grad_(False)
+            if state:
+                raise ValueError(f"{module_dir / 'identity_adapter.safetensors'}: tensors for blocks this UNet "
+                                 f"lacks, e.g. {next(iter(state))!r}")
+        except BaseException:  # nothing half-loaded: the adapters go again
+            for block in adapters:
+                del pipe.unet.get_submodule(block).identity_adapters[adapter_name]
+            raise
 
 
 class DreamVideoLongMethod(DreamVideoMethod):
