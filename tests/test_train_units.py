@@ -319,6 +319,36 @@ def test_a_broken_class_image_is_reported_before_training(tmp_path: Path):
         resolve_class_images(config, pipe=None, class_word="dog")
 
 
+def test_class_images_generated_by_two_processes_at_once_keep_the_first_set(tmp_path: Path, monkeypatch):
+    """Pods sharing the cache volume may generate the same class images at once: the set written first stays (a
+    training run may be reading it) and both runs use it; nothing temporary is left."""
+    from PIL import Image
+
+    from customcrafter.loading import base_model_signature, load_base_pipeline
+    from customcrafter.training.class_images import class_images_cache_key, resolve_class_images
+    from customcrafter.training.config import TrainConfig
+
+    config = TrainConfig(base_model="tiny", subject_dir="x", class_word="dog", num_class_images=2,
+                         resolution=(64, 96), class_image_steps=2, class_images_cache_dir=str(tmp_path / "cache"))
+    pipe = load_base_pipeline("tiny")
+    key = class_images_cache_key(base_model_signature(pipe), "a photo of a dog", 2, (64, 96), 2, config.seed)
+    folder = tmp_path / "cache" / key
+    real_call = type(pipe).__call__
+
+    def other_pod_lands_first(self, *args, **kwargs):
+        if not folder.exists():
+            folder.mkdir()
+            for i in range(2):
+                Image.new("RGB", (96, 64), (200, i, 0)).save(folder / f"{i:04d}.png")
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", other_pod_lands_first)
+    images = resolve_class_images(config, pipe, "dog")
+    assert [p.name for p in images] == ["0000.png", "0001.png"]
+    assert all(Image.open(p).getpixel((0, 0))[0] == 200 for p in images)  # the other pod's set
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [key]
+
+
 def test_one_process_may_train_again_with_another_precision():
     """accelerate keeps one state per process and refuses a second mixed precision; training again in the same
     process (a notebook, a pipeline step running two methods) with another precision gets it."""

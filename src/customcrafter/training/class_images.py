@@ -41,9 +41,12 @@ def class_images_cache_key(signature: str, prompt: str, count: int, resolution: 
 @torch.no_grad()
 def generate_class_images(pipe, prompt: str, count: int, out_dir: Path, resolution: tuple[int, int], steps: int,
                           seed: int = 0) -> list[Path]:
-    """Sample ``count`` single-frame images of ``prompt`` into ``out_dir`` (atomically); image i uses seed+i."""
+    """Sample ``count`` single-frame images of ``prompt`` into ``out_dir`` (atomically); image i uses seed+i.
+
+    A folder already there (an incomplete set) is replaced; one that another process writes meanwhile is kept
+    (``FileExistsError``): a training run may already be reading it."""
     height, width = resolution
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, overwrite=out_dir.exists()) as tmp:
         for index in tqdm(range(count), desc="class images", disable=count < 4):
             generator = torch.Generator(device="cpu").manual_seed(seed + index)
             frames = pipe(prompt, num_inference_steps=steps, num_frames=1, height=height, width=width,
@@ -96,5 +99,12 @@ def resolve_class_images(config, pipe, class_word: str) -> list[Path]:
         return images[: config.num_class_images]
     logger.info("generating %d class images of %r with the base model into %s", config.num_class_images, prompt,
                 folder)
-    return generate_class_images(pipe, prompt, config.num_class_images, folder, tuple(config.resolution),
-                                 config.class_image_steps, config.seed)
+    try:
+        return generate_class_images(pipe, prompt, config.num_class_images, folder, tuple(config.resolution),
+                                     config.class_image_steps, config.seed)[: config.num_class_images]
+    except FileExistsError:  # pods sharing the cache volume generated the same set at once: the first one stays
+        images = iter_image_files(folder)
+        if len(images) < config.num_class_images:
+            raise
+        logger.info("another process generated the class images meanwhile; using %s", folder)
+        return images[: config.num_class_images]
