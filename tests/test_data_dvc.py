@@ -107,3 +107,25 @@ def test_validate_all_dreambooth_subjects_and_report_failures(tmp_path, dreamboo
     assert any("n_images" in p for p in result.problems["red_cartoon"])
     report = json.loads((tmp_path / "out2" / "validation.json").read_text())
     assert report["success"] is False and report["problems"] == result.problems
+
+    # the CLI exits 1 on a failed validation (scripts and CI gate on it), 0 when the asked subjects pass
+    from customcrafter.cli import main
+
+    with pytest.raises(SystemExit) as failed:
+        main(["data", "validate", "--data-root", str(data), "--out", str(tmp_path / "out3")])
+    assert failed.value.code == 1
+    main(["data", "validate", "--data-root", str(data), "--subject", "cat", "--out", str(tmp_path / "out4")])
+
+
+def test_an_interrupted_command_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C is not a success: `customcrafter train ... && customcrafter sample ...` must stop."""
+    import customcrafter.data.subjects as subjects
+    from customcrafter.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subjects, "list_subjects", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "list", "--data-root", str(tmp_path)])
+    assert stop.value.code == 130

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(logging.INFO)
     _load_stages()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one clear line, non-zero exit
@@ -55,3 +55,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2 if isinstance(exc, UserError | ValueError | FileNotFoundError | FileExistsError) else 1)
+    # without standalone mode click returns, not raises, a command's `typer.Exit(code)` and Ctrl-C (130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
