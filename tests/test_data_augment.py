@@ -158,3 +158,42 @@ def test_materialise_examples(tmp_path):
     assert (again / "examples.jsonl").read_text() == (out / "examples.jsonl").read_text()
     assert (again / "images" / "0003.png").read_bytes() == (out / "images" / "0003.png").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def _awkward_photos(folder) -> None:
+    """What `data add` normalises: a JPEG stored sideways with EXIF Orientation 6 (a grey left half, black right
+    half once upright), a 16-bit grey PNG, and an RGBA PNG whose pixels are transparent red."""
+    folder.mkdir()
+    upright = np.zeros((400, 640, 3), dtype=np.uint8)
+    upright[:, :320] = 128
+    sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored 400 wide, 640 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    sideways.save(folder / "00.jpg", quality=95, exif=exif)
+    Image.fromarray(np.full((400, 640), 32768, dtype=np.uint16)).save(folder / "01.png")
+    rgba = np.zeros((400, 640, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent
+    Image.fromarray(rgba, "RGBA").save(folder / "02.png")
+    (folder / "subject.yaml").write_text("name: photos\nclass_word: toy\nkind: object\n")
+
+
+def test_augment_and_training_read_photos_as_ingestion_does(tmp_path):
+    """EXIF rotation applied, 16-bit scaled (not clipped to white), transparency flattened on white - for the
+    augment step and for training straight from a folder (`customcrafter train --subject DIR`)."""
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.dataset import SubjectDataset, resolve_subject
+
+    _awkward_photos(tmp_path / "photos")
+    subject = resolve_subject(tmp_path / "photos")
+    images = SubjectDataset(subject, TrainConfig(subject_dir="x", prior_preservation=False)).instance_images
+    rotated, grey, flattened = (np.asarray(im) for im in images)
+    assert rotated.shape == (400, 640, 3)  # upright: landscape
+    assert abs(int(rotated[:, :300].mean()) - 128) <= 3 and rotated[:, 340:].max() <= 10  # grey left, black right
+    assert grey.shape == (400, 640, 3) and abs(int(grey.mean()) - 128) <= 1  # 32768 / 65535, not 255
+    assert flattened.min() == 255  # transparent red on white
+
+    out = materialise_examples(tmp_path / "photos", tmp_path / "aug", num_examples=3, seed=0)
+    records = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    grey_example = next(r for r in records if r["source_image"] == "01.png")
+    with Image.open(out / grey_example["image"]) as im:
+        assert np.asarray(im).max() <= 140  # mid-grey content (and black canvas), never the clipped white

@@ -30,6 +30,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from customcrafter.config import StrictModel
+from customcrafter.data.images import load_rgb
 from customcrafter.utils import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,7 @@ def materialise_examples(subject_dir: str | Path, out_dir: str | Path, num_examp
         for index in range(num_examples):
             source = subject.image_paths[index % len(subject.image_paths)]
             if source not in sources:
-                with Image.open(source) as opened:
-                    sources[source] = opened.convert("RGB")
+                sources[source] = load_rgb(source)  # as ingestion reads it: EXIF rotation, alpha, 16-bit
             example = augment_instance(sources[source], rng, config)
             image = _to_pil(example.pixels)
             image.save(tmp / "images" / f"{index:04d}.png")

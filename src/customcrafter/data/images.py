@@ -28,7 +28,7 @@ from customcrafter.config import StrictModel
 logger = logging.getLogger(__name__)
 
 __all__ = ["ImageLimits", "ImageRejected", "ImageInfo", "open_checked", "inspect_image", "normalise_image",
-           "ACCEPTED_FORMATS"]
+           "load_rgb", "ACCEPTED_FORMATS"]
 
 #: PIL format names accepted (MPO is the multi-picture JPEG many phones write).
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "TIFF"})
@@ -197,3 +197,10 @@ def inspect_image(path: str | Path, subject: str = "", limits: ImageLimits | Non
     except (OSError, SyntaxError, ValueError) as exc:
         info.error = f"not an image ({exc.__class__.__name__})"
     return info
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB the way ingestion reads it (EXIF rotation applied, alpha flattened on white,
+    16-bit scaled), at any size: what augmentation and training read subject and class images with, so a folder
+    that was not ingested (``customcrafter train --subject DIR``) is seen as ``data add`` would see it."""
+    return normalise_image(open_checked(path, ImageLimits(min_side=1, max_aspect=1e9)), max_side=1 << 30)

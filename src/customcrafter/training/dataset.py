@@ -73,9 +73,12 @@ def resolve_subject(subject_dir: str | Path, class_word: str | None = None, toke
 
 
 def _open_rgb(path: Path) -> Image.Image:
+    from customcrafter.data.images import ImageRejected, load_rgb
+
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return load_rgb(path)
+    except ImageRejected as exc:
+        raise SubjectDataError(f"{path}: not a readable image ({exc.reason})") from None
     except (OSError, ValueError) as exc:
         raise SubjectDataError(f"{path}: not a readable image ({exc})") from None
 
