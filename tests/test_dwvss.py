@@ -38,6 +38,12 @@ def test_parse_dwvss_and_errors():
         parse_dwvss("0.4,0.8")
     with pytest.raises(ValueError, match="--dwvss"):
         parse_dwvss("a,b,c")
+    # a value the config refuses: one line naming the flag, the text and the field
+    with pytest.raises(ValueError, match=r"^--dwvss '0\.4,0\.8,5,foo': mode: Input should be 'paper' or "
+                                         r"'reference'$"):
+        parse_dwvss("0.4,0.8,5,foo")
+    with pytest.raises(ValueError, match=r"^--dwvss '-1,0\.8,5': lambda_s: Input should be greater than or equal"):
+        parse_dwvss("-1,0.8,5")
 
 
 class _Attention(nn.Module):

@@ -38,6 +38,20 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path: Path):
         load_config(TrainConfig, overrides=["subject_dir=x", "resolution=[30, 50]"])
 
 
+def test_set_overrides_keep_words_that_yaml_would_change():
+    """`--set` values are YAML (numbers, lists, null), but YAML 1.1 would turn `no` into false, cut `#...` as a
+    comment and read `a: b` as a mapping: those stay the text the user wrote."""
+    config = load_config(TrainConfig, overrides=[
+        "subject_dir=x", "mixed_precision=no", "class_prompt=a photo of a {class_word} #1",
+        "instance_templates=['video of a {}']", "lr=2e-5", "caption_dropout=0.1", "resolution=[64, 96]",
+        "prior_preservation=off", "cuda_graphs=null"])
+    assert config.mixed_precision == "no" and config.class_prompt == "a photo of a {class_word} #1"
+    assert config.instance_templates == ("video of a {}",) and config.lr == 2e-5 and config.caption_dropout == 0.1
+    assert config.resolution == (64, 96) and config.prior_preservation is False and config.cuda_graphs is None
+    assert load_config(TrainConfig, overrides=["subject_dir=x", "class_prompt=note: a {class_word}"]
+                       ).class_prompt == "note: a {class_word}"
+
+
 def test_sslm_regex_selects_96_spatial_qkv_layers_of_the_full_unet():
     from customcrafter.training.methods import lora_target_regex
 

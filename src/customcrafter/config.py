@@ -31,10 +31,21 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _parse_value(text: str) -> Any:
+    """An override's value as YAML (numbers, lists, null), except where YAML 1.1 would change plain text: ``no``,
+    ``off``, ``yes``, ``on`` stay words (``mixed_precision=no``; a bool field still reads them as false/true), a
+    ``#`` is not a comment (``a photo #1``), and ``a: b`` is not a mapping unless written ``{a: b}``."""
+    flow = text.lstrip().startswith(("[", "{"))
+    if "#" in text and not flow:
+        return text
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    if isinstance(value, dict) and not flow:
+        return text
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -71,6 +82,8 @@ def load_config(cls: type[M], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data.update(loaded)
     apply_overrides(data, overrides)
+    if overrides:  # the message names where the bad value came from
+        source = "overrides (--set)" if path is None else f"{source} + overrides (--set)"
     data.update({k: v for k, v in fields.items() if v is not None})
     try:
         return cls.model_validate(data)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from customcrafter.config import StrictModel
 
@@ -62,7 +62,11 @@ def parse_dwvss(text: str) -> DWVSSConfig:
         raise ValueError(f"--dwvss {text!r}: LAMBDA_S and LAMBDA_L must be numbers and K an integer") from None
     if len(parts) == 4:
         values["mode"] = parts[3]
-    return DWVSSConfig(**values)
+    try:
+        return DWVSSConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"--dwvss {text!r}: {problems}") from None
 
 
 @dataclass(frozen=True)
