@@ -198,3 +198,25 @@ def test_load_subject_errors_name_file_and_reason(tmp_path):
     (folder / "img0.jpg").write_bytes(b"")
     with pytest.raises(SubjectDataError, match=r"img0\.jpg: empty file"):
         load_subject(folder)
+
+
+def test_a_photo_already_stored_for_another_subject_is_refused(tmp_path):
+    """Validation requires each stored image to be unique across subjects: ingestion refuses what it would fail."""
+    photos = _good_folder(tmp_path / "photos")
+    _ingest(photos, tmp_path, name="dog_a")
+    with pytest.raises(IngestError) as info:
+        _ingest(photos, tmp_path, name="dog_b")
+    assert len(info.value.problems) == 3
+    assert all("already stored as" in p and "(subject 'dog_a')" in p for p in info.value.problems)
+    assert sorted(p.name for p in (tmp_path / "data" / "subjects").iterdir()) == ["dog_a"]
+    _ingest(photos, tmp_path, name="dog_a", force=True)  # replacing the same subject is not a clash
+
+
+def test_a_photo_downscaled_below_the_minimum_side_is_refused(tmp_path):
+    """--max-side 512 on 1200x400 photos would store 512x171 images, which validation (min side 256) rejects."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i in range(3):
+        _photo(folder / f"{i}.jpg", size=(1200, 400), seed=i)
+    _assert_rejected(folder, tmp_path, "0.jpg", "512x171 once downscaled to max side 512, below min side 256",
+                     limits=ImageLimits(max_side=512))

@@ -12,6 +12,7 @@ orientation is applied to the pixels first, so nothing is lost.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import shutil
@@ -30,6 +31,7 @@ from customcrafter.data.subjects import (
     SUBJECT_FILE,
     SubjectMeta,
     is_ignored_file,
+    iter_image_files,
 )
 from customcrafter.utils import atomic_dir
 
@@ -99,6 +101,28 @@ def _collect_files(photos_dir: Path) -> tuple[list[Path], list[Path], list[str]]
     return candidates, ignored, problems
 
 
+def _encoded(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **JPEG_OPTIONS)
+    return buffer.getvalue()
+
+
+def _stored_elsewhere(images: list, sources: list[Path], data_root: Path, name: str) -> list[str]:
+    """Problems for photos whose stored file would repeat an image of another subject: validation requires every
+    image's sha256 to be unique across subjects (a photo filed under two subjects is a mistake)."""
+    subjects = data_root / "subjects"
+    stored = {}
+    for folder in (p for p in subjects.iterdir() if p.is_dir() and p.name != name) if subjects.is_dir() else ():
+        for path in iter_image_files(folder):
+            stored[hashlib.sha256(path.read_bytes()).hexdigest()] = path
+    problems = []
+    for image, source in zip(images, sources, strict=True):
+        twin = stored.get(hashlib.sha256(_encoded(image)).hexdigest())
+        if twin is not None:
+            problems.append(f"{source}: the same image is already stored as {twin} (subject {twin.parent.name!r})")
+    return problems
+
+
 def ingest_subject(photos_dir: str | Path, name: str, class_word: str, *, kind: str | None = None,
                    token: str = "<new1>", data_root: str | Path = "data", force: bool = False,
                    limits: ImageLimits | None = None, min_images: int = 3, prompts: list[str] | None = None,
@@ -139,8 +163,14 @@ def ingest_subject(photos_dir: str | Path, name: str, class_word: str, *, kind: 
             problems.append(f"{path}: duplicate of {seen[digest].name}")
             continue
         seen[digest] = path
-        images.append(normalise_image(image, limits.max_side))
+        normalised = normalise_image(image, limits.max_side)
+        if min(normalised.size) < limits.min_side:  # what validation checks is the stored image
+            problems.append(f"{path}: {normalised.width}x{normalised.height} once downscaled to max side "
+                            f"{limits.max_side}, below min side {limits.min_side}")
+            continue
+        images.append(normalised)
         sources.append(path)
+    problems += _stored_elsewhere(images, sources, data_root, name)
     if not candidates and not problems:
         problems.append(f"{photos_dir}: no images found (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
     elif len(images) < min_images:
