@@ -102,19 +102,24 @@ def test_two_modules_with_the_same_token_load_together(trained_module):
     assert last_sampling_record(pipe)["scales"] == [0.4, 0.4, 0.4]  # 3 steps < K = 5
 
 
-@pytest.fixture(scope="module")
-def custom_diffusion_module(tmp_path_factory) -> Path:
+def _train_dog_module(tmp_path_factory, method: str, **fields) -> Path:
+    """A 2-step module of ``method`` for the DreamBooth dog on the tiny model."""
     from conftest import require_shared
 
     from customcrafter.training.config import TrainConfig
     from customcrafter.training.trainer import train
 
     dreambooth = require_shared("datasets", "dreambooth")
-    tmp = tmp_path_factory.mktemp("cd_module")
-    config = TrainConfig(method="custom_diffusion", base_model="tiny", subject_dir=str(dreambooth / "dog"),
-                         class_word="dog", output_dir=str(tmp / "run"), resolution=(64, 96), num_frames=2, steps=2,
-                         prior_preservation=False, checkpoint_every=None, lr=1e-2)
+    tmp = tmp_path_factory.mktemp(f"{method}_module")
+    config = TrainConfig(method=method, base_model="tiny", subject_dir=str(dreambooth / "dog"), class_word="dog",
+                         output_dir=str(tmp / "run"), resolution=(64, 96), num_frames=2, steps=2,
+                         prior_preservation=False, checkpoint_every=None, lr=1e-2, **fields)
     return train(config).module_dir
+
+
+@pytest.fixture(scope="module")
+def custom_diffusion_module(tmp_path_factory) -> Path:
+    return _train_dog_module(tmp_path_factory, "custom_diffusion")
 
 
 def test_custom_diffusion_loads_after_a_lora_module(trained_module, custom_diffusion_module):
@@ -167,17 +172,7 @@ def test_a_module_whose_weights_do_not_fit_adds_no_token(custom_diffusion_module
 
 @pytest.fixture(scope="module")
 def dreamvideo_module(tmp_path_factory) -> Path:
-    from conftest import require_shared
-
-    from customcrafter.training.config import TrainConfig
-    from customcrafter.training.trainer import train
-
-    dreambooth = require_shared("datasets", "dreambooth")
-    tmp = tmp_path_factory.mktemp("dv_module")
-    config = TrainConfig(method="dreamvideo", base_model="tiny", subject_dir=str(dreambooth / "dog"),
-                         class_word="dog", output_dir=str(tmp / "run"), resolution=(64, 96), num_frames=2, steps=2,
-                         dreamvideo={"inversion_steps": 2}, prior_preservation=False, checkpoint_every=None, lr=1e-2)
-    return train(config).module_dir
+    return _train_dog_module(tmp_path_factory, "dreamvideo", dreamvideo={"inversion_steps": 2})
 
 
 @pytest.mark.parametrize("method", ["customcrafter", "dreamvideo"])
