@@ -50,6 +50,8 @@ def test_set_overrides_keep_words_that_yaml_would_change():
     assert config.resolution == (64, 96) and config.prior_preservation is False and config.cuda_graphs is None
     assert load_config(TrainConfig, overrides=["subject_dir=x", "class_prompt=note: a {class_word}"]
                        ).class_prompt == "note: a {class_word}"
+    with pytest.raises(ConfigError, match=r"^overrides \(--set\): invalid TrainConfig: mixed_precision"):
+        load_config(TrainConfig, overrides=["subject_dir=x", "mixed_precision=fp8"])
 
 
 def test_sslm_regex_selects_96_spatial_qkv_layers_of_the_full_unet():
