@@ -161,6 +161,50 @@ def test_loading_errors_are_clear(tmp_path, monkeypatch):
         load_base_pipeline("nobody-here/not-a-model", cache_dir=tmp_path)
 
 
+def test_hub_file_form_is_downloaded_not_taken_for_a_local_path(tmp_path, monkeypatch, tiny):
+    """``repo_id:filename`` ends in .ckpt like a local checkpoint, but is fetched from the hub."""
+    import customcrafter.convert as convert
+    import customcrafter.loading as loading
+
+    fetched = []
+
+    def fake_download(model):
+        fetched.append(model)
+        (tmp_path / "hub.ckpt").write_bytes(b"weights")
+        return tmp_path / "hub.ckpt"
+
+    monkeypatch.setattr(loading, "_download", fake_download)
+    monkeypatch.setattr(convert, "convert_checkpoint", lambda checkpoint, target, **_: tiny.save_pretrained(target))
+    pipe = load_base_pipeline("VideoCrafter/VideoCrafter2:model.ckpt", cache_dir=tmp_path / "cache")
+    assert fetched == ["VideoCrafter/VideoCrafter2:model.ckpt"] and pipe.unet is not None
+
+
+def test_a_folder_with_only_some_components_loads(tmp_path, tiny):
+    """convert.py can write a folder with the UNet alone; loading it leaves the others None."""
+    import copy
+
+    partial = copy.deepcopy(tiny)
+    partial.register_modules(vae=None, text_encoder=None)
+    partial.save_pretrained(tmp_path / "unet_only")
+    pipe = load_base_pipeline(str(tmp_path / "unet_only"))
+    assert pipe.vae is None and pipe.text_encoder is None and not pipe.unet.training
+
+
+def test_more_steps_than_the_schedule_has_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match=r"num_inference_steps \(1000\) must be <= 999"):
+        tiny("a dog", num_inference_steps=1000, **{k: v for k, v in SMALL.items() if k != "num_inference_steps"})
+
+
+def test_optimize_pipeline_on_the_cpu_leaves_float32(tiny):
+    import copy
+
+    from customcrafter.performance import SpeedConfig, optimize_pipeline
+
+    pipe = copy.deepcopy(tiny).to(dtype=torch.bfloat16)
+    optimize_pipeline(pipe, SpeedConfig(dtype="bf16"))
+    assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)} == {torch.float32}
+
+
 def test_encode_prompt_shape_and_bad_sizes(tiny):
     assert tiny.encode_prompt(["a", "b"]).shape == (2, 77, 32)
     with pytest.raises(ValueError, match="multiples of 8"):

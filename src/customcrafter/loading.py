@@ -151,9 +151,13 @@ def load_base_pipeline(
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: not a converted model folder (no model_index.json)")
         pipe = VideoCrafter2Pipeline.from_pretrained(path)
-    elif path.suffix in (".ckpt", ".safetensors", ".pt", ".pth") or path.is_file():
+    elif path.is_file():
         pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(path, cache_dir))
-    elif "/" in model and not path.exists():
+    elif ":" in model and "/" in model.partition(":")[0]:  # repo_id:filename (its .ckpt suffix is not a local file)
+        pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(_download(model), cache_dir))
+    elif path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    elif "/" in model and not path.exists():  # a hub id
         pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(_download(model), cache_dir))
     else:
         raise FileNotFoundError(f"{model}: not 'tiny', a hub id, a checkpoint file or a converted folder")
@@ -161,6 +165,7 @@ def load_base_pipeline(
     # Inference weights: frozen, eval mode. (Also numerics: on CPU, F.linear folds 3D inputs differently when the
     # weight requires grad, so a frozen and an unfrozen copy of the same model differ in the last bits.)
     for component in (pipe.unet, pipe.vae, pipe.text_encoder):
-        component.requires_grad_(False).eval()
+        if component is not None:  # a folder converted with only some components
+            component.requires_grad_(False).eval()
     pipe = pipe.to(device or "cpu")
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -267,8 +267,10 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
     pipe.decode_chunk_size = config.decode_chunk_size
     if device.type != "cuda":
         if config.dtype != "fp32" or config.compile != "none":
-            logger.info("optimize_pipeline on %s: keeping float32 and eager mode (GPU-only settings ignored)",
-                        device.type)
+            logger.info("optimize_pipeline on %s: float32 and eager mode (GPU-only settings ignored)", device.type)
+        for component in (pipe.unet, pipe.text_encoder, pipe.vae):
+            if component is not None:
+                component.to(dtype=torch.float32)
         return pipe
     if config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

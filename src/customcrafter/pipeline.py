@@ -89,6 +89,11 @@ class VideoCrafter2Pipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         if num_frames < 1 or num_inference_steps < 1:
             raise ValueError(f"num_frames ({num_frames}) and num_inference_steps ({num_inference_steps}) must be >= 1")
+        config = self.scheduler.config
+        most = config.num_train_timesteps - getattr(config, "steps_offset", 0)
+        if num_inference_steps > most:  # the schedule's timesteps would run past the trained ones
+            raise ValueError(f"num_inference_steps ({num_inference_steps}) must be <= {most} "
+                             f"(num_train_timesteps {config.num_train_timesteps} - steps_offset)")
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: use 'np', 'pt' or 'latent'")
 
