@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -217,3 +218,64 @@ def test_real_server_killed_mid_run_then_restarted_loses_no_metric(tmp_path, mon
     finally:
         server.stop()
 
+
+
+def _offline_run_then_flush_until_log_batch(tracker, monkeypatch, on_log_batch):
+    """A run started and ended while the server was down (everything buffered); then the server comes back for
+    ``create_run`` and the next operation, ``log_batch``, does ``on_log_batch``."""
+    real_create = tracker.client.create_run
+    monkeypatch.setattr(tracker.client, "create_run", lambda *a, **k: (_ for _ in ()).throw(_DOWN))
+    with tracker.start_run("pipeline"):
+        tracker.log_params({"steps": 5})
+        for step in range(3):
+            tracker.log_metric("loss", step * 0.1, step=step)
+    monkeypatch.setattr(tracker.client, "create_run", real_create)
+    monkeypatch.setattr(tracker.client, "log_batch", on_log_batch)
+    tracker.flush()
+
+
+def _only_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def test_a_spool_left_after_a_partial_flush_reaches_the_run_that_flush_created(sqlite_uri, experiment, tmp_path,
+                                                                                 monkeypatch):
+    """The run was created, then the server went away again and the process died: the spool's remaining lines
+    must carry the new run's id, or a replay drops them and leaves the run RUNNING and empty."""
+    spool = tmp_path / "partial.jsonl"
+    tracker = Tracker(sqlite_uri, experiment, spool_path=spool, max_retries=0, reconnect_interval_s=3600)
+    _offline_run_then_flush_until_log_batch(tracker, monkeypatch, lambda *a, **k: (_ for _ in ()).throw(_DOWN))
+    del tracker  # dies with the rest in the spool
+    assert replay_spool(sqlite_uri, spool, experiment) == 0
+    run = _only_run(sqlite_uri, experiment)
+    assert run.data.params == {"steps": "5"} and run.info.status == "FINISHED"
+    assert [s for s, _ in _history(sqlite_uri, run.info.run_id, "loss")] == [0, 1, 2]
+
+
+def test_a_process_killed_right_after_creating_a_run_does_not_create_it_twice(sqlite_uri, experiment, tmp_path):
+    """Killed (OOM, eviction: no cleanup) during a flush, just after the server created the buffered run: the
+    replay must log into that run, not create a second one that stays RUNNING."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    spool = tmp_path / "killed.jsonl"
+    script = textwrap.dedent(f"""
+        import os, pytest
+        sys_path = {str(Path(__file__).parent)!r}
+        import sys; sys.path.insert(0, sys_path)
+        from test_tracking import Tracker, _offline_run_then_flush_until_log_batch
+        monkeypatch = pytest.MonkeyPatch()
+        tracker = Tracker({sqlite_uri!r}, {experiment!r}, spool_path={str(spool)!r}, max_retries=0,
+                          reconnect_interval_s=3600)
+        _offline_run_then_flush_until_log_batch(tracker, monkeypatch, lambda *a, **k: os._exit(9))
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], env=os.environ, capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert replay_spool(sqlite_uri, spool, experiment) == 0
+    run = _only_run(sqlite_uri, experiment)
+    assert run.data.params == {"steps": "5"} and run.info.status == "FINISHED"

@@ -298,6 +298,8 @@ class Tracker:
                     self._reject(op, exc)
                 self._pending.pop(0)
                 sent += 1
+                if op["op"] == "create_run":  # on disk at once: a process killed now must not create it again
+                    self._rewrite_spool()
         finally:
             if sent:
                 self._rewrite_spool()
@@ -311,12 +313,17 @@ class Tracker:
             self._offline_since = time.monotonic()
         self._last_attempt = time.monotonic()
 
-    def _buffer(self, op: dict[str, Any]) -> None:
-        # Resolve what is already known, so each spool line stands on its own in a later process.
-        if op.get("key") in self._run_ids:
+    def _resolved(self, op: dict[str, Any]) -> dict[str, Any]:
+        """``op`` with the run ids already known filled in, so its spool line stands on its own in a later
+        process (one that replays the spool knows nothing of this process's runs)."""
+        if op.get("key") in self._run_ids and not op.get("run_id"):
             op = {**op, "run_id": self._run_ids[op["key"]]}
-        if op.get("parent") in self._run_ids:
+        if op.get("parent") in self._run_ids and not op.get("parent_run_id"):
             op = {**op, "parent_run_id": self._run_ids[op["parent"]]}
+        return op
+
+    def _buffer(self, op: dict[str, Any]) -> None:
+        op = self._resolved(op)
         self._pending.append(op)
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         with self.spool_path.open("a") as fh:
@@ -326,6 +333,8 @@ class Tracker:
         if not self._pending:
             self.spool_path.unlink(missing_ok=True)
             return
+        # runs created since these were buffered: their ids go into the lines that are left
+        self._pending = [self._resolved(op) for op in self._pending]
         tmp = self.spool_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(op) + "\n" for op in self._pending))
         tmp.replace(self.spool_path)
