@@ -177,3 +177,42 @@ def test_fetch_subject_leaves_a_bad_class_word_to_data_validation(tmp_path, capl
     result = validate_data(out, subjects=["bad_word"], out_dir=tmp_path / "gx")
     assert not result.success and result.html_path.is_file()
     assert any("class_word" in line for line in result.problems["bad_word"])
+
+
+def test_evaluation_of_a_method_whose_training_run_never_reached_mlflow_gets_its_own_run(tmp_path, monkeypatch):
+    """With the server away when training opened its run, the train step passes no run id on: evaluation must
+    still reach MLflow (it skipped the method before), in a run of its own, tagged as such."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    import customcrafter.evaluation.protocol as protocol
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("eval")
+    trained = client.create_run(experiment_id, run_name="dog/customcrafter").info.run_id
+    files = {name: tmp_path / name for name in ("report.html", "summary.md", "summary.csv", "per_video.csv")}
+    for path in files.values():
+        path.write_text("x")
+    metrics = {"customcrafter": {"clip_t": 0.3}, "dreamvideo": {"clip_t": 0.2}}
+    monkeypatch.setattr(protocol, "evaluate", lambda *a, **k: SimpleNamespace(
+        metrics=metrics, num_videos=2, report_html=files["report.html"], summary_md=files["summary.md"],
+        summary_csv=files["summary.csv"], per_video_csv=files["per_video.csv"]))
+    samples = []
+    for method, run_id in (("customcrafter", trained), ("dreamvideo", "")):
+        folder = tmp_path / method
+        folder.mkdir()
+        (folder / "manifest.jsonl").write_text("{}\n")
+        samples.append((str(folder), {"subject": "dog", "method": method, "mlflow_run_id": run_id,
+                                      "mlflow_parent_run_id": ""}))
+    local_run.evaluate_step(samples=samples, out_dir=str(tmp_path / "eval"), report_html=str(tmp_path / "r.html"),
+                            summary_md=str(tmp_path / "s.md"), config_overrides=[], tracking_uri=uri,
+                            experiment="eval")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment_id])}
+    assert set(runs) == {"dog/customcrafter", "dog/dreamvideo"}
+    assert runs["dog/customcrafter"].data.metrics == {"clip_t": 0.3}
+    new = runs["dog/dreamvideo"]
+    assert new.data.metrics == {"clip_t": 0.2} and new.data.tags["created_by"] == "evaluate"
+    assert new.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(new.info.run_id)} == {"samples", "evaluation"}

@@ -419,12 +419,22 @@ def evaluate_step(*, samples: list[tuple[str, dict[str, Any]]], out_dir: str, re
     with _tracker(tracking_uri, experiment) as tracker:
         parents = set()
         for path, meta in samples:
-            if not meta.get("mlflow_run_id"):
-                continue
-            run = _existing_run(tracker, meta["mlflow_run_id"], f"{meta.get('subject')}/{meta.get('method')}")
-            tracker.log_metrics(result.metrics.get(meta["method"], {}), run=run)
-            tracker.log_artifacts(path, "samples", run=run)
-            tracker.log_artifact(result.report_html, "evaluation", run=run)
+            name = f"{meta.get('subject')}/{meta.get('method')}"
+
+            def log(run, path=path, meta=meta):
+                tracker.log_metrics(result.metrics.get(meta["method"], {}), run=run)
+                tracker.log_artifacts(path, "samples", run=run)
+                tracker.log_artifact(result.report_html, "evaluation", run=run)
+
+            if meta.get("mlflow_run_id"):
+                log(_existing_run(tracker, meta["mlflow_run_id"], name))
+            else:  # its training run never reached MLflow (server away then): the results get a run of their own
+                logger.warning("%s: no MLflow run from training; logging the evaluation to a new run", name)
+                tags = {"subject": meta.get("subject"), "method": meta.get("method"), "created_by": "evaluate"}
+                if meta.get("mlflow_parent_run_id"):
+                    tags["mlflow.parentRunId"] = meta["mlflow_parent_run_id"]
+                with tracker.start_run(name, tags=tags) as run:
+                    log(run)
             parents.add(meta.get("mlflow_parent_run_id"))
         for parent_id in filter(None, parents):
             parent = _existing_run(tracker, parent_id, "pipeline")
