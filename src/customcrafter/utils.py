@@ -27,10 +27,11 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{target}: already exists (use overwrite/--force)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    appeared = f"{target}: written by another process meanwhile; kept, this copy dropped"
     try:
         yield tmp
         if target.exists() and not overwrite:
-            raise FileExistsError(f"{target}: written by another process meanwhile; kept, this copy dropped")
+            raise FileExistsError(appeared)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -42,8 +43,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
                 tmp.rename(target)
             except OSError:  # a non-empty folder appeared at target since the check above
                 if target.exists() and not overwrite:
-                    raise FileExistsError(f"{target}: written by another process meanwhile; kept, this copy "
-                                          "dropped") from None
+                    raise FileExistsError(appeared) from None
                 raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

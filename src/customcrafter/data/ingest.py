@@ -32,6 +32,8 @@ from customcrafter.data.subjects import (
     SubjectMeta,
     is_ignored_file,
     iter_image_files,
+    sha256_file,
+    subject_dirs,
 )
 from customcrafter.utils import atomic_dir
 
@@ -102,22 +104,20 @@ def _collect_files(photos_dir: Path) -> tuple[list[Path], list[Path], list[str]]
 
 
 def _encoded(image) -> bytes:
+    """The bytes the subject's ``NN.jpg`` will hold."""
     buffer = io.BytesIO()
     image.save(buffer, **JPEG_OPTIONS)
     return buffer.getvalue()
 
 
-def _stored_elsewhere(images: list, sources: list[Path], data_root: Path, name: str) -> list[str]:
+def _stored_elsewhere(encoded: list[bytes], sources: list[Path], data_root: Path, name: str) -> list[str]:
     """Problems for photos whose stored file would repeat an image of another subject: validation requires every
     image's sha256 to be unique across subjects (a photo filed under two subjects is a mistake)."""
-    subjects = data_root / "subjects"
-    stored = {}
-    for folder in (p for p in subjects.iterdir() if p.is_dir() and p.name != name) if subjects.is_dir() else ():
-        for path in iter_image_files(folder):
-            stored[hashlib.sha256(path.read_bytes()).hexdigest()] = path
+    stored = {sha256_file(path): path for folder in subject_dirs(data_root) if folder.name != name
+              for path in iter_image_files(folder)}
     problems = []
-    for image, source in zip(images, sources, strict=True):
-        twin = stored.get(hashlib.sha256(_encoded(image)).hexdigest())
+    for data, source in zip(encoded, sources, strict=True):
+        twin = stored.get(hashlib.sha256(data).hexdigest())
         if twin is not None:
             problems.append(f"{source}: the same image is already stored as {twin} (subject {twin.parent.name!r})")
     return problems
@@ -170,7 +170,8 @@ def ingest_subject(photos_dir: str | Path, name: str, class_word: str, *, kind: 
             continue
         images.append(normalised)
         sources.append(path)
-    problems += _stored_elsewhere(images, sources, data_root, name)
+    encoded = [_encoded(image) for image in images]
+    problems += _stored_elsewhere(encoded, sources, data_root, name)
     if not candidates and not problems:
         problems.append(f"{photos_dir}: no images found (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
     elif len(images) < min_images:
@@ -185,9 +186,9 @@ def ingest_subject(photos_dir: str | Path, name: str, class_word: str, *, kind: 
     written: list[Path] = []
     try:
         with atomic_dir(target) as tmp:
-            for index, image in enumerate(images):
+            for index, data in enumerate(encoded):
                 out = tmp / f"{index:02d}.jpg"
-                image.save(out, **JPEG_OPTIONS)
+                out.write_bytes(data)
                 written.append(target / out.name)
             (tmp / SUBJECT_FILE).write_text(yaml.safe_dump(meta.model_dump(exclude_none=True), sort_keys=False))
         dvc_file = None

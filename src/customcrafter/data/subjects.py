@@ -38,6 +38,9 @@ __all__ = [
     "DataVersion",
     "load_subject",
     "list_subjects",
+    "subject_dirs",
+    "files_digest",
+    "sha256_file",
     "subject_content_hash",
     "data_version",
     "iter_image_files",
@@ -179,13 +182,18 @@ def load_subject(subject_dir: str | Path, min_images: int = 1) -> Subject:
 
 def list_subjects(data_root: str | Path = "data") -> list[Subject]:
     """Every subject under ``data_root/subjects``, sorted by name (an empty list when there is none)."""
+    return [load_subject(p) for p in subject_dirs(data_root)]
+
+
+def subject_dirs(data_root: str | Path = "data") -> list[Path]:
+    """The subject folders under ``data_root/subjects``, sorted by name, loaded or not (none when it is missing)."""
     subjects_dir = Path(data_root) / "subjects"
     if not subjects_dir.is_dir():
         return []
-    return [load_subject(p) for p in sorted(subjects_dir.iterdir()) if p.is_dir() and not is_ignored_file(p)]
+    return sorted(p for p in subjects_dir.iterdir() if p.is_dir() and not is_ignored_file(p))
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -197,11 +205,17 @@ def subject_content_hash(subject_dir: str | Path) -> str:
     """sha256 over the images and ``subject.yaml`` (names and bytes): changes whenever the subject's data does."""
     folder = Path(subject_dir)
     files = iter_image_files(folder) + [folder / SUBJECT_FILE]
-    digest = hashlib.sha256()
     for path in files:
         if not path.is_file():
             raise SubjectDataError(f"{path}: missing")
-        digest.update(f"{path.name}\0{_sha256_file(path)}\n".encode())
+    return files_digest(files)
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 over the files' names and bytes, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{Path(path).name}\0{sha256_file(Path(path))}\n".encode())
     return digest.hexdigest()
 
 

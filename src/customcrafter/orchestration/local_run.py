@@ -512,21 +512,13 @@ def plan_step(*, data_source: str, data_revision: str, subjects: list[str], trac
     return todo
 
 
-def _subject_dirs(data_root: Path) -> list[Path]:
-    """The subject folders under ``data_root/subjects`` (none when it is missing), sorted by name."""
-    from customcrafter.data.subjects import is_ignored_file
-
-    base = data_root / "subjects"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not is_ignored_file(p)) if base.is_dir() else []
-
-
 def _plannable_subjects(data_root: Path, wanted: set[str]):
     """The subjects under ``data_root/subjects`` that load. A folder that does not is skipped with a warning (one
     broken subject must not block the others' retraining), unless it is one of ``wanted``: then it is an error."""
-    from customcrafter.data.subjects import SubjectDataError, load_subject
+    from customcrafter.data.subjects import SubjectDataError, load_subject, subject_dirs
 
     found = []
-    for folder in _subject_dirs(data_root):
+    for folder in subject_dirs(data_root):
         try:
             found.append(load_subject(folder))
         except SubjectDataError as exc:
@@ -692,6 +684,7 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
     import kfp.local
 
     from customcrafter.config import load_config
+    from customcrafter.data.subjects import subject_dirs
     from customcrafter.orchestration.settings import DEFAULT_METHODS, preset_overrides
 
     out_dir = Path(out).resolve()
@@ -756,7 +749,7 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
     trained = sorted(f"{m.get('subject')}/{m.get('method')}" for m in _artifact_metadata(run_dir, "train-subject"))
     result = LocalRunResult(out_dir=out_dir, run_dir=run_dir, tracking_uri=tracking_uri, experiment=experiment,
                             videos=videos, reports=reports, trained=trained,
-                            registered=_registered(tracking_uri, subjects or [p.name for p in _subject_dirs(data_root)]))
+                            registered=_registered(tracking_uri, subjects or [p.name for p in subject_dirs(data_root)]))
     _print_summary(result, base_model, echo)
     return result
 

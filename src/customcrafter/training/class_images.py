@@ -101,7 +101,7 @@ def resolve_class_images(config, pipe, class_word: str) -> list[Path]:
                 folder)
     try:
         return generate_class_images(pipe, prompt, config.num_class_images, folder, tuple(config.resolution),
-                                     config.class_image_steps, config.seed)[: config.num_class_images]
+                                     config.class_image_steps, config.seed)
     except FileExistsError:  # pods sharing the cache volume generated the same set at once: the first one stays
         images = iter_image_files(folder)
         if len(images) < config.num_class_images:

@@ -21,7 +21,6 @@ over processes) every ``log_every`` steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -541,6 +540,8 @@ _NOT_FINGERPRINTED = frozenset({
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
+    """Nested config values as ``{"a.b": value}``, the values kept as they are (tracking.flatten_params makes them
+    strings for MLflow; a fingerprint keeps them typed, so a mismatch shows 0.002, not '0.002')."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict):
@@ -550,24 +551,17 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _images_digest(paths: list[Path]) -> str:
-    """sha256 (16 hex digits) of the subject's image files: names and bytes."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def run_fingerprint(config: TrainConfig, subject, pipe, global_batch: int) -> dict:
     """What a checkpoint must share with a run to be resumed by it (JSON): the resolved subject (its images by
     content, not where the folder is; name, class word, token, kind), the base model (as named and its signature), the global batch and every other
     TrainConfig field but :data:`_NOT_FINGERPRINTED`."""
+    from customcrafter.data.subjects import files_digest
     from customcrafter.loading import base_model_signature
 
     base = Path(config.base_model)
     fields = {k: v for k, v in _flatten(config.model_dump(mode="json")).items() if k not in _NOT_FINGERPRINTED}
     return json.loads(json.dumps({
-        "subject.images": _images_digest(subject.image_paths),
+        "subject.images": files_digest(subject.image_paths)[:16],
         "subject.name": subject.name, "subject.class_word": subject.class_word, "subject.token": subject.token,
         "subject.kind": subject.kind,
         "base_model": str(base.resolve()) if base.exists() else config.base_model,
