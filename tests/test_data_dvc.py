@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from customcrafter.data.ingest import ingest_subject
 from customcrafter.data.subjects import data_version, list_subjects, subject_content_hash
@@ -98,9 +99,16 @@ def test_validate_all_dreambooth_subjects_and_report_failures(tmp_path, dreamboo
     meta.write_text(meta.read_text().replace("token: <new1>", "token: new1"))
     for extra in sorted((data / "subjects" / "red_cartoon").glob("*.jpg"))[1:]:
         extra.unlink()
+    with Image.open(data / "subjects" / "cat" / "00.jpg") as image:  # an orientation the EXIF standard lacks
+        exif = image.getexif()
+        exif[0x0112] = 9
+        image.save(data / "subjects" / "cat" / "00.jpg", exif=exif)
     result = validate_data(data, out_dir=tmp_path / "out2")
     assert not result.success
-    assert set(result.problems) == {"can", "dog", "dog2", "clock", "red_cartoon"}
+    assert set(result.problems) == {"can", "dog", "dog2", "clock", "red_cartoon", "cat"}
+    # the cell as the manifest wrote it (not a float of a column with gaps), no error note on a decodable file
+    assert any(p.endswith("00.jpg: exif_orientation=9 fails expect_column_values_to_be_between(exif_orientation, "
+                          "{'min_value': 1, 'max_value': 8})") for p in result.problems["cat"]), result.problems["cat"]
     assert any("00.jpg" in p and "decodable" in p for p in result.problems["can"])
     assert any("sha256" in p for p in result.problems["dog2"])
     assert any("token" in p for p in result.problems["clock"])
@@ -114,7 +122,7 @@ def test_validate_all_dreambooth_subjects_and_report_failures(tmp_path, dreamboo
     with pytest.raises(SystemExit) as failed:
         main(["data", "validate", "--data-root", str(data), "--out", str(tmp_path / "out3")])
     assert failed.value.code == 1
-    main(["data", "validate", "--data-root", str(data), "--subject", "cat", "--out", str(tmp_path / "out4")])
+    main(["data", "validate", "--data-root", str(data), "--subject", "duck_toy", "--out", str(tmp_path / "out4")])
 
 
 def test_an_interrupted_command_exits_130(tmp_path, monkeypatch):

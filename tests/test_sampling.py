@@ -134,6 +134,9 @@ def test_cli_samples_the_base_model_and_rejects_bad_input(tmp_path, capsys):
     from customcrafter.video_io import read_video
 
     assert np.asarray(read_video(out)).shape[1:3] == (64, 96)
+    stamp = out.stat().st_mtime_ns
+    assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(out)]) == 2  # no silent overwrite
+    assert "--force" in capsys.readouterr().err and out.stat().st_mtime_ns == stamp
     assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.avi")]) == 2
     assert _cli(["train", "--subject", str(tmp_path), "--class-word", "dog", "--set", "learning_rate=1"]) == 2
     assert "learning_rate" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from customcrafter.cli import UserError, app
 @app.command("sample")
 def sample_command(
     prompt: str = typer.Option(..., "--prompt", help='e.g. "<new1> dog is running on a beach".'),
-    out: Path = typer.Option(..., "--out", help="Output video: .mp4 or .gif."),
+    out: Path = typer.Option(..., "--out", help="Output video: .mp4 or .gif (must not exist unless --force)."),
     subject_modules: list[Path] = typer.Option(None, "--subject-module", help="Subject module folder "
                                                                                "(repeatable); none = base model."),
     dwvss: str | None = typer.Option(None, "--dwvss", help="LAMBDA_S,LAMBDA_L,K[,reference] (default 0.4,0.8,5)."),
@@ -27,6 +27,7 @@ def sample_command(
     compile_mode: str = typer.Option("none", "--compile", help="GPU: none, regional or full (torch.compile; "
                                                                 "minutes of compilation, for many videos)."),
     dtype: str = typer.Option("bf16", "--dtype", help="GPU weights: bf16, fp16 or fp32 (the CPU runs fp32)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Sample one video and write it to --out."""
     import os
@@ -44,6 +45,8 @@ def sample_command(
         raise UserError("--dwvss and --no-dwvss exclude each other")
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise UserError(f"--out {out}: use a .mp4 or .gif file name")
+    if out.exists() and not force:  # checked before minutes of loading and sampling
+        raise UserError(f"--out {out}: already exists (use --force to replace it)")
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     if no_dwvss:
         sample_config = sample_config.model_copy(update={"dwvss": None})

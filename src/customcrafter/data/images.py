@@ -33,6 +33,11 @@ __all__ = ["ImageLimits", "ImageRejected", "ImageInfo", "open_checked", "inspect
 #: PIL format names accepted (MPO is the multi-picture JPEG many phones write).
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "TIFF"})
 EXIF_ORIENTATION_TAG = 0x0112
+EXIF_ORIENTATIONS = range(1, 9)  # the values the EXIF standard defines; others are a broken tag
+#: pixel modes that :func:`normalise_image` turns into 8-bit RGB (PIL's converters, or our alpha and high-bit-depth
+#: paths); the validation suite refuses any other
+CONVERTIBLE_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "RGBA", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "LAB",
+                               "HSV", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
 class ImageLimits(StrictModel):

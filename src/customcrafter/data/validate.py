@@ -1,7 +1,7 @@
 """Great Expectations validation of the subject data: ``customcrafter data validate``.
 
 Two expectation suites over the manifest (:mod:`customcrafter.data.manifest`): one on the image rows (decodable,
-known format, minimum side, sane aspect, non-empty, no duplicate hashes) and one on the subject rows (safe name,
+known format and pixel mode, a defined EXIF orientation, minimum side, sane aspect, non-empty, no duplicate hashes) and one on the subject rows (safe name,
 class word present, token well-formed, kind known, enough images, readable ``subject.yaml``). The results are
 written as JSON and as GX's own HTML rendering (the data docs page of a validation result), to be logged as
 pipeline artifacts.
@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydantic import Field
 
 from customcrafter.config import StrictModel
-from customcrafter.data.images import ACCEPTED_FORMATS, ImageLimits
+from customcrafter.data.images import ACCEPTED_FORMATS, CONVERTIBLE_MODES, EXIF_ORIENTATIONS, ImageLimits
 from customcrafter.data.manifest import build_manifest
 from customcrafter.data.subjects import CLASS_WORD_PATTERN, NAME_PATTERN, TOKEN_PATTERN
 from customcrafter.utils import atomic_write_bytes
@@ -61,6 +63,9 @@ def build_suites(config: ValidationConfig):
     images = gx.ExpectationSuite("customcrafter_images", expectations=[
         e.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
         e.ExpectColumnValuesToBeInSet(column="format", value_set=sorted(ACCEPTED_FORMATS)),
+        e.ExpectColumnValuesToBeInSet(column="mode", value_set=sorted(CONVERTIBLE_MODES)),
+        e.ExpectColumnValuesToBeBetween(column="exif_orientation", min_value=EXIF_ORIENTATIONS.start,
+                                        max_value=EXIF_ORIENTATIONS.stop - 1),
         e.ExpectColumnValuesToBeBetween(column="bytes", min_value=1),
         e.ExpectColumnValuesToBeBetween(column="min_side", min_value=config.min_side),
         e.ExpectColumnValuesToBeBetween(column="aspect", min_value=1.0, max_value=config.max_aspect),
@@ -87,7 +92,7 @@ def _run_suite(context, name: str, frame, suite):
 
 def _describe(expectation_result) -> str:
     config = expectation_result.expectation_config
-    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column")}
+    kwargs = {k: _plain(v) for k, v in config.kwargs.items() if k not in ("batch_id", "column")}
     return f"{config.type}({config.kwargs.get('column')}, {kwargs})" if kwargs else f"{config.type}"
 
 
@@ -104,16 +109,27 @@ def _problems(result, frame, label_column: str, detail) -> dict[str, list[str]]:
         for index in indices:
             row = frame.loc[index]
             problems.setdefault(row["subject"], []).append(
-                f"{detail(row)}: {column}={row[column]!r} fails {_describe(expectation_result)}")
+                f"{detail(row)}: {column}={_plain(row[column])!r} fails {_describe(expectation_result)}")
     return problems
 
 
+def _plain(value):
+    """A frame cell as the manifest wrote it: NaN → None, a whole float (an int column with gaps) → int."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return None if math.isnan(value) else int(value) if value.is_integer() else value
+    return value
+
+
 def _image_detail(row) -> str:
-    return f"{row['path']}" + (f" ({row['error']})" if row.get("error") else "")
+    error = _plain(row.get("error"))
+    return f"{row['path']}" + (f" ({error})" if error else "")
 
 
 def _subject_detail(row) -> str:
-    return f"subject {row['folder_name']}" + (f" ({row['yaml_error']})" if row.get("yaml_error") else "")
+    error = _plain(row.get("yaml_error"))
+    return f"subject {row['folder_name']}" + (f" ({error})" if error else "")
 
 
 def validate_data(data_root: str | Path = "data", subjects: list[str] | None = None,
