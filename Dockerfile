@@ -59,8 +59,11 @@ RUN groupadd --gid 1000 app \
     && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/app app \
     && mkdir -p /cache /workspace \
     && chown 1000:1000 /cache /workspace
-# Declared last so a new commit rebuilds only this layer.
+# Declared last so a new commit rebuilds only this layer. Required: a model registered from an image without it would
+# carry no code lineage, so the build stops here instead.
 ARG GIT_COMMIT=""
+RUN test -n "${GIT_COMMIT}" \
+    || { echo 'GIT_COMMIT is empty: build with --build-arg GIT_COMMIT=$(git rev-parse HEAD)' >&2; exit 1; }
 ENV CUSTOMCRAFTER_GIT_COMMIT=${GIT_COMMIT}
 # Numeric user so Kubernetes can verify runAsNonRoot without a runAsUser override.
 USER 1000:1000

@@ -223,6 +223,9 @@ def test_dockerfile_project_image_keeps_base_torch_and_installs_package():
     assert "CUSTOMCRAFTER_CACHE=/cache/customcrafter" in env, "converted checkpoints must outlive the pod (model cache)"
     # registered models carry the code's commit: the image has no .git, so the build passes it in
     assert ("ARG", 'GIT_COMMIT=""') in final and "CUSTOMCRAFTER_GIT_COMMIT=${GIT_COMMIT}" in env
+    guard = next(args for ins, args in final if ins == "RUN" and "GIT_COMMIT" in args)  # an empty one stops the build
+    assert subprocess.run(["sh", "-c", guard], env={"GIT_COMMIT": ""}, capture_output=True).returncode != 0
+    assert subprocess.run(["sh", "-c", guard], env={"GIT_COMMIT": "1f33fc4"}, capture_output=True).returncode == 0
     assert DEFAULT_GPU_SCHEDULING.model_cache_mount_path == "/cache"
     assert "MLFLOW_DISABLE_TELEMETRY=true" in env and "DO_NOT_TRACK=true" in env
 
