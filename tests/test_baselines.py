@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -98,6 +100,41 @@ def test_exactly_the_intended_parameters_change(tmp_path, dreambooth_dir, method
     assert table.shape[0] == before["text.embeddings.token_embedding.weight"].shape[0] + 1
     assert len(result.losses) == result.steps == (4 if method == "custom_diffusion" else 7)
     assert (result.module_dir / "module.json").is_file()
+    assert not any(part.training for part in (pipe.unet, pipe.text_encoder, pipe.vae))  # back as loaded
+
+
+def test_dreamvideo_trains_without_class_images_by_default(tmp_path, dreambooth_dir):
+    _, _, result = _train(tmp_path, dreambooth_dir, "dreamvideo", prior_preservation=None, steps=1,
+                          dreamvideo={"inversion_steps": 1})
+    assert result.steps == 2 and not (tmp_path / "class_cache").exists()  # VGen: no prior loss, none generated
+    assert json.loads((result.module_dir / "module.json").read_text())["train_config"]["prior_preservation"] is False
+
+
+def test_start_token_key_and_value_get_no_gradient():
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.training.methods import custom_diffusion_param_names
+    from customcrafter.training.trainer import detach_start_token_kv
+
+    unet = load_base_pipeline("tiny").unet
+    params = dict(unet.named_parameters())
+    names = custom_diffusion_param_names(unet)
+    for name in names:
+        params[name].requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 2, 8, 12, generator=generator)
+    context = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    context[:, 0] = torch.randn(unet.config.cross_attention_dim, generator=generator)  # only the start token
+
+    def largest_gradient(detached: bool) -> float:
+        unet.zero_grad()
+        handles = detach_start_token_kv(unet) if detached else []
+        unet(latents, torch.tensor([500]), encoder_hidden_states=context, fps=torch.tensor([16])).sample.square() \
+            .mean().backward()
+        for handle in handles:
+            handle.remove()
+        return max(params[name].grad.abs().max().item() for name in names)
+
+    assert largest_gradient(False) > 0 and largest_gradient(True) == 0
 
 
 @pytest.mark.parametrize("method", ["custom_diffusion", "dreamvideo"])
@@ -107,8 +144,10 @@ def test_saved_baseline_reloads_and_reproduces_a_video(tmp_path, dreambooth_dir,
     from customcrafter.subject_module import load_subject_module
 
     fields = {"dreamvideo": {"inversion_steps": 2}} if method == "dreamvideo" else {}
-    _, _, result = _train(tmp_path, dreambooth_dir, method, steps=2, **fields)
+    trained, _, result = _train(tmp_path, dreambooth_dir, method, steps=2, **fields)
     config = SampleConfig(num_inference_steps=3, num_frames=2, height=64, width=96)
+    # (the trained pipeline has no loaded-module record to take the training fps from)
+    from_training = sample_video(trained, "<new1> dog on a beach", seed=3, config=config.model_copy(update={"fps": 16}))
     videos = []
     for _ in range(2):
         pipe = load_base_pipeline("tiny")
@@ -119,3 +158,5 @@ def test_saved_baseline_reloads_and_reproduces_a_video(tmp_path, dreambooth_dir,
     base = sample_video(load_base_pipeline("tiny"), "<new1> dog on a beach", seed=3, config=config)
     assert videos[0].dtype == "uint8" and (videos[0] == videos[1]).all()
     assert not (videos[0] == base).all()  # the module changes the video
+    # what was saved is what was trained (Custom Diffusion's deltas W - W0 add back within float rounding)
+    assert np.abs(videos[0].astype(int) - from_training.astype(int)).max() <= 1

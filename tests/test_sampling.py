@@ -109,7 +109,8 @@ def test_evaluation_set_writes_manifest_and_resumes(tmp_path, dreambooth_dir):
     assert {"method", "subject", "subject_dir", "class_word", "token", "kind", "prompt", "prompt_template",
             "prompt_type", "prompt_index", "seed", "video", "sampling"} <= set(row)
     assert row["video"] == "dog/p00_s0.mp4" and (tmp_path / row["video"]).stat().st_size > 0
-    assert row["sampling"]["fps"] == 28 and row["sampling"]["dwvss"] is None  # base model: plain DDIM
+    # the base model is the motion reference: conditioned at the modules' fps (16), not its own default 28; plain DDIM
+    assert row["sampling"]["fps"] == 16 and row["sampling"]["dwvss"] is None
     stamp = (tmp_path / row["video"]).stat().st_mtime_ns
     sample_evaluation_set(pipe, method="base", subject="dog", subject_dir=dreambooth_dir / "dog", out_dir=tmp_path,
                           seeds=[0, 1], prompt_limit=2, config=config, class_word="dog", kind="live")

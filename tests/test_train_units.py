@@ -17,14 +17,26 @@ from customcrafter.training.config import REFERENCE_LR, TrainConfig
 def test_config_defaults_are_the_paper_and_methods_have_their_own():
     config = TrainConfig(subject_dir="x")
     assert (config.lora_rank, config.weight_decay, config.loss, config.caption_dropout) == (4, 1e-2, "l2", 0.0)
+    assert (config.prior_preservation, config.token_init) == (True, "piece")
     assert (config.num_frames, config.resolution, config.fps, config.seed) == (4, (320, 512), 16, 23)
     assert (config.resolved_lr(), config.resolved_steps()) == (3e-5, 10000)
+    assert config.resolved_lr(global_batch=4) == 3e-5  # the paper's rate is not scaled with the batch
     assert TrainConfig(subject_dir="x", lr_preset="reference").resolved_lr() == REFERENCE_LR
-    assert (TrainConfig(subject_dir="x", method="custom_diffusion").resolved_steps(),
-            TrainConfig(subject_dir="x", method="custom_diffusion").resolved_lr()) == (2000, 1e-5)
+    # Custom Diffusion: its paper's 250 steps at 1e-5 per image in a step (8e-5 at its batch of 8 = the pipeline's
+    # 4 processes x instance + class clip), the rare-token start and its masked L2
+    cd = TrainConfig(subject_dir="x", method="custom_diffusion")
+    assert (cd.resolved_steps(), cd.resolved_lr(global_batch=4), cd.resolved_lr(global_batch=1)) == (250, 8e-5, 2e-5)
+    assert (cd.prior_preservation, cd.token_init, cd.loss) == (True, "rare", "l2_masked")
+    no_prior = TrainConfig(subject_dir="x", method="custom_diffusion", prior_preservation=False)
+    assert no_prior.resolved_lr(global_batch=4) == 4e-5
     assert TrainConfig(subject_dir="x", method="custom_diffusion_long").resolved_steps() == 10000
-    assert TrainConfig(subject_dir="x", method="dreamvideo").resolved_steps() == 800
+    # DreamVideo (VGen): no class images, the token from the class word as a prompt token
+    dv = TrainConfig(subject_dir="x", method="dreamvideo")
+    assert (dv.resolved_steps(), dv.prior_preservation, dv.token_init, dv.loss) == (800, False, "word", "l2")
     assert TrainConfig(subject_dir="x", method="dreamvideo_long").resolved_steps() == 3000
+    # what is given wins over the recipe
+    given = TrainConfig(subject_dir="x", method="dreamvideo", prior_preservation=True, token_init="piece", loss="l1")
+    assert (given.prior_preservation, given.token_init, given.loss) == (True, "piece", "l1")
     # the augmentation follows the training resolution
     assert TrainConfig(subject_dir="x", resolution=(64, 96)).augment.resolution == (64, 96)
 
@@ -127,6 +139,33 @@ def test_multi_word_class_falls_back_to_word_tokens(tiny_text):
     vector = initial_embedding(tokenizer, table, "stuffed animal")
     ids = tokenizer("stuffed animal", add_special_tokens=False)["input_ids"]
     torch.testing.assert_close(vector, table[ids].mean(0))
+
+
+def test_rare_init_starts_from_custom_diffusions_token_whatever_the_class(tiny_text):
+    from customcrafter.training.tokens import initial_embedding
+
+    tokenizer, encoder = tiny_text
+    table = encoder.get_input_embeddings().weight
+    ktn = table[tokenizer.get_vocab()["ktn"]]
+    for class_word in ("dog", "stuffed animal"):
+        torch.testing.assert_close(initial_embedding(tokenizer, table, class_word, "rare"), ktn, rtol=0, atol=0)
+
+
+def test_masked_l2_averages_over_the_mask_and_equals_l2_without_one():
+    from customcrafter.training.trainer import epsilon_loss
+
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 3, 8, 8, generator=generator), torch.randn(2, 4, 3, 8, 8, generator=generator)
+    ones = torch.ones(2, 1, 3, 8, 8)
+    torch.testing.assert_close(epsilon_loss(pred, target, ones, "l2_masked"), epsilon_loss(pred, target, ones, "l2"))
+    mask = torch.zeros(2, 1, 3, 8, 8)
+    mask[0, ..., 2:6, 2:6] = 1  # example 0 zoomed out: only its pasted box counts
+    mask[1] = 1
+    moved = target.clone()
+    moved[0, ..., :2, :] += 100.0  # outside the box: must not change the loss
+    expected = ((pred[0] - target[0])[..., 2:6, 2:6].square().mean() + (pred[1] - target[1]).square().mean()) / 2
+    torch.testing.assert_close(epsilon_loss(pred, target, mask, "l2_masked"), expected)
+    torch.testing.assert_close(epsilon_loss(pred, moved, mask, "l2_masked"), expected)
 
 
 def test_checkpoint_roundtrip_restores_rng_and_optimizer(tmp_path: Path):

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 #: VideoCrafter2's default fps conditioning, used when no subject module says otherwise.
 DEFAULT_BASE_FPS = 28
+#: The base model's fps conditioning in an evaluation set: the rate the modules it is compared with are trained and
+#: sampled at (TrainConfig.fps, the reference code's 16), so its motion is a like-for-like reference.
+EVALUATION_BASE_FPS = 16
 
 
 class SampleConfig(StrictModel):
@@ -129,6 +132,8 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
     prompts = evaluation_prompts(info.kind)[: prompt_limit or None]
     if config.dwvss is not None and not any(m.uses_lora for m in modules):
         config = config.model_copy(update={"dwvss": None})  # baselines / base model: plain DDIM
+    if config.fps is None and not modules:  # the base model as the motion reference: conditioned like the modules
+        config = config.model_copy(update={"fps": EVALUATION_BASE_FPS})
     settings = _sampling_settings(pipe, config)
     rows = []
     (out_dir / subject).mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def save_subject_module(module_dir: str | Path, *, method, pipe, subject, config
     """Write the module atomically (a half-written module never exists)."""
     from customcrafter.dwvss import DWVSSConfig
     from customcrafter.loading import base_model_signature
-    from customcrafter.training.tokens import token_rows
+    from customcrafter.training.tokens import RARE_INIT_TOKEN, token_rows
 
     module_dir = Path(module_dir)
     with atomic_dir(module_dir, overwrite=True) as tmp:
@@ -96,7 +96,8 @@ def save_subject_module(module_dir: str | Path, *, method, pipe, subject, config
         row = token_rows(pipe.text_encoder, [token_id])[0].to("cpu", torch.float32).contiguous()
         save_file({subject.token: row}, str(tmp / "token_embeddings.safetensors"), metadata={"format": "pt"})
         (tmp / "tokenizer_added.json").write_text(json.dumps(
-            {"tokens": [subject.token], "init": {"from": subject.class_word, "mode": config.token_init}}, indent=2))
+            {"tokens": [subject.token], "init": {"from": RARE_INIT_TOKEN if config.token_init == "rare" else
+                                                 subject.class_word, "mode": config.token_init}}, indent=2))
         meta = {
             "format_version": FORMAT_VERSION,
             "method": config.method,

@@ -2,8 +2,8 @@
 
 Where the reference code differs from the paper, the code's choice is a named option (see ``docs/METHOD.md``):
 ``lr_preset="reference"`` (2.4e-4), ``loss="l1"`` (masked), ``caption_dropout=0.2``. The baselines (Custom
-Diffusion, DreamVideo) are selected with ``method`` and use their papers' step counts and learning rates unless
-``steps`` / ``lr`` are given.
+Diffusion, DreamVideo) are selected with ``method``; fields left at None take the method's own recipe
+(``METHOD_RECIPES``: prior preservation, token initialisation, loss; ``resolved_steps``/``resolved_lr``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,27 @@ from pydantic import Field, model_validator
 from customcrafter.config import StrictModel
 from customcrafter.data.augment import AugmentConfig
 
-__all__ = ["TrainConfig", "DreamVideoConfig", "Method", "METHODS", "REFERENCE_LR", "PAPER_INSTANCE_TEMPLATES"]
+__all__ = ["TrainConfig", "DreamVideoConfig", "Method", "METHODS", "METHOD_RECIPES", "REFERENCE_LR",
+           "CUSTOM_DIFFUSION_BASE_LR", "PAPER_INSTANCE_TEMPLATES"]
 
 Method = Literal["customcrafter", "custom_diffusion", "custom_diffusion_long", "dreamvideo", "dreamvideo_long"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
 #: The reference code's effective learning rate: 3e-5 auto-scaled x2 (prior preservation) x4 GPUs x batch 1.
 REFERENCE_LR = 2.4e-4
+#: Custom Diffusion's learning rate per training image: its code scales 1e-5 by the images in a step (8e-5 at its
+#: batch of 8, which the pipeline's 4 processes x (instance + class clip) match).
+CUSTOM_DIFFUSION_BASE_LR = 1e-5
+#: What each method does where its paper and code differ from CustomCrafter's (fields left at None):
+#: - prior preservation: CustomCrafter and Custom Diffusion train with class images, DreamVideo (VGen) without;
+#: - token initialisation: CustomCrafter's code the class word's BPE piece ('dog'), Custom Diffusion's code the rare
+#:   token 'ktn' (id 42170), DreamVideo's code the class word as a prompt token ('dog</w>');
+#: - loss: the paper's L2, Custom Diffusion's L2 averaged over the zoom mask (its masked loss on instance images).
+METHOD_RECIPES: dict[str, dict[str, object]] = {
+    "customcrafter": {"prior_preservation": True, "token_init": "piece", "loss": "l2"},
+    "custom_diffusion": {"prior_preservation": True, "token_init": "rare", "loss": "l2_masked"},
+    "dreamvideo": {"prior_preservation": False, "token_init": "word", "loss": "l2"},
+}
 #: The reference code's instance caption templates; "{}" is filled with "<prefix><token> <class word>".
 PAPER_INSTANCE_TEMPLATES = ("video of a {}", "{}", "a static video of a {}", "a {}")
 
@@ -61,20 +75,24 @@ class TrainConfig(StrictModel):
                                                                        "(paper); 'qkv_out' adds to_out.0")
     lora_temporal: bool = Field(False, description="also wrap the temporal transformers' attention (an older "
                                                     "reference commit did: 192 layers)")
-    token_init: Literal["piece", "word"] = Field(
-        "piece", description="initial embedding of the token: 'piece' = the class word's non-word-final BPE piece "
-                             "('cat', as the reference code); 'word' = mean of the tokens of the class word as it "
-                             "appears in prompts ('cat</w>'). Falls back to 'word' when the piece is not in the vocab")
+    token_init: Literal["piece", "word", "rare"] | None = Field(
+        None, description="initial embedding of the token: 'piece' = the class word's non-word-final BPE piece "
+                          "('cat', as the reference code); 'word' = mean of the tokens of the class word as it "
+                          "appears in prompts ('cat</w>', DreamVideo's code); 'rare' = the rare token 'ktn' (Custom "
+                          "Diffusion's code). 'piece' falls back to 'word' when the piece is not in the vocab. None = "
+                          "the method's (METHOD_RECIPES)")
     detach_sot_kv: bool = Field(True, description="Custom Diffusion's trick (also in the CustomCrafter reference "
                                                   "code): the key/value of the first context token (start of "
                                                   "text) get no gradient in cross-attention")
 
     # --- optimisation -----------------------------------------------------------------------------------------
     steps: int | None = Field(None, ge=1, description="training steps; None = the method's default (customcrafter "
-                                                        "10000, custom_diffusion 2000, _long 10000, dreamvideo: "
-                                                        "adapter steps)")
-    lr: float | None = Field(None, gt=0, description="learning rate; None = the method's default "
-                                                     "(customcrafter 3e-5 or lr_preset, custom_diffusion 1e-5)")
+                                                        "10000, custom_diffusion 250 as its paper, _long 10000, "
+                                                        "dreamvideo: adapter steps)")
+    lr: float | None = Field(None, gt=0, description="learning rate; None = the method's default (customcrafter 3e-5 "
+                                                     "or lr_preset; custom_diffusion 1e-5 per image in a step, "
+                                                     "instance and class clips of all processes, as its code "
+                                                     "scales it: 8e-5 on 4 processes; dreamvideo: adapter_lr)")
     lr_preset: Literal["paper", "reference"] = Field("paper", description="customcrafter lr when lr is None: "
                                                                           "paper 3e-5, reference code 2.4e-4")
     per_device_batch_size: int = Field(
@@ -87,11 +105,16 @@ class TrainConfig(StrictModel):
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float | None = Field(None, gt=0, description="gradient clipping; None = off (reference)")
-    loss: Literal["l2", "l1"] = Field("l2", description="l2 = mean squared error on epsilon (paper); "
-                                                        "l1 = sum|e - e_hat| * mask / sum(mask) (reference code)")
+    loss: Literal["l2", "l1", "l2_masked"] | None = Field(
+        None, description="l2 = mean squared error on epsilon (paper); l1 = sum|e - e_hat| * mask / sum(mask) "
+                          "(reference code); l2_masked = sum (e - e_hat)^2 * mask / sum(mask) (Custom Diffusion: "
+                          "only the pasted subject of a zoomed-out image counts). None = the method's "
+                          "(METHOD_RECIPES)")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="probability that a caption becomes '' "
                                                                   "(reference code: 0.2)")
-    prior_preservation: bool = Field(True, description="class prior preservation loss")
+    prior_preservation: bool | None = Field(None, description="class prior preservation loss; None = the method's "
+                                                              "(on for customcrafter and custom_diffusion, off for "
+                                                              "dreamvideo as VGen trains it)")
     prior_weight: float = Field(1.0, ge=0, description="alpha in loss = instance + alpha * prior")
     num_class_images: int = Field(200, ge=1)
     class_prompt: str = Field("a photo of a {class_word}", description="caption of the class images")
@@ -175,6 +198,9 @@ class TrainConfig(StrictModel):
         height, width = self.resolution
         if height <= 0 or width <= 0 or height % 8 or width % 8:
             raise ValueError(f"resolution {self.resolution}: both sides must be positive multiples of 8")
+        for name, value in METHOD_RECIPES[self.method.removesuffix("_long")].items():
+            if getattr(self, name) is None:  # resolved once, so logs, checkpoints and the module record the value
+                self.__dict__[name] = value
         if tuple(self.augment.resolution) != tuple(self.resolution):
             # One source of truth for the frame size: the augmentation follows `resolution`.
             self.__dict__["augment"] = self.augment.model_copy(update={"resolution": tuple(self.resolution)})
@@ -184,20 +210,20 @@ class TrainConfig(StrictModel):
         return self
 
     # --- method defaults --------------------------------------------------------------------------------------
-    def resolved_lr(self) -> float:
-        """The learning rate of the main stage."""
+    def resolved_lr(self, global_batch: int = 1) -> float:
+        """The learning rate of the main stage, for ``global_batch`` instance clips per step (all processes)."""
         if self.lr is not None:
             return self.lr
         if self.method == "customcrafter":
             return REFERENCE_LR if self.lr_preset == "reference" else 3e-5
         if self.method.startswith("custom_diffusion"):
-            return 1e-5
+            return CUSTOM_DIFFUSION_BASE_LR * global_batch * (2 if self.prior_preservation else 1)
         return self.dreamvideo.adapter_lr
 
     def resolved_steps(self) -> int:
         """The step count of the main (last) stage."""
         if self.steps is not None:
             return self.steps
-        return {"customcrafter": 10000, "custom_diffusion": 2000, "custom_diffusion_long": 10000,
+        return {"customcrafter": 10000, "custom_diffusion": 250, "custom_diffusion_long": 10000,
                 "dreamvideo": self.dreamvideo.adapter_steps or 800,
                 "dreamvideo_long": self.dreamvideo.adapter_steps or 3000}[self.method]

@@ -76,9 +76,10 @@ class SubjectMethod:
         self.token_ids: list[int] = []
 
     # --- what the loop asks -------------------------------------------------------------------------------------
-    def stages(self) -> list[Stage]:
+    def stages(self, global_batch: int = 1) -> list[Stage]:
+        """The stages in order, for ``global_batch`` instance clips per step over all processes."""
         config = self.config
-        return [Stage(self.name, config.resolved_steps(), config.resolved_lr(), config.weight_decay)]
+        return [Stage(self.name, config.resolved_steps(), config.resolved_lr(global_batch), config.weight_decay)]
 
     def setup(self, pipe, token_ids: list[int]) -> None:
         """Freeze everything, splice the trainable token row(s) in, then add the method's trainable parts."""
@@ -336,11 +337,11 @@ class DreamVideoMethod(SubjectMethod):
 
     name = "dreamvideo"
 
-    def stages(self) -> list[Stage]:
+    def stages(self, global_batch: int = 1) -> list[Stage]:
         dv = self.config.dreamvideo
         stages = [Stage("textual_inversion", dv.inversion_steps, dv.inversion_lr, dv.weight_decay,
                         train_token=True),
-                  Stage("identity_adapter", self.config.resolved_steps(), self.config.resolved_lr(),
+                  Stage("identity_adapter", self.config.resolved_steps(), self.config.resolved_lr(global_batch),
                         dv.weight_decay, train_token=False)]
         return [s for s in stages if s.steps > 0]
 

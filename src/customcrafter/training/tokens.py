@@ -21,14 +21,23 @@ __all__ = ["add_placeholder_token", "initial_embedding", "SplicedTokenEmbedding"
 logger = logging.getLogger(__name__)
 
 
+#: The rare token Custom Diffusion's code starts its modifier token from (id 42170 in CLIP's vocabulary).
+RARE_INIT_TOKEN = "ktn"
+
+
 def initial_embedding(tokenizer, table: torch.Tensor, class_word: str, mode: str = "piece") -> torch.Tensor:
-    """The embedding a new token starts from: the class word's.
+    """The embedding a new token starts from.
 
     ``mode="piece"`` (reference code): the vocab entry of the class word *without* the end-of-word marker (``cat``,
     not ``cat</w>``), when it exists as one piece; otherwise (multi-word or rare class words) the ``"word"`` rule:
-    the mean of the embeddings of the tokens the class word is split into in a prompt.
+    the mean of the embeddings of the tokens the class word is split into in a prompt. ``mode="rare"`` (Custom
+    Diffusion's code): the rare token ``ktn``, whatever the class word.
     """
     vocab = tokenizer.get_vocab()
+    if mode == "rare":
+        if RARE_INIT_TOKEN not in vocab:
+            raise ValueError(f"token_init 'rare': the tokenizer has no {RARE_INIT_TOKEN!r} entry")
+        return table[vocab[RARE_INIT_TOKEN]].detach().clone()
     if mode == "piece":
         piece = class_word.strip().lower()
         if piece in vocab:

@@ -70,12 +70,16 @@ class TrainResult:
 def epsilon_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
     """The mean over the batch of per-example losses (so any split of a global batch over processes, whose gradients
     DDP averages, gives the same step). ``l2``: mean squared error (paper; all examples have the same size, so this
-    is the plain mean). ``l1``: per example Σ|ε−ε̂|·mask / Σmask (reference code, which trains batch 1 per GPU)."""
+    is the plain mean). ``l1``: per example Σ|ε−ε̂|·mask / Σmask (reference code, which trains batch 1 per GPU).
+    ``l2_masked``: per example Σ(ε−ε̂)²·mask / Σmask (Custom Diffusion); with an all-ones mask (class clips, images
+    not zoomed out) it equals ``l2``."""
     if kind == "l2":
         return F.mse_loss(pred.float(), target.float())
     mask = mask.expand_as(pred).float()
     dims = tuple(range(1, pred.ndim))
-    per_example = ((pred.float() - target.float()).abs() * mask).sum(dims) / mask.sum(dims).clamp_min(1.0)
+    error = pred.float() - target.float()
+    error = error.abs() if kind == "l1" else error.square()
+    per_example = (error * mask).sum(dims) / mask.sum(dims).clamp_min(1.0)
     return per_example.mean()
 
 
@@ -676,10 +680,10 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         logger.warning("compile applies on CUDA only; training the UNet eagerly on %s", accelerator.device.type)
     dataset = SubjectDataset(subject, config, class_images)
 
-    stages = method.stages()
-    total = sum(s.steps for s in stages)
     per_device, processes = config.per_device_batch_size, accelerator.num_processes
     global_batch, first_index = per_device * processes, per_device * accelerator.process_index
+    stages = method.stages(global_batch)
+    total = sum(s.steps for s in stages)
     fingerprint = run_fingerprint(config, subject, pipe, global_batch)
     start_step, losses, checkpoint = _resume(config, method, dataset, total, fingerprint)
     checkpoints_dir = Path(config.output_dir) / "checkpoints"
@@ -695,6 +699,9 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     dropout_seeds, dropouts = install_example_dropout(pipe.unet)
     model = DiffusionLoss(pipe, config, dropout_seeds=dropout_seeds, num_processes=processes)
     cudnn_benchmark = torch.backends.cudnn.benchmark  # process-wide: put back when training ends
+    # training mode turns the temporal convolutions' dropout on: put each model back as it came (from_pretrained:
+    # eval), or a video sampled with this pipeline afterwards would be drawn with dropout
+    modes = [(part, part.training) for part in (pipe.unet, pipe.text_encoder, pipe.vae)]
     if config.cudnn_benchmark and accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
@@ -742,6 +749,8 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         log.flush()
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        for part, training in modes:
+            part.train(training)
         progress.close()
         for handle in hooks:
             handle.remove()
