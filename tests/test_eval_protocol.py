@@ -15,7 +15,7 @@ from PIL import Image
 
 import customcrafter
 from customcrafter.evaluation.config import METRIC_NAMES, EvalConfig
-from customcrafter.evaluation.protocol import CACHE_NAME, evaluate, read_manifest, summarize
+from customcrafter.evaluation.protocol import CACHE_NAME, comparability, evaluate, read_manifest, summarize
 
 FRAMES, SIZE = 8, 64
 
@@ -171,6 +171,7 @@ def test_evaluate_writes_tables_report_and_metrics(tiny_models, method_dirs, tmp
     assert "src='http" not in report and 'src="http' not in report and "<link" not in report
     markdown = result.summary_md.read_text()
     assert "| customcrafter |" in markdown and "CLIP-T" in markdown and "Dynamic degree" in markdown
+    assert result.warnings == [] and "Not like for like" not in markdown + report  # same videos, same settings
     assert json.loads((tmp_path / "eval" / "eval_config.json").read_text())["clip_model"] == tiny_models[0]
 
 
@@ -222,6 +223,29 @@ def test_video_of_the_reference_image_scores_one(tiny_models, tmp_path):
     # one subject: the interval across subjects is undefined (NaN), the mean is still there
     summary = pd.read_csv(result.summary_csv)
     assert summary["ci_low"].isna().all() and summary["mean"].notna().all()
+
+
+def test_methods_compared_on_other_videos_or_settings_are_flagged():
+    from customcrafter.evaluation.report import render_markdown_summary
+
+    def video(method, subject, prompt, guidance=12.0, dwvss=None):
+        return {"method": method, "subject": subject, "prompt_index": prompt, "seed": 0, "prompt_type": "motion",
+                **{k: 0.5 for k in METRIC_NAMES},
+                "sampling": json.dumps({"guidance_scale": guidance, "dwvss": dwvss, "num_inference_steps": 50})}
+
+    same = pd.DataFrame([video(m, s, p, dwvss={"k": 5} if m == "customcrafter" else None)
+                         for m in ("customcrafter", "custom_diffusion") for s in ("a", "b") for p in (0, 1)])
+    assert comparability(same) == []  # DWVSS is CustomCrafter's own: not a difference
+    other = pd.DataFrame([video("customcrafter", s, p) for s in ("a", "b") for p in (0, 1)]
+                         + [video("custom_diffusion", "a", p, guidance=9.0) for p in (0, 1)])
+    lines = comparability(other)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("method 'custom_diffusion' lacks 2 of the 4 (subject, prompt, seed) videos") \
+        and "subjects: b" in lines[0]
+    assert lines[1].startswith("sampling setting 'guidance_scale' differs between methods") and "9.0" in lines[1]
+    summary = summarize(other, 0.95)
+    markdown = render_markdown_summary(summary, other, EvalConfig(), lines)
+    assert markdown.count("**Not like for like:**") == 2
 
 
 def test_summary_averages_subjects_first_then_t_interval():

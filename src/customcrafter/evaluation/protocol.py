@@ -72,6 +72,7 @@ class EvalResult:
     num_videos: int = 0
     num_computed: int = 0  # videos scored in this run (the rest came from the cache)
     summary: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    warnings: list[str] = field(default_factory=list)  # why methods' means may not be comparable (see comparability)
 
 
 # ----------------------------------------------------------------------------------------------- manifests
@@ -314,6 +315,36 @@ def _tidy_row(row: dict, record: dict, text: str, video_sha: str) -> dict:
 # ----------------------------------------------------------------------------------------------- aggregation
 
 
+#: Sampling settings that differ between methods by design (DWVSS is CustomCrafter's; the base model has no module).
+METHOD_SPECIFIC_SETTINGS = ("dwvss",)
+
+
+def comparability(per_video: pd.DataFrame) -> list[str]:
+    """Why the methods' means may not be comparable: one line per method that lacks (subject, prompt, seed) videos
+    others have, and per sampling setting that differs between methods (other than ``METHOD_SPECIFIC_SETTINGS``)."""
+    if per_video["method"].nunique() < 2:
+        return []
+    keys = {method: set(zip(group["subject"], group["prompt_index"], group["seed"], strict=True))
+            for method, group in per_video.groupby("method", sort=False)}
+    union = set().union(*keys.values())
+    lines = []
+    for method, have in keys.items():
+        if missing := union - have:
+            subjects = sorted({subject for subject, _, _ in missing})
+            lines.append(f"method {method!r} lacks {len(missing)} of the {len(union)} (subject, prompt, seed) videos "
+                         f"the other methods have (subjects: {', '.join(subjects)}): its means cover other videos")
+    settings: dict[str, dict[str, set[str]]] = {}
+    for method, text in zip(per_video["method"], per_video["sampling"], strict=True):
+        for name, value in json.loads(text).items():
+            if name not in METHOD_SPECIFIC_SETTINGS:
+                settings.setdefault(name, {}).setdefault(method, set()).add(json.dumps(value, sort_keys=True))
+    for name, by_method in sorted(settings.items()):
+        if len(set().union(*by_method.values())) > 1 or len(by_method) < len(keys):
+            values = "; ".join(f"{method}: {', '.join(sorted(v))}" for method, v in by_method.items())
+            lines.append(f"sampling setting {name!r} differs between methods ({values})")
+    return lines
+
+
 def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
     """Student-t interval of the mean; NaN with fewer than two values (one subject: undefined)."""
     if len(values) < 2:
@@ -381,6 +412,9 @@ def evaluate(method_dirs: list[Path], out_dir: Path, config: EvalConfig | None =
     records, computed = _score_rows(rows, out_dir / CACHE_NAME, config)
     per_video = pd.DataFrame(records)
     summary = summarize(per_video, config.confidence)
+    warnings = comparability(per_video)
+    for line in warnings:
+        logger.warning("not like for like: %s", line)
 
     paths = {
         name: out_dir / name
@@ -389,8 +423,8 @@ def evaluate(method_dirs: list[Path], out_dir: Path, config: EvalConfig | None =
     atomic_write_bytes(paths["per_video.csv"], per_video.to_csv(index=False).encode())
     atomic_write_bytes(paths["per_video.parquet"], per_video.to_parquet(index=False))
     atomic_write_bytes(paths["summary.csv"], summary.to_csv(index=False).encode())
-    atomic_write_bytes(paths["summary.md"], render_markdown_summary(summary, per_video, config).encode())
-    atomic_write_bytes(paths["report.html"], render_html_report(summary, per_video, config).encode())
+    atomic_write_bytes(paths["summary.md"], render_markdown_summary(summary, per_video, config, warnings).encode())
+    atomic_write_bytes(paths["report.html"], render_html_report(summary, per_video, config, warnings).encode())
     save_config(config, out_dir / "eval_config.json")
     logger.info(
         "scored %d videos (%d from cache); report: %s", len(rows), len(rows) - computed, paths["report.html"]
@@ -405,4 +439,5 @@ def evaluate(method_dirs: list[Path], out_dir: Path, config: EvalConfig | None =
         num_videos=len(rows),
         num_computed=computed,
         summary=summary,
+        warnings=warnings,
     )

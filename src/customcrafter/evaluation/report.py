@@ -74,8 +74,10 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown_summary(summary: pd.DataFrame, per_video: pd.DataFrame, config: EvalConfig) -> str:
-    """Terminal/MLflow summary: the per-method table and the motion/static breakdown."""
+def render_markdown_summary(summary: pd.DataFrame, per_video: pd.DataFrame, config: EvalConfig,
+                            warnings: list[str] = ()) -> str:
+    """Terminal/MLflow summary: the per-method table and the motion/static breakdown (after ``warnings``, the
+    reasons the methods may not be comparable)."""
     header = ["method"] + [METRIC_LABELS[m] for m in METRIC_NAMES]
     counts = summary[(summary["prompt_type"] == "all") & (summary["metric"] == METRIC_NAMES[0])]
     n_text = ", ".join(
@@ -84,6 +86,8 @@ def render_markdown_summary(summary: pd.DataFrame, per_video: pd.DataFrame, conf
     parts = [
         "# Evaluation summary",
         "",
+        *[f"> **Not like for like:** {line}" for line in warnings],
+        *([""] if warnings else []),
         f"Mean over subjects (per-subject means first) [{config.confidence:.0%} t-interval across subjects; blank "
         f"with one subject]. {n_text}. CLIP: `{config.clip_model}`, DINO: `{config.dino_model}`.",
         "",
@@ -197,7 +201,7 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222} table{border-colla
 th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:middle} th{background:#f3f3f3}
 tr.paper td{color:#666;font-style:italic;background:#fafafa} .note{color:#555;font-size:13px;max-width:960px}
 .grid td{text-align:center} .grid td.prompt{text-align:left;max-width:220px;font-size:12px} img{display:block;margin:auto}
-.refs img{margin:2px}
+.refs img{margin:2px} .warn{background:#fff4e5;border-left:4px solid #e8a33d;padding:6px 10px;max-width:960px}
 """
 
 
@@ -299,9 +303,11 @@ def _sampling_table(per_video: pd.DataFrame) -> str:
     return _html_table(["method", "sampling settings"], rows)
 
 
-def render_html_report(summary: pd.DataFrame, per_video: pd.DataFrame, config: EvalConfig) -> str:
+def render_html_report(summary: pd.DataFrame, per_video: pd.DataFrame, config: EvalConfig,
+                       warnings: list[str] = ()) -> str:
     """The full self-contained HTML report (no external files)."""
     n_subjects, n_videos = per_video["subject"].nunique(), len(per_video)
+    notices = "".join(f"<p class='warn'><b>Not like for like:</b> {html.escape(line)}</p>\n" for line in warnings)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>CustomCrafter evaluation</title>
 <style>{_STYLE}</style></head><body>
@@ -309,7 +315,7 @@ def render_html_report(summary: pd.DataFrame, per_video: pd.DataFrame, config: E
 <p class='note'>{n_videos} videos, {n_subjects} subjects, {per_video["method"].nunique()} methods; generated {stamp}.
 CLIP <code>{html.escape(config.clip_model)}</code>, DINO <code>{html.escape(config.dino_model)}</code>,
 CLIP-T text: token handling <code>{config.token_handling}</code>.</p>
-<h2>Comparison (Table 1 style)</h2>
+{notices}<h2>Comparison (Table 1 style)</h2>
 <p class='note'>Each cell: mean over subjects (each subject's videos averaged first) and the {config.confidence:.0%}
 Student-t interval across subjects (blank with one subject). Motion is the mean Farnebäck optical-flow magnitude
 (pixels per frame); dynamic degree is the fraction of videos that move (VBench rule). Grey italic rows are the
