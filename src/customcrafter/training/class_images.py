@@ -38,23 +38,68 @@ def class_images_cache_key(signature: str, prompt: str, count: int, resolution: 
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+class _OneProcess:
+    """What :func:`generate_class_images` asks of a process group (an ``accelerate.Accelerator`` has the same), for a
+    caller that is alone."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def generate_class_images(pipe, prompt: str, count: int, out_dir: Path, resolution: tuple[int, int], steps: int,
-                          seed: int = 0) -> list[Path]:
+                          seed: int = 0, processes=None) -> list[Path]:
     """Sample ``count`` single-frame images of ``prompt`` into ``out_dir`` (atomically); image i uses seed+i.
 
-    A folder already there (an incomplete set) is replaced; one that another process writes meanwhile is kept
-    (``FileExistsError``): a training run may already be reading it."""
-    height, width = resolution
-    with atomic_dir(out_dir, overwrite=out_dir.exists()) as tmp:
-        for index in tqdm(range(count), desc="class images", disable=count < 4):
-            generator = torch.Generator(device="cpu").manual_seed(seed + index)
-            frames = pipe(prompt, num_inference_steps=steps, num_frames=1, height=height, width=width,
-                          generator=generator, output_type="np").frames
-            Image.fromarray(frames[0][0]).save(tmp / f"{index:04d}.png")
-        (tmp / "info.json").write_text(json.dumps({"prompt": prompt, "count": count, "steps": steps,
-                                                   "resolution": list(resolution), "seed": seed}, indent=2))
+    ``processes`` (an ``accelerate.Accelerator``; default: this process alone): every process of a training run
+    calls this and draws its share, image i on process i mod N, into one temporary folder that the main process
+    then renames - N GPUs take 1/N of the time, and none waits long in a collective. A folder already there (an
+    incomplete set) is replaced; one that another job writes meanwhile is kept: a training run may already be
+    reading it.
+    """
+    processes = processes or _OneProcess()
+    if processes.is_main_process:
+        try:
+            with atomic_dir(out_dir, overwrite=out_dir.exists()) as tmp:
+                _draw_share(pipe, prompt, count, _shared_folder(processes, tmp), resolution, steps, seed, processes)
+                processes.wait_for_everyone()  # every share written
+                (tmp / "info.json").write_text(json.dumps({"prompt": prompt, "count": count, "steps": steps,
+                                                           "resolution": list(resolution), "seed": seed}, indent=2))
+        except FileExistsError:  # another job (pods sharing the cache volume) wrote the same set first
+            logger.info("another process generated the class images meanwhile; using %s", out_dir)
+    else:
+        _draw_share(pipe, prompt, count, _shared_folder(processes, None), resolution, steps, seed, processes)
+        processes.wait_for_everyone()
+    processes.wait_for_everyone()  # the set is in place
     return iter_image_files(out_dir)
+
+
+def _main_process_says(processes, value):
+    """The main process's ``value`` on every process (a folder seen complete by some processes and not by others
+    would send them down different paths, into different collectives)."""
+    if processes is None or processes.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def _shared_folder(processes, folder: Path | None) -> Path:
+    """The main process's temporary folder, sent to every process."""
+    return Path(_main_process_says(processes, str(folder) if folder else None))
+
+
+def _draw_share(pipe, prompt: str, count: int, folder: Path, resolution: tuple[int, int], steps: int, seed: int,
+                processes) -> None:
+    height, width = resolution
+    share = range(processes.process_index, count, processes.num_processes)
+    for index in tqdm(share, desc="class images", disable=len(share) < 4 or not processes.is_main_process):
+        generator = torch.Generator(device="cpu").manual_seed(seed + index)
+        frames = pipe(prompt, num_inference_steps=steps, num_frames=1, height=height, width=width,
+                      generator=generator, output_type="np", progress=False).frames
+        Image.fromarray(frames[0][0]).save(folder / f"{index:04d}.png")
 
 
 def _check_readable(paths: list[Path]) -> None:
@@ -70,8 +115,9 @@ def _check_readable(paths: list[Path]) -> None:
             raise SubjectDataError(f"class image {path}: not a readable image ({exc.reason})") from None
 
 
-def resolve_class_images(config, pipe, class_word: str) -> list[Path]:
-    """The class images of a training run: ``config.class_images_dir`` or the cached generated set."""
+def resolve_class_images(config, pipe, class_word: str, processes=None) -> list[Path]:
+    """The class images of a training run: ``config.class_images_dir`` or the cached generated set (generated by
+    every process of ``processes``, see :func:`generate_class_images`)."""
     if config.class_images_dir:
         folder = Path(config.class_images_dir)
         if not folder.is_dir():
@@ -94,17 +140,13 @@ def resolve_class_images(config, pipe, class_word: str) -> list[Path]:
     root = Path(config.class_images_cache_dir) if config.class_images_cache_dir else default_cache_root()
     folder = root / key
     images = iter_image_files(folder) if folder.is_dir() else []
-    if len(images) >= config.num_class_images:
+    if _main_process_says(processes, len(images) >= config.num_class_images):  # one decision for all processes
         logger.info("using %d cached class images from %s", len(images), folder)
         return images[: config.num_class_images]
-    logger.info("generating %d class images of %r with the base model into %s", config.num_class_images, prompt,
-                folder)
-    try:
-        return generate_class_images(pipe, prompt, config.num_class_images, folder, tuple(config.resolution),
-                                     config.class_image_steps, config.seed)
-    except FileExistsError:  # pods sharing the cache volume generated the same set at once: the first one stays
-        images = iter_image_files(folder)
-        if len(images) < config.num_class_images:
-            raise
-        logger.info("another process generated the class images meanwhile; using %s", folder)
-        return images[: config.num_class_images]
+    logger.info("generating %d class images of %r with the base model into %s (%d process(es))",
+                config.num_class_images, prompt, folder, processes.num_processes if processes else 1)
+    images = generate_class_images(pipe, prompt, config.num_class_images, folder, tuple(config.resolution),
+                                   config.class_image_steps, config.seed, processes)
+    if len(images) < config.num_class_images:
+        raise RuntimeError(f"class images: {folder} holds {len(images)} images, {config.num_class_images} expected")
+    return images[: config.num_class_images]

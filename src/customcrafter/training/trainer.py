@@ -644,8 +644,9 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     set_seed(config.seed)
     if pipe is None:
         pipe = load_base_pipeline(config.base_model, device=accelerator.device)
-    with accelerator.main_process_first():
-        class_images = resolve_class_images(config, pipe, subject.class_word) if config.prior_preservation else []
+    # every process draws its share of the class images (none waits in a collective while one generates them all)
+    class_images = resolve_class_images(config, pipe, subject.class_word, accelerator) \
+        if config.prior_preservation else []
     set_seed(config.seed)  # class-image generation must not change what training draws
 
     method = make_method(config)
