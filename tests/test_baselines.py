@@ -104,10 +104,15 @@ def test_exactly_the_intended_parameters_change(tmp_path, dreambooth_dir, method
 
 
 def test_dreamvideo_trains_without_class_images_by_default(tmp_path, dreambooth_dir):
-    _, _, result = _train(tmp_path, dreambooth_dir, "dreamvideo", prior_preservation=None, steps=1,
+    _, _, result = _train(tmp_path, dreambooth_dir, "dreamvideo", prior_preservation=None, steps=1, lr=None,
                           dreamvideo={"inversion_steps": 1})
     assert result.steps == 2 and not (tmp_path / "class_cache").exists()  # VGen: no prior loss, none generated
-    assert json.loads((result.module_dir / "module.json").read_text())["train_config"]["prior_preservation"] is False
+    meta = json.loads((result.module_dir / "module.json").read_text())
+    assert meta["train_config"]["prior_preservation"] is False
+    # what ran is recorded (the config's lr may be None): the stages with their resolved rates
+    assert meta["train_schedule"] == result.schedule == {
+        "processes": 1, "global_batch": 1, "stages": [{"name": "textual_inversion", "steps": 1, "lr": 1e-4},
+                                                      {"name": "identity_adapter", "steps": 1, "lr": 1e-5}]}
 
 
 def test_start_token_key_and_value_get_no_gradient():

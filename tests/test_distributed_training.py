@@ -78,6 +78,8 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     assert "class images of 'a photo of a dog' with the base model" in launched.stderr \
         and "(2 process(es))" in launched.stderr
     ddp_losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    schedule = json.loads((tmp_path / "ddp" / "subject_module" / "module.json").read_text())["train_schedule"]
+    assert (schedule["processes"], schedule["global_batch"]) == (2, 2)
 
     single = train(TrainConfig(**fields, per_device_batch_size=2, output_dir=str(tmp_path / "single_b2")))
     assert len(single.step_seconds) == 2 and all(s > 0 for s in single.step_seconds)  # log_every=2 over 3 steps

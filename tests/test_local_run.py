@@ -216,3 +216,50 @@ def test_evaluation_of_a_method_whose_training_run_never_reached_mlflow_gets_its
     assert new.data.metrics == {"clip_t": 0.2} and new.data.tags["created_by"] == "evaluate"
     assert new.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(new.info.run_id)} == {"samples", "evaluation"}
+
+
+def test_train_step_uses_the_class_images_fetched_with_the_subject(tmp_path, monkeypatch):
+    """``fetch_subject`` copies ``class_images/<class>/`` next to the subject; training must use them (not generate
+    a set with the base model), unless an override names other ones."""
+    import shutil
+
+    from customcrafter.training.trainer import TrainResult
+
+    root = _data_root(tmp_path, {})
+    shutil.copytree(root / "subjects" / "cat", root / "class_images" / "dog")  # any images will do
+    fetched = local_run.fetch_subject(str(root), "", "dog", tmp_path / "fetched")
+    used = []
+
+    def record(config):
+        used.append(config.class_images_dir)
+        return TrainResult(module_dir=tmp_path / "module", losses=[1.0], steps=1, seconds=1.0)
+
+    monkeypatch.setattr(local_run, "run_training", record)
+    step = dict(subject_data=str(fetched), subject_metadata={}, augmented=str(tmp_path), subject="dog",
+                method="customcrafter", base_model="tiny", module_dir=str(tmp_path / "module"),
+                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="train")
+    local_run.train_step(config_overrides=[], **step)
+    local_run.train_step(config_overrides=["train.class_images_dir=/elsewhere"], **step)
+    assert used == [str(fetched / "class_images" / "dog"), "/elsewhere"]
+
+
+def test_a_launched_training_worker_logs_the_run_and_returns_its_schedule(tmp_path):
+    """The pipeline's multi-GPU path runs ``local_run train-worker`` under ``accelerate launch``: rank 0's INFO lines
+    (the global batch, class images, resuming) must reach the pod log, and its result carries the resolved run."""
+    import json
+    import os
+    import subprocess
+
+    from customcrafter.training.config import TrainConfig
+
+    config = TrainConfig(base_model="tiny", subject_dir=str(REPO_ROOT / "data" / "subjects" / "dog"),
+                         method="dreamvideo", resolution=(64, 96), num_frames=2, steps=1, checkpoint_every=None,
+                         output_dir=str(tmp_path / "out"), dreamvideo={"inversion_steps": 1})
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    worker = subprocess.run([sys.executable, "-m", "customcrafter.orchestration.local_run", "train-worker",
+                             str(tmp_path / "config.json"), str(tmp_path / "result.json")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "RANK": "0", "CUDA_VISIBLE_DEVICES": ""})
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    assert "global batch 1 = 1 per process x 1 process(es)" in worker.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["schedule"]["stages"][1] == {"name": "identity_adapter", "steps": 1, "lr": 1e-5}

@@ -84,7 +84,8 @@ def read_module_meta(module_dir: str | Path) -> dict:
     return meta
 
 
-def save_subject_module(module_dir: str | Path, *, method, pipe, subject, config, token_id: int) -> Path:
+def save_subject_module(module_dir: str | Path, *, method, pipe, subject, config, token_id: int,
+                        schedule: dict | None = None) -> Path:
     """Write the module atomically (a half-written module never exists)."""
     from customcrafter.dwvss import DWVSSConfig
     from customcrafter.loading import base_model_signature
@@ -112,6 +113,7 @@ def save_subject_module(module_dir: str | Path, *, method, pipe, subject, config
             "dwvss": DWVSSConfig().model_dump() if method.uses_lora else None,
             "weights": files,
             "train_config": config.model_dump(mode="json"),
+            "train_schedule": schedule or {},  # processes, global batch, each stage's steps and resolved lr
         }
         (tmp / MODULE_FILE).write_text(json.dumps(meta, indent=2))
     logger.info("wrote subject module %s (%s)", module_dir, config.method)

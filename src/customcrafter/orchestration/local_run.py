@@ -317,15 +317,21 @@ def train_step(*, subject_data: str, subject_metadata: dict[str, Any], augmented
                experiment: str) -> StepResult:
     """Train one subject module with one method; log config, loss curve and module to the subject×method run."""
     from customcrafter.config import load_config
+    from customcrafter.data.subjects import load_subject
     from customcrafter.training.config import TrainConfig
 
-    config = load_config(TrainConfig, overrides=split_overrides(config_overrides)["train"],
-                         subject_dir=str(Path(subject_data) / "subjects" / subject), method=method,
+    subject_dir = Path(subject_data) / "subjects" / subject
+    overrides = split_overrides(config_overrides)["train"]
+    provided = Path(subject_data) / "class_images" / load_subject(subject_dir).class_word
+    if provided.is_dir():  # the data's own class images (fetched with the subject); an override still wins
+        overrides = [f"class_images_dir={json.dumps(str(provided))}", *overrides]
+    config = load_config(TrainConfig, overrides=overrides, subject_dir=str(subject_dir), method=method,
                          base_model=base_model, output_dir=module_dir, examples_dir=augmented)
     with _tracker(tracking_uri, experiment) as tracker, \
             tracker.start_run(f"{subject}/{method}", tags=_child_tags(subject_metadata, method)) as run:
         tracker.log_params(config, run=run)
         result = run_training(config)
+        tracker.log_params({"resolved": result.schedule}, run=run)  # e.g. a learning rate set by the global batch
         for step, loss in enumerate(result.losses):
             tracker.log_metric("train_loss", float(loss), step=step, run=run)
         metrics = {"train_steps": float(result.steps), "train_seconds": float(result.seconds),
@@ -368,12 +374,16 @@ def _train_worker(config_path: str, result_path: str) -> None:
     """One process of ``accelerate launch``; rank 0 writes the result."""
     from customcrafter.training.config import TrainConfig
     from customcrafter.training.trainer import train
+    from customcrafter.utils import setup_logging
 
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING)  # the run's INFO lines reach the pod log once
     result = train(TrainConfig.model_validate_json(Path(config_path).read_text()))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         Path(result_path).write_text(json.dumps({"module_dir": str(result.module_dir), "losses": list(result.losses),
                                                  "steps": result.steps, "seconds": result.seconds,
-                                                 "step_seconds": list(result.step_seconds)}))
+                                                 "step_seconds": list(result.step_seconds),
+                                                 "schedule": result.schedule}))
 
 
 def sample_step(*, subject_data: str, module_dir: str, module_metadata: dict[str, Any], subject: str,

@@ -98,7 +98,8 @@ class TrainConfig(StrictModel):
     per_device_batch_size: int = Field(
         1, ge=1, description="instance clips (and, with prior preservation, as many class clips) per process per "
                              "step; global batch = per_device_batch_size x number of processes (the reference code: "
-                             "1 on each of 4 GPUs). The learning rate is not scaled with it. A run's data, noise and "
+                             "1 on each of 4 GPUs). CustomCrafter's learning rate is not scaled with it (Custom "
+                             "Diffusion's is, see lr). A run's data, noise and "
                              "timesteps depend on the global batch only, not on how it is split over processes")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (only on the trained tensors)")
     adam_beta1: float = 0.9

@@ -64,6 +64,14 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)  # what ran: see :func:`run_schedule`
+
+
+def run_schedule(stages, processes: int, global_batch: int) -> dict:
+    """What a run resolved (a learning rate may depend on the global batch; the config says None): recorded in the
+    module, the result and the tracking run."""
+    return {"processes": processes, "global_batch": global_batch,
+            "stages": [{"name": s.name, "steps": s.steps, "lr": s.lr} for s in stages]}
 
 
 # --- the loss ---------------------------------------------------------------------------------------------------
@@ -685,6 +693,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     global_batch, first_index = per_device * processes, per_device * accelerator.process_index
     stages = method.stages(global_batch)
     total = sum(s.steps for s in stages)
+    schedule = run_schedule(stages, processes, global_batch)
     fingerprint = run_fingerprint(config, subject, pipe, global_batch)
     start_step, losses, checkpoint = _resume(config, method, dataset, total, fingerprint)
     checkpoints_dir = Path(config.output_dir) / "checkpoints"
@@ -765,7 +774,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
             pipe.unet.disable_gradient_checkpointing()
         unsplice(pipe.text_encoder)
         save_subject_module(module_dir, method=method, pipe=pipe, subject=subject, config=config,
-                            token_id=token_id)
+                            token_id=token_id, schedule=schedule)
         (Path(config.output_dir) / "losses.json").write_text(json.dumps(losses))
         _clear_checkpoints(checkpoints_dir, "the run finished and its module is written")
     accelerator.wait_for_everyone()
@@ -773,4 +782,4 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     logger.info("trained %s for %d steps in %.1fs (final loss %.4f)", config.method, total, seconds,
                 losses[-1] if losses else float("nan"))
     return TrainResult(module_dir=module_dir, losses=losses, steps=total, seconds=seconds,
-                       step_seconds=log.step_seconds)
+                       step_seconds=log.step_seconds, schedule=schedule)
