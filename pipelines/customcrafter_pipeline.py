@@ -44,6 +44,7 @@ DATA_SOURCE = "https://github.com/customcrafter/customcrafter.git"
 DATA_REVISION = "main"
 BASE_MODEL = "VideoCrafter/VideoCrafter2"
 SEEDS = [0, 1, 2]
+TRAIN_RETRIES = 2
 
 
 def with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -89,8 +90,11 @@ def build_subject_pipeline(settings: CompileSettings):
                 train = train_subject(subject_data=validate.outputs["subject_data"],
                                       augmented=augment.outputs["augmented"], subject=subject, method=method,
                                       base_model=base_model, config_overrides=config_overrides,
-                                      mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name)
+                                      mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name,
+                                      pipeline_job=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
                 with_credentials(train.set_display_name("train"))
+                # a preempted or failed pod is retried and resumes from its checkpoints on the model-cache volume
+                train.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2)
                 apply_gpu_scheduling(train, gpus=settings.train_gpus)
                 kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                            size_limit=SHM_SIZE)

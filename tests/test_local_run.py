@@ -218,7 +218,7 @@ def test_evaluation_of_a_method_whose_training_run_never_reached_mlflow_gets_its
     assert {a.path for a in client.list_artifacts(new.info.run_id)} == {"samples", "evaluation"}
 
 
-def test_train_step_uses_the_class_images_fetched_with_the_subject(tmp_path, monkeypatch):
+def test_train_step_uses_the_fetched_class_images_and_the_cache_for_checkpoints(tmp_path, monkeypatch):
     """``fetch_subject`` copies ``class_images/<class>/`` next to the subject; training must use them (not generate
     a set with the base model), unless an override names other ones."""
     import shutil
@@ -228,10 +228,11 @@ def test_train_step_uses_the_class_images_fetched_with_the_subject(tmp_path, mon
     root = _data_root(tmp_path, {})
     shutil.copytree(root / "subjects" / "cat", root / "class_images" / "dog")  # any images will do
     fetched = local_run.fetch_subject(str(root), "", "dog", tmp_path / "fetched")
-    used = []
+    used, checkpoints = [], []
 
     def record(config):
         used.append(config.class_images_dir)
+        checkpoints.append(config.checkpoints_dir)
         return TrainResult(module_dir=tmp_path / "module", losses=[1.0], steps=1, seconds=1.0)
 
     monkeypatch.setattr(local_run, "run_training", record)
@@ -241,6 +242,10 @@ def test_train_step_uses_the_class_images_fetched_with_the_subject(tmp_path, mon
     local_run.train_step(config_overrides=[], **step)
     local_run.train_step(config_overrides=["train.class_images_dir=/elsewhere"], **step)
     assert used == [str(fetched / "class_images" / "dog"), "/elsewhere"]
+    # a cluster run (its job id given) keeps checkpoints on the shared model cache, where a retried pod finds them
+    monkeypatch.setenv("CUSTOMCRAFTER_CACHE", str(tmp_path / "cache"))
+    local_run.train_step(config_overrides=[], pipeline_job="job-1", **step)
+    assert checkpoints == [None, None, str(tmp_path / "cache" / "checkpoints" / "job-1" / "dog" / "customcrafter")]
 
 
 def test_a_launched_training_worker_logs_the_run_and_returns_its_schedule(tmp_path):
@@ -263,3 +268,30 @@ def test_a_launched_training_worker_logs_the_run_and_returns_its_schedule(tmp_pa
     assert "global batch 1 = 1 per process x 1 process(es)" in worker.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["schedule"]["stages"][1] == {"name": "identity_adapter", "steps": 1, "lr": 1e-5}
+
+
+def test_multi_gpu_training_converts_the_base_model_once_before_launching(tmp_path, monkeypatch):
+    """Every launched process loads the base model; the launcher downloads and converts it first, so each process
+    finds the converted folder cached instead of converting it again (four full conversions on 4 GPUs)."""
+    import json
+    import subprocess
+
+    import torch
+
+    import customcrafter.loading as loading
+    from customcrafter.training.config import TrainConfig
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(loading, "converted_checkpoint_dir", lambda path, cache_dir=None: events.append("convert"))
+
+    def launch(cmd, check):
+        events.append(("launch", cmd[cmd.index("--num_processes") + 1]))
+        Path(cmd[-1]).write_text(json.dumps({"module_dir": str(tmp_path), "losses": [1.0], "steps": 1,
+                                             "seconds": 1.0, "step_seconds": [1.0], "schedule": {}}))
+
+    monkeypatch.setattr(subprocess, "run", launch)
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"weights")
+    result = local_run.run_training(TrainConfig(base_model=str(checkpoint), subject_dir="x"))
+    assert events == ["convert", ("launch", "2")] and result.losses == [1.0]

@@ -94,6 +94,11 @@ def test_ir_structure_of_the_customcrafter_pipeline(compiled):
     assert set(method_loop) == {"train-subject", "sample-videos"}
     assert method_loop["sample-videos"].inputs.artifacts["subject_module"].task_output_artifact.producer_task \
         == "train-subject"
+    # a failed training pod is retried, and resumes: its checkpoints are keyed by the run's id on the cache volume
+    training = method_loop["train-subject"]
+    assert training.retry_policy.max_retry_count == 2
+    assert training.inputs.parameters["pipeline_job"].runtime_value.constant.string_value \
+        == "{{$.pipeline_job_uuid}}"
     # every executor runs the project image; training asks for 4 GPUs by default
     executors = spec.deployment_spec["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {PROJECT_IMAGE}

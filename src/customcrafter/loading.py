@@ -136,6 +136,28 @@ def _download(model: str) -> Path:
         ) from exc
 
 
+def resolve_base_model(model: str, cache_dir: str | Path | None = None) -> str | Path:
+    """``"tiny"``, or the converted diffusers folder that ``model`` names or becomes (a hub file is downloaded and a
+    checkpoint converted, once: both are cached). Training launchers call it before starting their processes, so
+    that one process converts rather than each of them."""
+    path = Path(model)
+    if model == "tiny":
+        return model
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path}: not a converted model folder (no model_index.json)")
+        return path
+    if path.is_file():
+        return converted_checkpoint_dir(path, cache_dir)
+    if ":" in model and "/" in model.partition(":")[0]:  # repo_id:filename (its .ckpt suffix is not a local file)
+        return converted_checkpoint_dir(_download(model), cache_dir)
+    if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if "/" in model and not path.exists():  # a hub id
+        return converted_checkpoint_dir(_download(model), cache_dir)
+    raise FileNotFoundError(f"{model}: not 'tiny', a hub id, a checkpoint file or a converted folder")
+
+
 def load_base_pipeline(
     model: str = "tiny",
     *,
@@ -144,23 +166,8 @@ def load_base_pipeline(
     cache_dir: str | Path | None = None,
 ) -> VideoCrafter2Pipeline:
     """Load the base model (see the module docstring for what ``model`` may be) on ``device`` (None: CPU)."""
-    path = Path(model)
-    if model == "tiny":
-        pipe = build_tiny_pipeline()
-    elif path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path}: not a converted model folder (no model_index.json)")
-        pipe = VideoCrafter2Pipeline.from_pretrained(path)
-    elif path.is_file():
-        pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(path, cache_dir))
-    elif ":" in model and "/" in model.partition(":")[0]:  # repo_id:filename (its .ckpt suffix is not a local file)
-        pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(_download(model), cache_dir))
-    elif path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    elif "/" in model and not path.exists():  # a hub id
-        pipe = VideoCrafter2Pipeline.from_pretrained(converted_checkpoint_dir(_download(model), cache_dir))
-    else:
-        raise FileNotFoundError(f"{model}: not 'tiny', a hub id, a checkpoint file or a converted folder")
+    source = resolve_base_model(model, cache_dir)
+    pipe = build_tiny_pipeline() if source == "tiny" else VideoCrafter2Pipeline.from_pretrained(source)
     pipe.base_model_id = model
     # Inference weights: frozen, eval mode. (Also numerics: on CPU, F.linear folds 3D inputs differently when the
     # weight requires grad, so a frozen and an unfrozen copy of the same model differ in the last bits.)

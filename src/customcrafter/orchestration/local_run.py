@@ -314,8 +314,12 @@ def apply_overrides_dict(overrides: list[str]) -> dict[str, Any]:
 
 def train_step(*, subject_data: str, subject_metadata: dict[str, Any], augmented: str, subject: str, method: str,
                base_model: str, config_overrides: list[str], module_dir: str, tracking_uri: str,
-               experiment: str) -> StepResult:
-    """Train one subject module with one method; log config, loss curve and module to the subject×method run."""
+               experiment: str, pipeline_job: str = "") -> StepResult:
+    """Train one subject module with one method; log config, loss curve and module to the subject×method run.
+
+    With ``pipeline_job`` (a cluster run's id), checkpoints go to the model cache (``CUSTOMCRAFTER_CACHE``, a volume
+    shared by the pods) under ``checkpoints/<job>/<subject>/<method>``, so a retried pod resumes there instead of
+    starting again in its own empty folder; a finished run removes them."""
     from customcrafter.config import load_config
     from customcrafter.data.subjects import load_subject
     from customcrafter.training.config import TrainConfig
@@ -325,6 +329,11 @@ def train_step(*, subject_data: str, subject_metadata: dict[str, Any], augmented
     provided = Path(subject_data) / "class_images" / load_subject(subject_dir).class_word
     if provided.is_dir():  # the data's own class images (fetched with the subject); an override still wins
         overrides = [f"class_images_dir={json.dumps(str(provided))}", *overrides]
+    if pipeline_job:
+        from customcrafter.loading import default_cache_dir
+
+        checkpoints = default_cache_dir() / "checkpoints" / pipeline_job / subject / method
+        overrides = [f"checkpoints_dir={json.dumps(str(checkpoints))}", *overrides]
     config = load_config(TrainConfig, overrides=overrides, subject_dir=str(subject_dir), method=method,
                          base_model=base_model, output_dir=module_dir, examples_dir=augmented)
     with _tracker(tracking_uri, experiment) as tracker, \
@@ -358,6 +367,9 @@ def run_training(config):
     gpus = torch.cuda.device_count()
     if gpus <= 1:
         return train(config)
+    from customcrafter.loading import resolve_base_model
+
+    resolve_base_model(config.base_model)  # download and convert here, once: each process then finds it cached
     with tempfile.TemporaryDirectory(prefix="cc-train-") as tmp:
         config_path, result_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
         config_path.write_text(config.model_dump_json())

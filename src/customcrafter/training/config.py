@@ -8,6 +8,7 @@ Diffusion, DreamVideo) are selected with ``method``; fields left at None take th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -185,11 +186,17 @@ class TrainConfig(StrictModel):
                           "encoded alone on first sight, so a resumed run gets the same ones")
     device: str | None = Field(None, description="None = CUDA if available (accelerate picks under launch)")
     checkpoint_every: int | None = Field(500, ge=1, description="save a resumable checkpoint every N steps")
+    checkpoints_dir: str | None = Field(None, description="where checkpoints go; None = output_dir/checkpoints (the "
+                                                          "pipeline puts them on the model-cache volume, so a "
+                                                          "retried pod resumes)")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
-    resume: bool = Field(True, description="resume from the last checkpoint in output_dir/checkpoints")
+    resume: bool = Field(True, description="resume from the last checkpoint in checkpoints_dir")
     log_every: int = Field(10, ge=1, description="host sync for loss logging every N steps")
 
     dreamvideo: DreamVideoConfig = Field(default_factory=DreamVideoConfig)
+
+    def resolved_checkpoints_dir(self) -> Path:
+        return Path(self.checkpoints_dir) if self.checkpoints_dir else Path(self.output_dir) / "checkpoints"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

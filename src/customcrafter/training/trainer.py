@@ -543,7 +543,7 @@ class _Log:
 #: descriptions give as speed only (same losses up to rounding). The subject, base model and batch split are
 #: fingerprinted resolved instead (:func:`run_fingerprint`).
 _NOT_FINGERPRINTED = frozenset({
-    "output_dir", "overwrite", "resume", "log_every", "checkpoint_every", "keep_checkpoints",
+    "output_dir", "overwrite", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "checkpoints_dir",
     "steps", "dreamvideo.adapter_steps",
     "device", "gradient_checkpointing", "compile", "compile_rewrites", "temporal_attention", "cuda_graphs",
     "cudnn_benchmark", "cache_image_moments", "class_images_cache_dir",
@@ -609,8 +609,7 @@ def _clear_checkpoints(checkpoints_dir: Path, why: str) -> None:
 
 
 def _resume(config: TrainConfig, method: SubjectMethod, dataset: SubjectDataset, total: int, fingerprint: dict):
-    checkpoints = Path(config.output_dir) / "checkpoints"
-    path = latest_checkpoint(checkpoints) if config.resume else None
+    path = latest_checkpoint(config.resolved_checkpoints_dir()) if config.resume else None
     if path is None:
         return 0, [], None
     checkpoint = load_checkpoint(path)
@@ -696,7 +695,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     schedule = run_schedule(stages, processes, global_batch)
     fingerprint = run_fingerprint(config, subject, pipe, global_batch)
     start_step, losses, checkpoint = _resume(config, method, dataset, total, fingerprint)
-    checkpoints_dir = Path(config.output_dir) / "checkpoints"
+    checkpoints_dir = config.resolved_checkpoints_dir()
     if not config.resume and accelerator.is_main_process:
         _clear_checkpoints(checkpoints_dir, "resume=false: an earlier run's checkpoints")
     accelerator.wait_for_everyone()
