@@ -158,6 +158,16 @@ def test_materialise_examples(tmp_path):
     assert (again / "examples.jsonl").read_text() == (out / "examples.jsonl").read_text()
     assert (again / "images" / "0003.png").read_bytes() == (out / "images" / "0003.png").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    # the output folder is replaced whole: earlier examples may go, the subject or other files may not
+    materialise_examples(subject, out, num_examples=2, seed=5)
+    for wrong in (subject, tmp_path):  # the subject itself, or a folder holding it
+        with pytest.raises(ValueError, match="holds the subject"):
+            materialise_examples(subject, wrong, num_examples=2)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an examples folder"):
+        materialise_examples(subject, tmp_path / "notes", num_examples=2)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and len(list(subject.glob("*.jpg"))) == 3
 
 
 def _awkward_photos(folder) -> None:

@@ -139,6 +139,24 @@ def test_cli_samples_the_base_model_and_rejects_bad_input(tmp_path, capsys):
     assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(out)]) == 2  # no silent overwrite
     assert "--force" in capsys.readouterr().err and out.stat().st_mtime_ns == stamp
     assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.avi")]) == 2
+    capsys.readouterr()
+    # usage errors (typer raises its vendored click's exceptions): click's message naming the option, exit 2
+    assert _cli(["sample", "--prompt", "x"]) == 2 and "Missing option '--out'" in capsys.readouterr().err
+    assert _cli(["sample", "--prompt", "x", "--out", str(out), "--seed", "abc"]) == 2
+    assert "Invalid value for '--seed'" in capsys.readouterr().err
     assert _cli(["train", "--subject", str(tmp_path), "--class-word", "dog", "--set", "learning_rate=1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
     assert not any(p.name.startswith(".") for p in Path(tmp_path).iterdir())  # no temporary left behind
+
+
+def test_cli_train_keeps_a_finished_module_unless_forced(tmp_path, capsys, dreambooth_dir):
+    small = ["--base-model", "tiny", "--subject", str(dreambooth_dir / "dog"), "--class-word", "dog",
+             "--method", "dreamvideo", "--output", str(tmp_path / "run"), "--set", "steps=1",
+             "--set", "dreamvideo.inversion_steps=1", "--set", "resolution=[64, 96]", "--set", "num_frames=2"]
+    assert _cli(["train", *small]) == 0
+    module = tmp_path / "run" / "subject_module" / "module.json"
+    stamp = module.stat().st_mtime_ns
+    capsys.readouterr()
+    assert _cli(["train", *small]) == 2  # refused before loading anything
+    assert "--force" in capsys.readouterr().err and module.stat().st_mtime_ns == stamp
+    assert _cli(["train", *small, "--force"]) == 0 and module.stat().st_mtime_ns != stamp

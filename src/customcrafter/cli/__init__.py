@@ -34,6 +34,18 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit code 2."""
 
 
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """click's exception class ``name`` from click, from the copy that typer >= 0.20 vendors, and typer's own
+    (``typer.Exit``, ``typer.Abort``): typer raises these, not click's."""
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> None:
     from customcrafter.utils import setup_logging
 
@@ -44,14 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one clear line, non-zero exit
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, _click_exceptions("Exit")):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_exceptions("ClickException")):  # usage errors: click's message, exit 2
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, _click_exceptions("Abort")):
             sys.exit(130)
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2 if isinstance(exc, UserError | ValueError | FileNotFoundError | FileExistsError) else 1)

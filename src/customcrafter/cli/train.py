@@ -23,16 +23,19 @@ def train_command(
                                                                      "(default VideoCrafter/VideoCrafter2)."),
     config: Path | None = typer.Option(None, "--config", help="TrainConfig YAML."),
     overrides: list[str] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
-    output: Path | None = typer.Option(None, "--output", help="Output folder (module + checkpoints)."),
+    output: Path | None = typer.Option(None, "--output", help="Output folder (module + checkpoints); a finished "
+                                                               "module there is kept unless --force."),
+    force: bool = typer.Option(False, "--force", help="Replace a finished module in --output."),
 ) -> None:
     """Train a subject module; prints the module folder."""
     from customcrafter.config import load_config
     from customcrafter.training.config import TrainConfig
     from customcrafter.training.trainer import train
 
-    train_config = load_config(TrainConfig, config, overrides, subject_dir=str(subject), class_word=class_word,
-                               kind=kind, token=token, method=method, base_model=base_model,
-                               output_dir=str(output) if output else None)
+    # the CLI keeps a finished module unless told (--force, or --set overwrite=true)
+    train_config = load_config(TrainConfig, config, ["overwrite=false", *(overrides or [])], subject_dir=str(subject),
+                               class_word=class_word, kind=kind, token=token, method=method, base_model=base_model,
+                               output_dir=str(output) if output else None, overwrite=True if force else None)
     result = train(train_config)
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     typer.echo(f"subject module: {result.module_dir} ({result.steps} steps, {result.seconds:.0f}s, "

@@ -206,6 +206,19 @@ def _preview_grid(tiles: list[Image.Image], masks: list[torch.Tensor], captions:
     return grid
 
 
+def _check_replaceable(out_dir: Path, subject_dir: Path) -> None:
+    """The output folder is replaced whole: refuse one that holds the subject, or anything but earlier examples."""
+    out, subject = out_dir.resolve(), subject_dir.resolve()
+    if out == subject or out in subject.parents:
+        raise ValueError(f"{out_dir}: the output folder holds the subject {subject_dir}, and it is replaced whole; "
+                         "write the examples elsewhere")
+    if out.is_file():
+        raise FileExistsError(f"{out_dir}: a file, not an examples folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "examples.jsonl").is_file():
+        raise FileExistsError(f"{out_dir}: not empty and not an examples folder (no examples.jsonl); it would be "
+                              "replaced whole: pick an empty or new folder")
+
+
 def materialise_examples(subject_dir: str | Path, out_dir: str | Path, num_examples: int = 16, seed: int = 0,
                          config: AugmentConfig | None = None) -> Path:
     """Write ``num_examples`` augmented examples of a subject to ``out_dir`` (atomically) and return it.
@@ -223,6 +236,7 @@ def materialise_examples(subject_dir: str | Path, out_dir: str | Path, num_examp
     subject = load_subject(subject_dir)
     rng = random.Random(seed)
     out_dir = Path(out_dir)
+    _check_replaceable(out_dir, Path(subject_dir))
     tiles, masks, captions = [], [], []
     with atomic_dir(out_dir, overwrite=True) as tmp:
         (tmp / "images").mkdir()

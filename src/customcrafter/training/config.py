@@ -68,7 +68,8 @@ class TrainConfig(StrictModel):
     kind: Literal["live", "object"] | None = Field(None, description="live/object; default from subject.yaml")
     output_dir: str = Field("outputs/subject_module", description="the subject module is written here; "
                                                                   "checkpoints under output_dir/checkpoints")
-    overwrite: bool = Field(True, description="replace an existing finished module in output_dir")
+    overwrite: bool = Field(True, description="replace a finished module in output_dir; false: refuse to train "
+                                              "(before loading anything). The CLI sets false unless --force")
 
     # --- SSLM LoRA --------------------------------------------------------------------------------------------
     lora_rank: int = Field(4, ge=1, description="LoRA rank (paper: 4); alpha = rank, i.e. no extra scaling")

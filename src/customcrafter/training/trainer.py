@@ -641,11 +641,15 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from customcrafter.loading import load_base_pipeline
-    from customcrafter.subject_module import MODULE_SUBDIR, save_subject_module
+    from customcrafter.subject_module import MODULE_FILE, MODULE_SUBDIR, save_subject_module
     from customcrafter.training.class_images import resolve_class_images
     from customcrafter.training.tokens import add_placeholder_token, unsplice
 
     started = time.perf_counter()
+    finished = Path(config.output_dir) / MODULE_SUBDIR / MODULE_FILE
+    if finished.is_file() and not config.overwrite:  # before minutes of loading and training
+        raise FileExistsError(f"{finished.parent}: a finished subject module is there (overwrite=false); pass "
+                              "another output folder, or --force / overwrite=true to replace it")
     subject = resolve_subject(config.subject_dir, config.class_word, config.token, config.kind)
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
