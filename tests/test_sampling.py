@@ -160,3 +160,26 @@ def test_cli_train_keeps_a_finished_module_unless_forced(tmp_path, capsys, dream
     assert _cli(["train", *small]) == 2  # refused before loading anything
     assert "--force" in capsys.readouterr().err and module.stat().st_mtime_ns == stamp
     assert _cli(["train", *small, "--force"]) == 0 and module.stat().st_mtime_ns != stamp
+
+
+def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import customcrafter.loading as loading
+
+    out = str(tmp_path / "v.mp4")
+    for flags, named in ((["--dwvss", "0.1,0.2,1"], "--dwvss"), (["--compile", "turbo"], "--compile"),
+                         (["--device", "gpu0"], "--device")):
+        assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out, *flags]) == 2
+        assert f"error: {named}" in capsys.readouterr().err  # one line naming the flag, before any loading
+
+    asked = []
+
+    def stop(model, device=None, **kwargs):
+        asked.append(device)
+        raise KeyboardInterrupt  # stands in for the minutes of loading a real model
+
+    monkeypatch.setattr(loading, "load_base_pipeline", stop)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out]) == 130
+    assert asked == [torch.device("cuda")]  # no --device: the GPU when there is one, not the CPU

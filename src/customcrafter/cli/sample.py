@@ -38,7 +38,8 @@ def sample_command(
     from customcrafter.loading import load_base_pipeline
     from customcrafter.performance import SpeedConfig, optimize_pipeline
     from customcrafter.sampling import SampleConfig, sample_video
-    from customcrafter.subject_module import load_subject_module
+    from customcrafter.subject_module import load_subject_module, read_module_meta
+    from customcrafter.utils import pick_device
     from customcrafter.video_io import export_gif, export_mp4
 
     if dwvss and no_dwvss:
@@ -48,16 +49,30 @@ def sample_command(
     if out.exists() and not force:  # checked before minutes of loading and sampling
         raise UserError(f"--out {out}: already exists (use --force to replace it)")
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
+    # everything checkable is checked before minutes of loading the base model
+    metas = [read_module_meta(module_dir) for module_dir in subject_modules or []]
+    if dwvss and not any(meta.get("uses_lora") for meta in metas):
+        raise UserError("--dwvss: DWVSS schedules a CustomCrafter (LoRA) module's scale; none of the given "
+                        "--subject-module folders has one (baselines and the base model sample at full strength)")
+    try:
+        speed = SpeedConfig(compile=compile_mode, dtype=dtype)
+    except ValueError as exc:
+        raise UserError(f"--compile {compile_mode} / --dtype {dtype}: expected --compile none|regional|full and "
+                        f"--dtype bf16|fp16|fp32 ({type(exc).__name__})") from None
+    try:
+        target = pick_device(device)  # None/auto: the GPU when there is one
+    except RuntimeError as exc:
+        raise UserError(f"--device {device}: {exc} (auto, cpu, cuda or cuda:N)") from None
     if no_dwvss:
         sample_config = sample_config.model_copy(update={"dwvss": None})
     elif dwvss:
         sample_config = sample_config.model_copy(update={"dwvss": parse_dwvss(dwvss)})
-    pipe = load_base_pipeline(base_model, device=device)
+    pipe = load_base_pipeline(base_model, device=target)
     for module_dir in subject_modules or []:
         loaded = load_subject_module(pipe, module_dir)
         if loaded.token_mapping.get(loaded.meta["token"]) != loaded.meta["token"]:
             typer.echo(f"{module_dir}: token {loaded.meta['token']} renamed to {loaded.token}", err=True)
-    optimize_pipeline(pipe, SpeedConfig(compile=compile_mode, dtype=dtype))
+    optimize_pipeline(pipe, speed)
     frames = sample_video(pipe, prompt, seed=seed, config=sample_config)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
