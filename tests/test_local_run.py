@@ -41,6 +41,7 @@ def test_local_run_leaves_videos_report_metrics_and_a_registered_champion(first_
     assert sorted(result.trained) == ["dog/custom_diffusion", "dog/customcrafter"]
     assert result.videos and all(v.stat().st_size > 0 for v in result.videos)
     assert len(result.reports) == 1 and "<html" in result.reports[0].read_text().lower()
+    assert result.reports[0].suffix == ".html"  # what the summary prints opens in a browser
     assert str(result.reports[0]) in text and result.tracking_uri in text
 
     client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
@@ -295,3 +296,12 @@ def test_multi_gpu_training_converts_the_base_model_once_before_launching(tmp_pa
     checkpoint.write_bytes(b"weights")
     result = local_run.run_training(TrainConfig(base_model=str(checkpoint), subject_dir="x"))
     assert events == ["convert", ("launch", "2")] and result.losses == [1.0]
+
+
+def test_run_local_refuses_unknown_methods_and_subjects_before_running(tmp_path):
+    root = _data_root(tmp_path, {})
+    with pytest.raises(ValueError, match=r"--methods: unknown dreamvidoe \(known: customcrafter"):
+        local_run.run_local(methods=["customcrafter", "dreamvidoe"], out=tmp_path / "out", data_source=root)
+    with pytest.raises(FileNotFoundError, match=r"--subjects: no ghost under .*subjects \(there: cat, dog"):
+        local_run.run_local(subjects=["ghost"], out=tmp_path / "out", data_source=root)
+    assert not (tmp_path / "out" / "kfp_root").exists()  # nothing ran

@@ -715,6 +715,7 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
     data_root = _ensure_data(repo, echo)
     subjects = _run_subjects(subjects, retrain)
     methods = list(methods or DEFAULT_METHODS)
+    _check_names(methods, subjects, data_root)  # a typo fails here, not minutes later inside a task
     all_overrides = preset_overrides(preset) + normalise_overrides(list(overrides))
     routed = split_overrides(all_overrides)  # validates every override before anything runs
     run_options = load_config(RunOptions, overrides=routed["run"])
@@ -767,13 +768,26 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
 
     (run_dir,) = [p for p in pipeline_root.iterdir() if p not in before] or [pipeline_root]
     videos = sorted(run_dir.glob("**/sample-videos/samples/**/*.mp4"))
-    reports = sorted(run_dir.glob("**/evaluate-methods/report"))
+    # the report artifact's copy named .html (the artifact file itself has no extension for a browser to go by)
+    reports = sorted(run_dir.glob("**/evaluate-methods/results/report.html"))
     trained = sorted(f"{m.get('subject')}/{m.get('method')}" for m in _artifact_metadata(run_dir, "train-subject"))
     result = LocalRunResult(out_dir=out_dir, run_dir=run_dir, tracking_uri=tracking_uri, experiment=experiment,
                             videos=videos, reports=reports, trained=trained,
                             registered=_registered(tracking_uri, subjects or [p.name for p in subject_dirs(data_root)]))
     _print_summary(result, base_model, echo)
     return result
+
+
+def _check_names(methods: list[str], subjects: list[str], data_root: Path) -> None:
+    from customcrafter.data.subjects import subject_dirs
+    from customcrafter.training.config import METHODS
+
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    known = {p.name for p in subject_dirs(data_root)}
+    if missing := [s for s in subjects if s not in known]:
+        raise FileNotFoundError(f"--subjects: no {', '.join(missing)} under {data_root / 'subjects'} (there: "
+                                f"{', '.join(sorted(known)) or 'none'}; add one with `customcrafter data add`)")
 
 
 def _artifact_metadata(run_dir: Path, task: str) -> list[dict[str, Any]]:
@@ -798,7 +812,8 @@ def _print_summary(result: LocalRunResult, base_model: str, echo) -> None:
     for report in result.reports:
         echo(f"evaluation report: {report}  (open in a browser)")
     for subject, text in sorted(result.registered.items()):
-        echo(f"registered: {text}  (load: models:/customcrafter-{subject}@champion)")
+        echo(f"registered: {text}  (load: models:/customcrafter-{subject}@champion with "
+             f"MLFLOW_TRACKING_URI={result.tracking_uri})")
     echo(f"MLflow: experiment {result.experiment!r} in {result.tracking_uri} -> "
          f"mlflow ui --backend-store-uri {result.tracking_uri}")
     echo(f"KFP local run folder: {result.run_dir}")
