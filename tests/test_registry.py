@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -40,7 +42,8 @@ def module_dir(tmp_path):
     folder = tmp_path / "dog_module"
     folder.mkdir()
     (folder / "adapter_config.json").write_text('{"r": 4}')
-    (folder / "subject.json").write_text('{"subject": "dog", "base_model_id": "tiny"}')
+    (folder / "module.json").write_text(json.dumps({"subject": "dog", "base_model_id": "tiny",
+                                                    "method": "customcrafter"}))
     return folder
 
 
@@ -97,10 +100,10 @@ def test_registry_error_on_the_champion_lookup_is_not_taken_as_no_champion(uri, 
 
 
 def test_version_tags_and_run(uri, module_dir):
-    result = register_subject_model(uri, "dog", module_dir, "VideoCrafter/VideoCrafter2", GOOD, TAGS)
+    result = register_subject_model(uri, "dog", module_dir, "tiny", GOOD, TAGS)
     client = MlflowClient(uri)
     version = client.get_model_version("customcrafter-dog", str(result.version))
-    for key, value in {**TAGS, "base_model_id": "VideoCrafter/VideoCrafter2"}.items():
+    for key, value in {**TAGS, "base_model_id": "tiny"}.items():
         assert version.tags[key] == value
     assert float(version.tags["metric.dino_i"]) == GOOD["dino_i"]
     run = client.get_run(result.run_id)
@@ -126,6 +129,16 @@ def test_inputs_are_checked_with_named_fields(uri, module_dir, tmp_path):
         register_subject_model(uri, "dog", empty, "tiny", GOOD, TAGS)
     with pytest.raises(ValueError, match="subject: 'my dog'"):
         register_subject_model(uri, "my dog", module_dir, "tiny", GOOD, TAGS)
+    # tags that contradict what the module was trained with are refused, not promoted
+    with pytest.raises(ValueError, match=r"base_model_id: 'VideoCrafter/VideoCrafter2' given, but .*module\.json "
+                                         r"was trained with 'tiny'"):
+        register_subject_model(uri, "dog", module_dir, "VideoCrafter/VideoCrafter2", GOOD, TAGS)
+    with pytest.raises(ValueError, match="method: 'dreamvideo' given"):
+        register_subject_model(uri, "dog", module_dir, "tiny", GOOD, {**TAGS, "method": "dreamvideo"})
+    with pytest.raises(ValueError, match="subject: 'cat' given"):
+        register_subject_model(uri, "cat", module_dir, "tiny", GOOD, TAGS)
+    with pytest.raises(MlflowException):
+        MlflowClient(uri).get_registered_model("customcrafter-cat")
 
 
 def test_gate_rules_direction_tolerance_and_missing_metrics():
@@ -150,7 +163,11 @@ def test_registered_versions_by_data_revision_and_subjects_to_retrain(uri, modul
     register_subject_model(uri, "dog", module_dir, "tiny", GOOD, TAGS)
     register_subject_model(uri, "dog", module_dir, "tiny", GOOD, {**TAGS, "data_revision": "rev2",
                                                                    "subject_hash": "h-dog-2"})
-    register_subject_model(uri, "cat", module_dir, "tiny", GOOD, {**TAGS, "subject_hash": "h-cat"})
+    cat_module = module_dir.with_name("cat_module")
+    shutil.copytree(module_dir, cat_module)
+    (cat_module / "module.json").write_text(json.dumps({"subject": "cat", "base_model_id": "tiny",
+                                                        "method": "customcrafter"}))
+    register_subject_model(uri, "cat", cat_module, "tiny", GOOD, {**TAGS, "subject_hash": "h-cat"})
 
     at_rev1 = registered_subject_versions(uri, data_revision="rev1")
     assert at_rev1 == {"dog": {"version": 1, "subject_hash": "h-dog-1", "data_revision": "rev1"},
@@ -203,6 +220,7 @@ def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkey
         calls.setdefault("samples", []).append((prompt, seed, num_frames, method))
         return np.zeros((num_frames, height, width, 3), np.uint8)
 
+    register_subject_model(uri, "dog", module_dir, "tiny", GOOD, TAGS)  # before the stand-ins replace the modules
     for name, attrs in {"customcrafter.loading": {"load_base_pipeline": load_base_pipeline},
                         "customcrafter.subject_module": {"load_subject_module": load_subject_module},
                         "customcrafter.sampling": {"sample_video": sample_video},
@@ -210,7 +228,6 @@ def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkey
                                                       "SpeedConfig": lambda **kw: kw}}.items():
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
 
-    register_subject_model(uri, "dog", module_dir, "tiny", GOOD, TAGS)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     model = mlflow.pyfunc.load_model("models:/customcrafter-dog@champion")
@@ -219,7 +236,7 @@ def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkey
     assert calls["base"] == "tiny"
     assert calls["device"].type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert calls["speed"] == {"dtype": "bf16", "compile": "none"}
-    assert calls["module_files"] == ["adapter_config.json", "subject.json"]
+    assert calls["module_files"] == ["adapter_config.json", "module.json"]
     assert calls["samples"] == [("<new1> dog runs", 3, 2, "customcrafter"), ("<new1> dog sits", 4, 2, "customcrafter")]
     assert [v.shape for v in videos] == [(2, 8, 8, 3)] * 2
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -169,12 +170,22 @@ def _all_pages(search, *args, **kwargs) -> Iterator[Any]:
             return
 
 
-def _check_inputs(module_dir: Path, tags: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+def _check_inputs(module_dir: Path, tags: Mapping[str, Any], metrics: Mapping[str, float], subject: str,
+                  base_model_id: str) -> None:
+    from customcrafter.subject_module import MODULE_FILE, resolve_module_dir
+
     if not module_dir.is_dir() or not any(module_dir.iterdir()):
         raise FileNotFoundError(f"module_dir: {module_dir} is missing or empty (train the subject first)")
     missing = [k for k in REQUIRED_TAGS if not str(tags.get(k, "")).strip()]
     if missing:
         raise ValueError(f"tags: missing {', '.join(missing)} (required: {', '.join(REQUIRED_TAGS)})")
+    # what is registered must describe the module: a version tagged with another base model, method or subject
+    # would be promoted and then fail (or mislead) wherever it is loaded
+    module_file = resolve_module_dir(module_dir) / MODULE_FILE
+    recorded = json.loads(module_file.read_text())
+    for field, given in (("base_model_id", base_model_id), ("method", tags["method"]), ("subject", subject)):
+        if field in recorded and str(recorded[field]) != str(given):
+            raise ValueError(f"{field}: {given!r} given, but {module_file} was trained with {recorded[field]!r}")
     for key, value in metrics.items():
         if not isinstance(value, int | float):
             raise ValueError(f"metrics: {key}={value!r} is not a number")
@@ -203,7 +214,7 @@ def register_subject_model(tracking_uri: str, subject: str, module_dir: str | Pa
     gate = gate or PromotionGate()
     name = model_name(subject)
     module_dir = Path(module_dir)
-    _check_inputs(module_dir, tags, metrics)
+    _check_inputs(module_dir, tags, metrics, subject, base_model_id)
     all_tags = {**{k: str(v) for k, v in tags.items()}, "base_model_id": base_model_id, "subject": subject}
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
