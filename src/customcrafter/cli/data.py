@@ -44,7 +44,8 @@ def add(
         typer.echo(f"  ignored {path.name}")
     if result.dvc_file is not None:
         typer.echo("next steps:\n"
-                   "  dvc push                       # upload the images to the DVC remote\n"
+                   "  dvc push -r s3                 # upload the images to your team's remote (docs/DATA.md, Remotes;\n"
+                   "                                 # the default remote, dvc-storage/, holds the sample subjects)\n"
                    f"  git add {result.dvc_file.name} && git commit -m 'data: add subject {name}'")
     else:
         typer.echo("DVC not updated (--no-dvc, or not inside a DVC repository): run `dvc add data` yourself.")
