@@ -12,7 +12,7 @@ from customcrafter.cli import UserError, app
 @app.command("convert")
 def convert(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Original model.ckpt (its state_dict) or .safetensors."),
-    output: Path = typer.Option(..., "--output", help="Folder to write (must not exist unless --force)."),
+    output: Path = typer.Option(..., "--output", "--out", help="Folder to write (must not exist unless --force)."),
     config: Path | None = typer.Option(None, "--config", help="Original YAML (e.g. inference_t2v_512_v2.0.yaml); "
                                        "default: VideoCrafter2's full-size model."),
     text_config: Path | None = typer.Option(None, "--text-config", help="JSON with the OpenCLIP text tower size "

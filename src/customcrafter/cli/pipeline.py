@@ -19,7 +19,7 @@ _PARAM_HELP = ("pipeline parameter KEY=VALUE, repeatable (JSON values: seeds=[0,
 
 @pipeline_app.command("compile")
 def compile_cmd(
-    output_dir: Path = typer.Option(COMPILED_DIR, "--output-dir", "-o", help="where the IR YAML files go"),
+    output_dir: Path = typer.Option(COMPILED_DIR, "--output-dir", "--out", "-o", help="where the IR YAML files go"),
     train_gpus: int = typer.Option(None, "--train-gpus", help="GPUs of each train task (default 4, or "
                                                               "$CUSTOMCRAFTER_TRAIN_GPUS)"),
 ) -> None:
@@ -87,9 +87,9 @@ def run_local_cmd(
     base_model: str = typer.Option("tiny", "--base-model", help="'tiny', a hub id, a checkpoint or a folder"),
     out: Path = typer.Option(Path("outputs/local"), "--out", help="pipeline root, MLflow store, links"),
     preset: str = typer.Option("tiny", "--preset", help="tiny/ci (CPU minutes) or full (paper settings)"),
-    override: list[str] = typer.Option([], "--override", help="SECTION.KEY=VALUE on top of the preset "
+    override: list[str] = typer.Option([], "--override", "--set", help="SECTION.KEY=VALUE on top of the preset "
                                                               "(sections: train, sample, augment, evaluate, run)"),
-    data_source: Path = typer.Option(Path("."), "--data", help="repository or data root with subjects/"),
+    data_source: Path = typer.Option(Path("."), "--data", "--data-root", help="repository or data root with subjects/"),
     experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment"),
     retrain: bool = typer.Option(False, "--retrain", help="run retrain_new_subjects (only new/changed "
                                                           "subjects) instead"),

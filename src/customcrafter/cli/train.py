@@ -23,7 +23,7 @@ def train_command(
                                                                      "(default VideoCrafter/VideoCrafter2)."),
     config: Path | None = typer.Option(None, "--config", help="TrainConfig YAML."),
     overrides: list[str] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
-    output: Path | None = typer.Option(None, "--output", help="Output folder (module + checkpoints); a finished "
+    output: Path | None = typer.Option(None, "--output", "--out", help="Output folder (module + checkpoints); a finished "
                                                                "module there is kept unless --force."),
     force: bool = typer.Option(False, "--force", help="Replace a finished module in --output."),
 ) -> None:
