@@ -30,6 +30,9 @@ from customcrafter.orchestration.registry import (
 
 TAGS = {"data_revision": "rev1", "git_commit": "abc123", "method": "customcrafter", "subject_hash": "h-dog-1"}
 GOOD = {"dino_i": 0.60, "clip_t": 0.30, "motion": 2.0}
+#: the fields of a trained module's module.json that registration reads
+MODULE_META = {"subject": "dog", "base_model_id": "tiny", "method": "customcrafter", "base_model_signature": "s",
+               "token": "<new1>", "class_word": "dog", "fps": 16}
 
 
 @pytest.fixture
@@ -42,8 +45,7 @@ def module_dir(tmp_path):
     folder = tmp_path / "dog_module"
     folder.mkdir()
     (folder / "adapter_config.json").write_text('{"r": 4}')
-    (folder / "module.json").write_text(json.dumps({"subject": "dog", "base_model_id": "tiny",
-                                                    "method": "customcrafter"}))
+    (folder / "module.json").write_text(json.dumps(MODULE_META))
     return folder
 
 
@@ -130,8 +132,8 @@ def test_inputs_are_checked_with_named_fields(uri, module_dir, tmp_path):
     with pytest.raises(ValueError, match="subject: 'my dog'"):
         register_subject_model(uri, "my dog", module_dir, "tiny", GOOD, TAGS)
     # tags that contradict what the module was trained with are refused, not promoted
-    with pytest.raises(ValueError, match=r"base_model_id: 'VideoCrafter/VideoCrafter2' given, but .*module\.json "
-                                         r"was trained with 'tiny'"):
+    with pytest.raises(ValueError, match=r"base_model_id: 'VideoCrafter/VideoCrafter2' given, but the module in "
+                                         r".* was trained with 'tiny'"):
         register_subject_model(uri, "dog", module_dir, "VideoCrafter/VideoCrafter2", GOOD, TAGS)
     with pytest.raises(ValueError, match="method: 'dreamvideo' given"):
         register_subject_model(uri, "dog", module_dir, "tiny", GOOD, {**TAGS, "method": "dreamvideo"})
@@ -165,8 +167,7 @@ def test_registered_versions_by_data_revision_and_subjects_to_retrain(uri, modul
                                                                    "subject_hash": "h-dog-2"})
     cat_module = module_dir.with_name("cat_module")
     shutil.copytree(module_dir, cat_module)
-    (cat_module / "module.json").write_text(json.dumps({"subject": "cat", "base_model_id": "tiny",
-                                                        "method": "customcrafter"}))
+    (cat_module / "module.json").write_text(json.dumps({**MODULE_META, "subject": "cat", "class_word": "cat"}))
     register_subject_model(uri, "cat", cat_module, "tiny", GOOD, {**TAGS, "subject_hash": "h-cat"})
 
     at_rev1 = registered_subject_versions(uri, data_revision="rev1")

@@ -91,7 +91,9 @@ def base_model_signature(pipe: VideoCrafter2Pipeline) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CUSTOMCRAFTER_CACHE", Path.home() / ".cache" / "customcrafter"))
+    """``$CUSTOMCRAFTER_CACHE`` (converted checkpoints, class images, pipeline checkpoints), else
+    ``~/.cache/customcrafter``."""
+    return Path(os.environ.get("CUSTOMCRAFTER_CACHE") or Path.home() / ".cache" / "customcrafter")
 
 
 def _cache_key(path: Path) -> str:

@@ -1,8 +1,9 @@
 """Great Expectations validation of the subject data: ``customcrafter data validate``.
 
 Two expectation suites over the manifest (:mod:`customcrafter.data.manifest`): one on the image rows (decodable,
-known format and pixel mode, a defined EXIF orientation, minimum side, sane aspect, non-empty, no duplicate hashes) and one on the subject rows (safe name,
-class word present, token well-formed, kind known, enough images, readable ``subject.yaml``). The results are
+known format and pixel mode, a defined EXIF orientation, minimum side, sane aspect, non-empty, no duplicate
+hashes) and one on the subject rows (safe name, class word present, token well-formed, kind known, enough images,
+readable ``subject.yaml``). The results are
 written as JSON and as GX's own HTML rendering (the data docs page of a validation result), to be logged as
 pipeline artifacts.
 

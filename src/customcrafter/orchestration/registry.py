@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -172,7 +171,7 @@ def _all_pages(search, *args, **kwargs) -> Iterator[Any]:
 
 def _check_inputs(module_dir: Path, tags: Mapping[str, Any], metrics: Mapping[str, float], subject: str,
                   base_model_id: str) -> None:
-    from customcrafter.subject_module import MODULE_FILE, resolve_module_dir
+    from customcrafter.subject_module import read_module_meta
 
     if not module_dir.is_dir() or not any(module_dir.iterdir()):
         raise FileNotFoundError(f"module_dir: {module_dir} is missing or empty (train the subject first)")
@@ -181,11 +180,11 @@ def _check_inputs(module_dir: Path, tags: Mapping[str, Any], metrics: Mapping[st
         raise ValueError(f"tags: missing {', '.join(missing)} (required: {', '.join(REQUIRED_TAGS)})")
     # what is registered must describe the module: a version tagged with another base model, method or subject
     # would be promoted and then fail (or mislead) wherever it is loaded
-    module_file = resolve_module_dir(module_dir) / MODULE_FILE
-    recorded = json.loads(module_file.read_text())
+    recorded = read_module_meta(module_dir)
     for field, given in (("base_model_id", base_model_id), ("method", tags["method"]), ("subject", subject)):
         if field in recorded and str(recorded[field]) != str(given):
-            raise ValueError(f"{field}: {given!r} given, but {module_file} was trained with {recorded[field]!r}")
+            raise ValueError(f"{field}: {given!r} given, but the module in {module_dir} was trained with "
+                             f"{recorded[field]!r}")
     for key, value in metrics.items():
         if not isinstance(value, int | float):
             raise ValueError(f"metrics: {key}={value!r} is not a number")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -27,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def default_cache_root() -> Path:
-    base = os.environ.get("CUSTOMCRAFTER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "customcrafter")
-    return Path(base) / "class_images"
+    from customcrafter.loading import default_cache_dir
+
+    return default_cache_dir() / "class_images"
 
 
 def class_images_cache_key(signature: str, prompt: str, count: int, resolution: tuple[int, int], steps: int,

@@ -124,7 +124,7 @@ class TrainConfig(StrictModel):
     class_images_dir: str | None = Field(None, description="user-provided class images; else generated once with "
                                                            "the base model and cached")
     class_images_cache_dir: str | None = Field(None, description="cache root for generated class images; "
-                                                                 "None = ~/.cache/customcrafter/class_images")
+                                                                 "None = class_images/ in the cache (loading.default_cache_dir)")
     class_image_steps: int = Field(50, ge=1, description="DDIM steps used to generate class images")
 
     # --- data -------------------------------------------------------------------------------------------------

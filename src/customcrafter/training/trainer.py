@@ -646,10 +646,10 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     from customcrafter.training.tokens import add_placeholder_token, unsplice
 
     started = time.perf_counter()
-    finished = Path(config.output_dir) / MODULE_SUBDIR / MODULE_FILE
-    if finished.is_file() and not config.overwrite:  # before minutes of loading and training
-        raise FileExistsError(f"{finished.parent}: a finished subject module is there (overwrite=false); pass "
-                              "another output folder, or --force / overwrite=true to replace it")
+    module_dir = Path(config.output_dir) / MODULE_SUBDIR
+    if (module_dir / MODULE_FILE).is_file() and not config.overwrite:  # before minutes of loading and training
+        raise FileExistsError(f"{module_dir}: a finished subject module is there (overwrite=false); pass another "
+                              "output folder, or --force / overwrite=true to replace it")
     subject = resolve_subject(config.subject_dir, config.class_word, config.token, config.kind)
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
@@ -712,8 +712,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     dropout_seeds, dropouts = install_example_dropout(pipe.unet)
     model = DiffusionLoss(pipe, config, dropout_seeds=dropout_seeds, num_processes=processes)
     cudnn_benchmark = torch.backends.cudnn.benchmark  # process-wide: put back when training ends
-    # training mode turns the temporal convolutions' dropout on: put each model back as it came (from_pretrained:
-    # eval), or a video sampled with this pipeline afterwards would be drawn with dropout
+    # training puts the models in training mode: each goes back to the mode it came in (from_pretrained: eval)
     modes = [(part, part.training) for part in (pipe.unet, pipe.text_encoder, pipe.vae)]
     if config.cudnn_benchmark and accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -771,7 +770,6 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
 
     if losses and math.isnan(losses[-1]):
         raise FloatingPointError("training loss became NaN; lower the learning rate or use fp32")
-    module_dir = Path(config.output_dir) / MODULE_SUBDIR
     if accelerator.is_main_process:
         if checkpointing:
             pipe.unet.disable_gradient_checkpointing()
