@@ -137,3 +137,41 @@ def test_an_interrupted_command_exits_130(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         main(["data", "list", "--data-root", str(tmp_path)])
     assert stop.value.code == 130
+
+
+def test_data_version_says_when_the_workspace_is_not_the_commit(tmp_path, dreambooth_dir):
+    """A model trained from data that no commit holds must not be labelled with HEAD as if it were."""
+    from customcrafter.orchestration.local_run import _data_version
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _run("git", "init", "-q", cwd=repo)
+    _run("dvc", "init", "-q", cwd=repo)
+    ingest_subject(dreambooth_dir / "dog", "dog", "dog", data_root=repo / "data")
+    _run("git", "add", "-A", cwd=repo)
+    _run("git", "commit", "-qm", "data", cwd=repo)
+    clean = data_version(repo)
+    assert clean.modified is False and clean.label == clean.git_revision
+    assert _data_version(str(repo), "")["git_revision"] == clean.git_revision
+
+    # `data add` runs `dvc add`, so data.dvc changes but is not committed yet.
+    ingest_subject(dreambooth_dir / "cat", "cat", "cat", data_root=repo / "data")
+    staged = data_version(repo)
+    assert staged.modified is True and staged.git_revision == clean.git_revision
+    assert staged.label == f"{clean.git_revision}-dirty" and "workspace modified" in str(staged)
+    assert _data_version(str(repo), "")["git_revision"] == f"{clean.git_revision}-dirty"
+
+    _run("git", "add", "-A", cwd=repo)
+    _run("git", "commit", "-qm", "cat", cwd=repo)
+    assert data_version(repo).modified is False
+
+    # An image edited in place, without `dvc add`: data.dvc is committed but no longer describes data/.
+    image = next((repo / "data" / "subjects" / "cat").glob("*.jpg"))
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert data_version(repo).label.endswith("-dirty")
+
+
+def test_data_version_outside_a_repository_is_unknown_not_clean(tmp_path):
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc.dir\n  nfiles: 3\n  path: data\n")
+    version = data_version(tmp_path)
+    assert (version.dvc_md5, version.git_revision, version.modified, version.label) == ("abc.dir", None, None, None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_dvc_root", "dvc_add", "DvcError"]
+__all__ = ["find_dvc_root", "dvc_add", "dvc_modified", "DvcError"]
 
 
 class DvcError(RuntimeError):
@@ -58,3 +58,21 @@ def dvc_add(data_root: str | Path) -> Path:
     dvc_file = root / f"{relative}.dvc"
     logger.info("dvc add %s -> %s", relative, dvc_file)
     return dvc_file
+
+
+def dvc_modified(dvc_file: str | Path) -> bool | None:
+    """Whether the workspace differs from what ``dvc_file`` records (``dvc status <dvc_file>`` is not empty);
+    None when that cannot be told (no DVC repository, or DVC fails)."""
+    dvc_file = Path(dvc_file).resolve()
+    root = find_dvc_root(dvc_file.parent)
+    if root is None or not dvc_file.is_file():
+        return None
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            return bool(repo.status(targets=[str(dvc_file)]))
+    except Exception as exc:  # noqa: BLE001 - a version label must not stop the run; the log says why it is unknown
+        logger.warning("dvc status %s failed: %s", dvc_file, exc)
+        return None

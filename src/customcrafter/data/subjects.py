@@ -221,20 +221,35 @@ def files_digest(paths: list[Path]) -> str:
 
 @dataclass(frozen=True)
 class DataVersion:
-    """Which data: the md5 DVC recorded for ``data/`` (in ``data.dvc``) and the git revision, when available."""
+    """Which data: the md5 DVC recorded for ``data/`` (in ``data.dvc``) and the git revision, when available.
+
+    ``modified`` is True when the workspace's data are not what that revision records: ``data/`` differs from
+    ``data.dvc`` (not yet ``dvc add``-ed) or ``data.dvc`` differs from the commit (not yet committed); None when
+    that cannot be told. :attr:`label` is what a model trained from it should record.
+    """
 
     dvc_md5: str | None
     git_revision: str | None
     nfiles: int | None = None
+    modified: bool | None = None
+
+    @property
+    def label(self) -> str | None:
+        """The git revision, with ``-dirty`` appended (as ``git describe --dirty`` does) when modified."""
+        if self.git_revision is None:
+            return None
+        return f"{self.git_revision}-dirty" if self.modified else self.git_revision
 
     def __str__(self) -> str:
         md5 = self.dvc_md5 or "untracked"
         rev = f" @ git {self.git_revision[:10]}" if self.git_revision else ""
-        return f"data md5 {md5}{rev}"
+        dirty = " (workspace modified: not what this revision records)" if self.modified else ""
+        return f"data md5 {md5}{rev}{dirty}"
 
 
 def data_version(repo_root: str | Path = ".") -> DataVersion:
-    """Read ``data.dvc``'s ``outs`` md5 and the git HEAD of ``repo_root`` (None for what is missing)."""
+    """Read ``data.dvc``'s ``outs`` md5, the git HEAD of ``repo_root`` and whether the workspace's data differ from
+    them (None for what is missing)."""
     root = Path(repo_root)
     md5 = nfiles = None
     dvc_file = root / "data.dvc"
@@ -245,12 +260,23 @@ def data_version(repo_root: str | Path = ".") -> DataVersion:
             raise SubjectDataError(f"{dvc_file}: not valid YAML ({exc})") from None
         if outs:
             md5, nfiles = outs[0].get("md5"), outs[0].get("nfiles")
-    revision = None
+    revision = _git(root, "rev-parse", "HEAD") or None
+    modified = None
+    if revision is not None and dvc_file.is_file():
+        from customcrafter.data.dvc_ops import dvc_modified
+
+        uncommitted = _git(root, "status", "--porcelain", "--", "data.dvc")
+        workspace = dvc_modified(dvc_file)
+        modified = None if uncommitted is None or workspace is None else bool(uncommitted) or workspace
+    return DataVersion(dvc_md5=md5, git_revision=revision, nfiles=nfiles, modified=modified)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """``git -C root <args>``'s output, stripped; None when git is missing or fails (e.g. not a repository)."""
     try:
-        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=False)
-        if result.returncode == 0:
-            revision = result.stdout.strip() or None
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                check=False)
     except (OSError, subprocess.TimeoutExpired):
         logger.debug("git not available for %s", root)
-    return DataVersion(dvc_md5=md5, git_revision=revision, nfiles=nfiles)
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None

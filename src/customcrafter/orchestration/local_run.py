@@ -213,7 +213,8 @@ def _class_word(subject_dir: Path, where: str) -> str | None:
 
 
 def _data_version(data_source: str, data_revision: str) -> dict[str, str]:
-    """The DVC md5 of ``data/`` and the git revision at the source (what the registry tags record)."""
+    """The DVC md5 of ``data/`` and the git revision at the source (what the registry tags record); a local
+    source whose data differ from its commit gets ``<revision>-dirty``."""
     from customcrafter.data.subjects import data_version
 
     if _is_remote(data_source):
@@ -225,7 +226,7 @@ def _data_version(data_source: str, data_revision: str) -> dict[str, str]:
         return {"dvc_md5": md5 or "unknown", "git_revision": data_revision or "HEAD"}
     repo = _local_data_root(data_source).parent
     version = data_version(repo)
-    return {"dvc_md5": version.dvc_md5 or "untracked", "git_revision": version.git_revision or "unknown"}
+    return {"dvc_md5": version.dvc_md5 or "untracked", "git_revision": version.label or "unknown"}
 
 
 # ------------------------------------------------------------------------------------------- tracking
