@@ -509,10 +509,75 @@ def graph_rows() -> list[dict]:
     return rows
 
 
+# (name, channels, height, width, layers per forward): the resnets' temporal (3, 1, 1) convolutions, CFG batch 2 x 16
+# frames at 320x512, channels-last-3d as the compiled UNet holds them (4 per resnet: 5, 5, 5 and 7 resnets a level)
+TEMPORAL_CONVS = [("L0", 320, 40, 64, 20), ("L1", 640, 20, 32, 20), ("L2", 1280, 10, 16, 20), ("L3", 1280, 5, 8, 28)]
+
+
+def temporal_conv_forms(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """The same (3, 1, 1) convolution with padding (1, 0, 0) written four ways (all exact in real arithmetic):
+    cuDNN's 3-D convolution; a 2-D (3, 1) convolution over the (frames, positions) view of the same memory; one GEMM
+    against the three taps' weights side by side, then the frame-shifted sum of its three column blocks; and one GEMM
+    over the frames' shifted copies concatenated on channels (im2col along frames)."""
+    n, c, t, h, w = x.shape
+    taps = weight[:, :, :, 0, 0]  # (out, in, 3)
+
+    def conv3d():
+        return F.conv3d(x, weight, bias, padding=(1, 0, 0))
+
+    def conv2d():
+        out = F.conv2d(x.view(n, c, t, h * w), weight.view(*weight.shape[:3], 1), bias, padding=(1, 0))
+        return out.view(n, -1, t, h, w)
+
+    def gemm_shift():
+        rows = x.permute(0, 2, 3, 4, 1).reshape(n, t, h * w, c)  # a view: channels-last-3d memory
+        y = (rows @ taps.permute(1, 2, 0).reshape(c, -1)).view(n, t, h * w, 3, -1)
+        out = y[:, :, :, 1] + bias
+        out = torch.cat([out[:, :1], out[:, 1:] + y[:, :-1, :, 0]], dim=1)  # tap 0 sees the previous frame
+        out = torch.cat([out[:, :-1] + y[:, 1:, :, 2], out[:, -1:]], dim=1)  # tap 2 the next one
+        return out.view(n, t, h, w, -1).permute(0, 4, 1, 2, 3)
+
+    def im2col():
+        rows = x.permute(0, 2, 3, 4, 1).reshape(n, t, h * w, c)
+        zero = rows.new_zeros(n, 1, h * w, c)
+        cols = torch.cat([torch.cat([zero, rows[:, :-1]], 1), rows, torch.cat([rows[:, 1:], zero], 1)], dim=-1)
+        out = cols @ taps.permute(2, 1, 0).reshape(3 * c, -1) + bias
+        return out.view(n, t, h, w, -1).permute(0, 4, 1, 2, 3)
+
+    return {"conv3d": conv3d, "conv2d": conv2d, "gemm_shift": gemm_shift, "im2col": im2col}
+
+
+def temporal_conv_rows() -> list[dict]:
+    """The resnets' temporal convolutions (~14 % of a step's FLOPs) in each form of ``temporal_conv_forms``,
+    compiled and replayed in a CUDA graph, with their TFLOP/s and error against float64."""
+    rows = []
+    for name, c, h, w, layers in TEMPORAL_CONVS:
+        x = torch.randn(2, c, 16, h, w, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last_3d)
+        weight = (torch.randn(c, c, 3, 1, 1, device="cuda") / (3 * c) ** 0.5).to(torch.bfloat16)
+        bias = torch.randn(c, device="cuda", dtype=torch.bfloat16)
+        ref = F.conv3d(x.double(), weight.double(), bias.double(), padding=(1, 0, 0))
+        tflop = 2 * x.numel() * 3 * c / 1e12
+        row = {"op": f"temporal conv {name}", "channels": c, "positions": h * w, "layers": layers,
+               "tflop": round(tflop, 4)}
+        with torch.no_grad():
+            for form, fn in temporal_conv_forms(x, weight, bias).items():
+                compiled = torch.compile(fn, dynamic=False)
+                ms = graph_ms(compiled)
+                row[form + "_ms"] = round(ms, 4)
+                row[form + "_tflop_s"] = round(tflop / ms * 1e3, 1)
+                row[form + "_rel_err"] = _rel_err(compiled(), ref.float())
+                row[form + "_ms_per_forward"] = round(ms * layers, 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 SECTIONS = {"attention": attention_rows, "temporal": temporal_rows, "linear": linear_rows, "fused": fused_rows,
             "projections": projection_rows, "upsample": upsample_rows, "groupnorm": group_norm_rows,
             "bias": bias_rows, "graph": graph_rows, "gn_scale_shift": gn_scale_shift_rows,
-            "temporal_configs": temporal_config_rows, "temporal_backward": temporal_backward_rows}
+            "temporal_configs": temporal_config_rows, "temporal_backward": temporal_backward_rows,
+            "temporal_conv": temporal_conv_rows}
 
 
 def main() -> None:
