@@ -516,9 +516,12 @@ TEMPORAL_CONVS = [("L0", 320, 40, 64, 20), ("L1", 640, 20, 32, 20), ("L2", 1280,
 
 def temporal_conv_forms(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict:
     """The same (3, 1, 1) convolution with padding (1, 0, 0) written four ways (all exact in real arithmetic):
-    cuDNN's 3-D convolution; a 2-D (3, 1) convolution over the (frames, positions) view of the same memory; one GEMM
+    cuDNN's 3-D convolution; ``customcrafter.fusions.temporal_conv2d`` (a 2-D (3, 1) convolution over the (frames,
+    positions) view of the same memory); one GEMM
     against the three taps' weights side by side, then the frame-shifted sum of its three column blocks; and one GEMM
     over the frames' shifted copies concatenated on channels (im2col along frames)."""
+    from customcrafter.fusions import temporal_conv2d
+
     n, c, t, h, w = x.shape
     taps = weight[:, :, :, 0, 0]  # (out, in, 3)
 
@@ -526,8 +529,7 @@ def temporal_conv_forms(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return F.conv3d(x, weight, bias, padding=(1, 0, 0))
 
     def conv2d():
-        out = F.conv2d(x.view(n, c, t, h * w), weight.view(*weight.shape[:3], 1), bias, padding=(1, 0))
-        return out.view(n, -1, t, h, w)
+        return temporal_conv2d(x, weight, bias)
 
     def gemm_shift():
         rows = x.permute(0, 2, 3, 4, 1).reshape(n, t, h * w, c)  # a view: channels-last-3d memory
