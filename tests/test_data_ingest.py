@@ -220,3 +220,48 @@ def test_a_photo_downscaled_below_the_minimum_side_is_refused(tmp_path):
         _photo(folder / f"{i}.jpg", size=(1200, 400), seed=i)
     _assert_rejected(folder, tmp_path, "0.jpg", "512x171 once downscaled to max side 512, below min side 256",
                      limits=ImageLimits(max_side=512))
+
+
+def _cli(argv: list[str]) -> int:
+    from customcrafter.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_subject_option_is_a_folder_or_a_name_in_train_and_validate(tmp_path, monkeypatch, capsys):
+    """`--subject` means the same in `train` and `data validate`: an existing folder, else a name under --data-root."""
+    from types import SimpleNamespace
+
+    import customcrafter.training.trainer as trainer
+    from customcrafter.data.subjects import find_subject_dir
+
+    data = tmp_path / "data"
+    stored = _ingest(_good_folder(tmp_path / "photos"), tmp_path).subject_dir
+    monkeypatch.chdir(tmp_path)
+    assert find_subject_dir("pet", data) == data / "subjects" / "pet"
+    assert find_subject_dir(str(stored), "elsewhere") == stored
+    assert find_subject_dir("photos", data) == Path("photos")  # an existing folder wins over a name
+    with pytest.raises(SubjectDataError, match=r"--subject 'ghost': neither a folder nor a subject under .*"
+                                               r"tried folder ghost, subject .*subjects/ghost; subjects there: pet"):
+        find_subject_dir("ghost", data)
+    with pytest.raises(SubjectDataError, match=r"'a/b'.*tried folder a/b; not a subject name"):
+        find_subject_dir("a/b", data)
+
+    trained = []
+    monkeypatch.setattr(trainer, "train", lambda config: trained.append(config) or SimpleNamespace(
+        losses=[], module_dir=tmp_path / "module", steps=0, seconds=0.0))
+    for value in ("pet", str(stored)):
+        assert _cli(["train", "--subject", value, "--data-root", str(data), "--output", str(tmp_path / "m")]) == 0
+    assert [Path(c.subject_dir) for c in trained] == [data / "subjects" / "pet", stored]
+    assert _cli(["train", "--subject", "ghost", "--data-root", str(data)]) == 2 and not trained[2:]
+    assert "--subject 'ghost': neither a folder nor a subject" in capsys.readouterr().err
+
+    for value in ("pet", str(stored)):
+        assert _cli(["data", "validate", "--data-root", str(data), "--subject", value, "--out", "out"]) == 0
+        assert "1 subjects, 3 images" in capsys.readouterr().out
+    assert _cli(["data", "validate", "--data-root", str(data), "--subject", "ghost", "--out", "out"]) == 2
+    assert "--subject 'ghost': neither a folder nor a subject" in capsys.readouterr().err

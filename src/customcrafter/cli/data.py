@@ -72,17 +72,21 @@ def list_(data_root: Annotated[Path, typer.Option(help="the data folder")] = Pat
 @data_app.command("validate")
 def validate(
     data_root: Annotated[Path, typer.Option(help="the data folder")] = Path("data"),
-    subject: Annotated[list[str] | None, typer.Option(help="validate only these subjects (repeatable)")] = None,
+    subject: Annotated[list[str] | None, typer.Option(help="validate only these subjects (repeatable): a name under "
+                                                           "--data-root, or a subject folder (an existing folder "
+                                                           "wins)")] = None,
     out: Annotated[Path, typer.Option(help="where validation.json and validation.html go")] = Path(
         "outputs/data_validation"),
     min_images: Annotated[int, typer.Option(help="images per subject")] = 3,
     min_side: Annotated[int, typer.Option(help="shorter side in pixels")] = 256,
 ) -> None:
     """Run the Great Expectations suites; exit 1 when a check fails."""
+    from customcrafter.data.subjects import find_subject_dir
     from customcrafter.data.validate import ValidationConfig, validate_data
 
     config = ValidationConfig(min_images=min_images, min_side=min_side)
-    result = validate_data(data_root, subjects=subject or None, out_dir=out, config=config)
+    folders = [find_subject_dir(value, data_root) for value in subject or []]
+    result = validate_data(data_root, subjects=folders or None, out_dir=out, config=config)
     typer.echo(f"{result.n_subjects} subjects, {result.n_images} images, {result.seconds:.1f} s: "
                f"{'PASSED' if result.success else 'FAILED'}")
     for name, lines in sorted(result.problems.items()):

@@ -1,4 +1,4 @@
-"""`customcrafter train`: learn a subject module (CustomCrafter or a baseline) from a subject folder."""
+"""`customcrafter train`: learn a subject module (CustomCrafter or a baseline) from a subject folder or name."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from customcrafter.cli import app
 
 @app.command("train")
 def train_command(
-    subject: Path = typer.Option(..., "--subject", help="Subject folder: images + subject.yaml, or bare images "
-                                                         "with --class-word."),
+    subject: str = typer.Option(..., "--subject", help="Subject folder (images + subject.yaml, or bare images with "
+                                                        "--class-word), or a subject name under --data-root; an "
+                                                        "existing folder wins."),
+    data_root: Path = typer.Option(Path("data"), "--data-root", help="The data folder a --subject name is looked "
+                                                                     "up in (<data-root>/subjects/<name>)."),
     class_word: str | None = typer.Option(None, "--class-word", help="Class word (e.g. dog); default from "
                                                                      "subject.yaml."),
     kind: str | None = typer.Option(None, "--kind", help="live | object (picks evaluation prompts)."),
@@ -29,11 +32,14 @@ def train_command(
 ) -> None:
     """Train a subject module; prints the module folder."""
     from customcrafter.config import load_config
+    from customcrafter.data.subjects import find_subject_dir
     from customcrafter.training.config import TrainConfig
     from customcrafter.training.trainer import train
 
+    subject_dir = find_subject_dir(subject, data_root)
     # the CLI keeps a finished module unless told (--force, or --set overwrite=true)
-    train_config = load_config(TrainConfig, config, ["overwrite=false", *(overrides or [])], subject_dir=str(subject),
+    train_config = load_config(TrainConfig, config, ["overwrite=false", *(overrides or [])],
+                               subject_dir=str(subject_dir),
                                class_word=class_word, kind=kind, token=token, method=method, base_model=base_model,
                                output_dir=str(output) if output else None, overwrite=True if force else None)
     result = train(train_config)

@@ -30,14 +30,16 @@ IMAGE_COLUMNS = ["subject", "path", "format", "mode", "width", "height", "bytes"
 SUBJECT_COLUMNS = ["subject", "folder_name", "class_word", "token", "kind", "n_images", "yaml_ok", "yaml_error"]
 
 
-def subject_dirs(data_root: str | Path, subjects: list[str] | None = None) -> list[Path]:
-    """Subject folders under ``data_root/subjects`` (all, or the named ones; a missing name is an error)."""
+def subject_dirs(data_root: str | Path, subjects: list[str | Path] | None = None) -> list[Path]:
+    """Subject folders under ``data_root/subjects`` (all, or the given ones: a ``str`` is a name there, a ``Path`` a
+    folder anywhere; a missing one is an error)."""
     base = Path(data_root) / "subjects"
     if subjects:
-        missing = [name for name in subjects if not (base / name).is_dir()]
+        folders = [s if isinstance(s, Path) else base / s for s in subjects]
+        missing = [str(s) for s, folder in zip(subjects, folders, strict=True) if not folder.is_dir()]
         if missing:
             raise FileNotFoundError(f"{base}: no subject folder for {', '.join(missing)}")
-        return [base / name for name in subjects]
+        return folders
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: no subjects folder (add one with `customcrafter data add`)")
     return [p for p in sorted(base.iterdir()) if p.is_dir() and not is_ignored_file(p)]

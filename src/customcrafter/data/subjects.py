@@ -37,6 +37,7 @@ __all__ = [
     "Subject",
     "DataVersion",
     "load_subject",
+    "find_subject_dir",
     "list_subjects",
     "subject_dirs",
     "files_digest",
@@ -178,6 +179,22 @@ def load_subject(subject_dir: str | Path, min_images: int = 1) -> Subject:
     return Subject(name=meta.name, class_word=meta.class_word, token=meta.token, kind=meta.kind,
                    image_paths=images, prompts=list(meta.prompts), source=meta.source, license=meta.license,
                    dir=folder)
+
+
+def find_subject_dir(value: str | Path, data_root: str | Path = "data", option: str = "--subject") -> Path:
+    """The folder a ``--subject`` value means: an existing folder is that folder; otherwise a subject name, looked up
+    as ``data_root/subjects/<name>``. Neither is a :class:`SubjectDataError` naming ``option``, the value and what
+    was tried."""
+    folder, named = Path(value), Path(data_root) / "subjects" / str(value)
+    if str(value) and folder.is_dir():
+        return folder
+    is_name = re.fullmatch(NAME_PATTERN, str(value)) is not None
+    if is_name and named.is_dir():
+        return named
+    tried = f"folder {folder}, subject {named}" if is_name else f"folder {folder}; not a subject name"
+    known = ", ".join(p.name for p in subject_dirs(data_root)) or "none"
+    raise SubjectDataError(f"{option} {str(value)!r}: neither a folder nor a subject under {named.parent} (tried "
+                           f"{tried}; subjects there: {known})")
 
 
 def list_subjects(data_root: str | Path = "data") -> list[Subject]:

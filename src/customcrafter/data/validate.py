@@ -133,9 +133,10 @@ def _subject_detail(row) -> str:
     return f"subject {row['folder_name']}" + (f" ({error})" if error else "")
 
 
-def validate_data(data_root: str | Path = "data", subjects: list[str] | None = None,
+def validate_data(data_root: str | Path = "data", subjects: list[str | Path] | None = None,
                   out_dir: str | Path | None = None, config: ValidationConfig | None = None) -> ValidationResult:
-    """Validate every subject (or the named ones) under ``data_root``; write JSON + HTML results to ``out_dir``.
+    """Validate every subject under ``data_root`` (or the given ones: names there, or folders as ``Path``); write
+    JSON + HTML results to ``out_dir``.
 
     Returns a :class:`ValidationResult`; it does not raise on invalid data (the caller decides), only on a missing
     ``data_root``/subject.
