@@ -1,4 +1,4 @@
-"""`customcrafter pipeline` commands: compile, submit, schedule, run-local (Kubeflow Pipelines v2)."""
+"""`customcrafter pipeline` commands: compile, submit, schedule, run-local, prune-checkpoints (KFP v2)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from pathlib import Path
 
 import typer
 
-from customcrafter.cli import app
+from customcrafter.cli import UserError, app
 from customcrafter.orchestration.settings import COMPILED_DIR, DEFAULT_EXPERIMENT
 
-pipeline_app = typer.Typer(no_args_is_help=True, help="Kubeflow pipeline: compile, submit, schedule, run locally.")
+pipeline_app = typer.Typer(no_args_is_help=True, help="Kubeflow pipeline: compile, submit, schedule, run locally, "
+                                                        "prune checkpoints.")
 app.add_typer(pipeline_app, name="pipeline")
 
 _PARAM_HELP = ("pipeline parameter KEY=VALUE, repeatable (JSON values: seeds=[0,1]; subject=dog or "
@@ -100,3 +101,26 @@ def run_local_cmd(
     run_local(subjects=_csv(subjects), methods=_csv(methods), base_model=base_model, out=out, preset=preset,
               overrides=override, data_source=data_source, experiment=experiment, retrain=retrain,
               echo=typer.echo)
+
+
+@pipeline_app.command("prune-checkpoints")
+def prune_checkpoints_cmd(
+    older_than: str = typer.Option(..., "--older-than", help="remove job folders with nothing written for this long: "
+                                                            "a number and s, m, h, d or w (e.g. 7d)"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="the model cache (default $CUSTOMCRAFTER_CACHE, else "
+                                                            "~/.cache/customcrafter)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed, remove nothing"),
+) -> None:
+    """Remove the checkpoint folders that failed pipeline runs leave under <cache>/checkpoints/<job id>."""
+    from customcrafter.orchestration.checkpoints import parse_duration, prune_checkpoints
+
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise UserError(f"--older-than: {exc}") from None
+    pruned = prune_checkpoints(cache_dir, age, dry_run=dry_run)
+    for job in pruned:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {job.path} ({job.size / 2**20:.1f} MiB, "
+                   f"nothing written for {job.age})")
+    total = sum(job.size for job in pruned) / 2**30
+    typer.echo(f"{len(pruned)} job folder(s), {total:.2f} GiB {'would be ' if dry_run else ''}freed")

@@ -320,7 +320,8 @@ def train_step(*, subject_data: str, subject_metadata: dict[str, Any], augmented
 
     With ``pipeline_job`` (a cluster run's id), checkpoints go to the model cache (``CUSTOMCRAFTER_CACHE``, a volume
     shared by the pods) under ``checkpoints/<job>/<subject>/<method>``, so a retried pod resumes there instead of
-    starting again in its own empty folder; a finished run removes them."""
+    starting again in its own empty folder; a finished run removes them (``customcrafter pipeline prune-checkpoints``
+    those of runs that failed for good)."""
     from customcrafter.config import load_config
     from customcrafter.data.subjects import load_subject
     from customcrafter.training.config import TrainConfig
@@ -331,9 +332,9 @@ def train_step(*, subject_data: str, subject_metadata: dict[str, Any], augmented
     if provided.is_dir():  # the data's own class images (fetched with the subject); an override still wins
         overrides = [f"class_images_dir={json.dumps(str(provided))}", *overrides]
     if pipeline_job:
-        from customcrafter.loading import default_cache_dir
+        from customcrafter.orchestration.checkpoints import job_checkpoints_dir
 
-        checkpoints = default_cache_dir() / "checkpoints" / pipeline_job / subject / method
+        checkpoints = job_checkpoints_dir(pipeline_job, subject, method)
         overrides = [f"checkpoints_dir={json.dumps(str(checkpoints))}", *overrides]
     config = load_config(TrainConfig, overrides=overrides, subject_dir=str(subject_dir), method=method,
                          base_model=base_model, output_dir=module_dir, examples_dir=augmented)
