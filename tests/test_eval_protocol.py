@@ -402,3 +402,31 @@ def test_a_subject_dir_under_home_reaches_the_report(tiny_models, tmp_path, monk
     result = evaluate([method], tmp_path / "eval", _config(tiny_models))
     assert result.report_html.is_file()
     assert pd.read_csv(result.per_video_csv)["subject_dir"].iloc[0] == str(tmp_path / "subjects" / "dog_a")
+
+
+def test_cli_sample_eval_set_folders_are_scored_by_evaluate(tiny_models, tmp_path, capsys):
+    """`customcrafter sample-eval-set` for a module and for --base (tiny models), then `customcrafter evaluate`."""
+    from customcrafter.cli import main
+    from customcrafter.training.config import TrainConfig
+    from customcrafter.training.trainer import train
+
+    subject = _write_subject(tmp_path, "dog_a", 0)
+    module = train(TrainConfig(base_model="tiny", subject_dir=str(subject), output_dir=str(tmp_path / "run"),
+                               resolution=(64, 96), num_frames=2, steps=1, prior_preservation=False,
+                               checkpoint_every=None)).module_dir
+    small = ["--base-model", "tiny", "--subject", str(subject), "--prompt-limit", "2", "--seed", "3", "--steps", "2",
+             "--set", "num_frames=2", "--set", "height=64", "--set", "width=96", "--device", "cpu"]
+    main(["sample-eval-set", "--subject-module", str(module), "--out", str(tmp_path / "cc"), *small])
+    main(["sample-eval-set", "--base", "--out", str(tmp_path / "base"), *small])
+    assert "wrote 2 videos of dog_a (base)" in capsys.readouterr().out
+
+    main(["evaluate", "--method-outputs", str(tmp_path / "cc"), str(tmp_path / "base"), "--out", str(tmp_path / "ev"),
+          "--clip-model", tiny_models[0], "--dino-model", tiny_models[1], "--device", "cpu"])
+    summary = capsys.readouterr().out
+    assert "| customcrafter |" in summary and "| base |" in summary
+    assert "Not like for like" not in summary  # same prompts, seeds and settings (the base at the modules' fps 16)
+    per_video = pd.read_csv(tmp_path / "ev" / "per_video.csv")
+    assert sorted(zip(per_video["method"], per_video["prompt_index"], per_video["seed"], strict=True)) == [
+        ("base", 0, 3), ("base", 1, 3), ("customcrafter", 0, 3), ("customcrafter", 1, 3)]
+    assert (per_video["sampling_fps"] == 16).all() and (per_video["num_frames"] == 2).all()
+    assert per_video[list(METRIC_NAMES)].notna().all().all()

@@ -185,3 +185,72 @@ def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out]) == 130
     assert asked == [torch.device("cuda")]  # no --device: the GPU when there is one, not the CPU
+
+
+def test_cli_sample_eval_set_checks_flags_before_loading(tmp_path, capsys, monkeypatch, dreambooth_dir):
+    import customcrafter.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the base model despite a bad flag")
+
+    monkeypatch.setattr(loading, "load_base_pipeline", refuse)
+    out = tmp_path / "set"
+    module = tmp_path / "no_module"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    dog = ["--subject", str(dreambooth_dir / "dog"), "--class-word", "dog"]
+    for flags, named in (([], "--subject-module DIR or --base"),
+                         (["--base", "--subject-module", str(module)], "--subject-module DIR or --base"),
+                         (["--subject-module", str(module)], f"--subject-module {module}"),
+                         (["--base", "--kind", "alive"], "--kind"),
+                         (["--base", "--seed", "1", "--seed", "1"], "--seed 1 1"),
+                         (["--base", "--compile", "turbo"], "--compile"),
+                         (["--base", "--device", "gpu0"], "--device"),
+                         (["--base", "--out", str(a_file)], f"--out {a_file}")):
+        assert _cli(["sample-eval-set", "--base-model", "tiny", *dog, "--out", str(out), *flags]) == 2, flags
+        assert f"error: {named}" in capsys.readouterr().err, flags
+    # a bare image folder needs its class word (subject.yaml has it)
+    assert _cli(["sample-eval-set", "--base", "--subject", str(dreambooth_dir / "dog"), "--out", str(out)]) == 2
+    assert "error: --subject " in (err := capsys.readouterr().err) and "--class-word" in err
+    # usage errors: click's message naming the option, exit 2
+    assert _cli(["sample-eval-set", "--base", *dog, "--out", str(out), "--prompt-limit", "0"]) == 2
+    assert "Invalid value for '--prompt-limit'" in capsys.readouterr().err
+    assert _cli(["sample-eval-set", "--base", *dog]) == 2 and "Missing option '--out'" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_cli_sample_eval_set_interrupted_writes_no_manifest_and_resumes(tmp_path, capsys, monkeypatch,
+                                                                         dreambooth_dir):
+    import customcrafter.sampling as sampling
+
+    out = tmp_path / "base"
+    argv = ["sample-eval-set", "--base", "--base-model", "tiny", "--subject", str(dreambooth_dir / "dog"),
+            "--class-word", "dog", "--kind", "live", "--out", str(out), "--prompt-limit", "1", "--seed", "0",
+            "--seed", "1", "--steps", "2", "--set", "num_frames=2", "--set", "height=64", "--set", "width=96",
+            "--device", "cpu"]
+    real, calls = sampling.sample_video, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while sampling the second video
+        calls.append(kwargs["seed"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_video", interrupted)
+    assert _cli(argv) == 130
+    first = out / "dog" / "p00_s0.mp4"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["dog", "dog/p00_s0.mp4"]  # no manifest
+    stamp = first.stat().st_mtime_ns
+    capsys.readouterr()
+    assert _cli(argv) == 0 and calls == [0, 1, 1]  # resumed: only the missing video sampled
+    assert first.stat().st_mtime_ns == stamp
+    assert f"wrote 2 videos of dog (base) to {out}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"], r["video"]) for r in rows] == [("base", 0, "dog/p00_s0.mp4"),
+                                                                    ("base", 1, "dog/p00_s1.mp4")]
+    assert rows[0]["sampling"]["fps"] == 16 and rows[0]["prompt"] == "dog is walking in the street."
+    # another method's set would replace this manifest: refused, the folder untouched
+    manifest = (out / "manifest.jsonl").read_bytes()
+    assert _cli([*argv, "--method", "base_fps28"]) == 2
+    assert f"error: --out {out}: holds the evaluation set of base/dog" in capsys.readouterr().err
+    assert (out / "manifest.jsonl").read_bytes() == manifest

@@ -143,6 +143,7 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
             relative = f"{subject}/p{prompt.index:02d}_s{seed}.mp4"
             target = out_dir / relative
             if not target.is_file():
+                logger.info("sampling %s (%d/%d): %s", target, len(rows) + 1, len(prompts) * len(seeds), text)
                 frames = sample_video(pipe, text, seed=seed, config=config)
                 tmp = target.with_name(f".{target.name}.tmp.mp4")
                 export_mp4(frames, tmp, fps=8)

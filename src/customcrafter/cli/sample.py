@@ -1,4 +1,5 @@
-"""`customcrafter sample`: one video from the base model, optionally with subject modules (DWVSS for CustomCrafter)."""
+"""`customcrafter sample`: one video from the base model, optionally with subject modules (DWVSS for CustomCrafter);
+`customcrafter sample-eval-set`: the evaluation set of one module or the base model, for `customcrafter evaluate`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ from pathlib import Path
 import typer
 
 from customcrafter.cli import UserError, app
+
+
+def _speed_and_device(compile_mode: str, dtype: str, device: str | None):
+    """--compile/--dtype and --device checked (before any loading): a UserError naming the flag."""
+    from customcrafter.performance import SpeedConfig
+    from customcrafter.utils import pick_device
+
+    try:
+        speed = SpeedConfig(compile=compile_mode, dtype=dtype)
+    except ValueError as exc:
+        raise UserError(f"--compile {compile_mode} / --dtype {dtype}: expected --compile none|regional|full and "
+                        f"--dtype bf16|fp16|fp32 ({type(exc).__name__})") from None
+    try:
+        return speed, pick_device(device)  # None/auto: the GPU when there is one
+    except RuntimeError as exc:
+        raise UserError(f"--device {device}: {exc} (auto, cpu, cuda or cuda:N)") from None
 
 
 @app.command("sample")
@@ -36,10 +53,9 @@ def sample_command(
     from customcrafter.config import load_config
     from customcrafter.dwvss import parse_dwvss
     from customcrafter.loading import load_base_pipeline
-    from customcrafter.performance import SpeedConfig, optimize_pipeline
+    from customcrafter.performance import optimize_pipeline
     from customcrafter.sampling import SampleConfig, sample_video
     from customcrafter.subject_module import load_subject_module, read_module_meta
-    from customcrafter.utils import pick_device
     from customcrafter.video_io import export_gif, export_mp4
 
     if dwvss and no_dwvss:
@@ -54,15 +70,7 @@ def sample_command(
     if dwvss and not any(meta.get("uses_lora") for meta in metas):
         raise UserError("--dwvss: DWVSS schedules a CustomCrafter (LoRA) module's scale; none of the given "
                         "--subject-module folders has one (baselines and the base model sample at full strength)")
-    try:
-        speed = SpeedConfig(compile=compile_mode, dtype=dtype)
-    except ValueError as exc:
-        raise UserError(f"--compile {compile_mode} / --dtype {dtype}: expected --compile none|regional|full and "
-                        f"--dtype bf16|fp16|fp32 ({type(exc).__name__})") from None
-    try:
-        target = pick_device(device)  # None/auto: the GPU when there is one
-    except RuntimeError as exc:
-        raise UserError(f"--device {device}: {exc} (auto, cpu, cuda or cuda:N)") from None
+    speed, target = _speed_and_device(compile_mode, dtype, device)
     if no_dwvss:
         sample_config = sample_config.model_copy(update={"dwvss": None})
     elif dwvss:
@@ -84,3 +92,83 @@ def sample_command(
         Path(tmp).unlink(missing_ok=True)
         raise
     typer.echo(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+
+
+@app.command("sample-eval-set")
+def sample_eval_set_command(
+    subject_module: Path | None = typer.Option(None, "--subject-module", help="Subject module folder (or a training "
+                                                                               "output holding subject_module/)."),
+    base: bool = typer.Option(False, "--base", help="The base model instead: the motion reference (fps 16)."),
+    subject: Path = typer.Option(..., "--subject", help="Subject folder (images + subject.yaml) the videos are "
+                                                         "scored against."),
+    out: Path = typer.Option(..., "--out", help="Output folder, one per subject and method: videos + "
+                                                 "manifest.jsonl (a rerun resumes)."),
+    method: str | None = typer.Option(None, "--method", help="Method name in the manifest (default: the module's "
+                                                             "method, or base)."),
+    class_word: str | None = typer.Option(None, "--class-word", help="Class word; default: the module's, or "
+                                                                     "subject.yaml's."),
+    kind: str | None = typer.Option(None, "--kind", help="live | object (picks the prompts); default: the module's, "
+                                                         "subject.yaml's, else object."),
+    seeds: list[int] = typer.Option(None, "--seed", help="Seed (repeatable; default 0 1 2, as the pipeline)."),
+    prompt_limit: int | None = typer.Option(None, "--prompt-limit", min=1, help="Only the first N evaluation "
+                                                                                 "prompts (default: all ten)."),
+    base_model: str = typer.Option("VideoCrafter/VideoCrafter2", "--base-model", help="'tiny', hub id, "
+                                                                                      "checkpoint or folder."),
+    steps: int | None = typer.Option(None, "--steps", help="DDIM steps (default 50)."),
+    config: Path | None = typer.Option(None, "--config", help="SampleConfig YAML."),
+    overrides: list[str] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    compile_mode: str = typer.Option("none", "--compile", help="GPU: none, regional or full (full pays off over "
+                                                                "a whole evaluation set)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="GPU weights: bf16, fp16 or fp32 (the CPU runs fp32)."),
+) -> None:
+    """Sample the evaluation prompts × seeds of one subject module (or --base) into --out for `evaluate`."""
+    import json
+
+    from customcrafter.config import load_config
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import optimize_pipeline
+    from customcrafter.sampling import SampleConfig, sample_evaluation_set
+    from customcrafter.subject_module import load_subject_module, read_module_meta
+    from customcrafter.training.dataset import resolve_subject
+
+    if (subject_module is None) == (not base):
+        raise UserError("--subject-module DIR or --base: give exactly one (a module, or the base model as the motion "
+                        "reference)")
+    if kind is not None and kind not in ("live", "object"):
+        raise UserError(f"--kind {kind!r}: must be 'live' or 'object'")
+    # everything checkable is checked before minutes of loading the base model
+    try:
+        meta = read_module_meta(subject_module) if subject_module else {}
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"--subject-module {exc}") from None
+    try:
+        info = resolve_subject(subject, class_word or meta.get("class_word"), None, kind or meta.get("kind"))
+    except ValueError as exc:
+        raise UserError(f"--subject {exc}") from None
+    method = method or meta.get("method", "base")
+    seeds = list(seeds or [0, 1, 2])
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seed {' '.join(map(str, seeds))}: give each seed once")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: not a folder")
+    if (out / "manifest.jsonl").is_file():  # rewritten with this set's rows only: a rerun may resume, not mix sets
+        held = {f"{row.get('method')}/{row.get('subject')}" for row in map(json.loads, filter(
+            str.strip, (out / "manifest.jsonl").read_text().splitlines()))}
+        if held - {f"{method}/{info.name}"}:
+            raise UserError(f"--out {out}: holds the evaluation set of {', '.join(sorted(held))} (method/subject), "
+                            f"not {method}/{info.name}; use one folder per subject and method")
+    sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
+    speed, target = _speed_and_device(compile_mode, dtype, device)
+    pipe = load_base_pipeline(base_model, device=target)
+    if subject_module:
+        load_subject_module(pipe, subject_module)
+    optimize_pipeline(pipe, speed)
+    # what the pipeline's sample step calls: each video and then the manifest written to a temporary file and renamed,
+    # so an interrupted run leaves whole videos, no new manifest (nothing half-written to score) and a rerun resumes
+    manifest = sample_evaluation_set(pipe, method=method, subject=info.name, subject_dir=subject, out_dir=out,
+                                     seeds=seeds, prompt_limit=prompt_limit, config=sample_config,
+                                     kind=info.kind, class_word=info.class_word)
+    rows = sum(1 for line in manifest.read_text().splitlines() if line.strip())
+    typer.echo(f"wrote {rows} videos of {info.name} ({method}) to {out}; score them with: customcrafter evaluate "
+               f"--method-outputs {out} [more folders] --out EVAL_DIR")
