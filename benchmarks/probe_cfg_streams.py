@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save-outputs", default=None, metavar="PATH",
+                        help="torch.save the graphs' outputs (same seeds in every run: compare two variants' UNets)")
     add_turn_arguments(parser)
     args = parser.parse_args()
     try:
@@ -202,6 +204,9 @@ def run(args) -> None:
     report["ms_per_replay"] = times
     report["ms_per_replay_min"] = {name: min(v) for name, v in times.items()}
     report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.save_outputs:
+        torch.save({name: [t.float().cpu() for t in (out if isinstance(out, tuple) else (out,))]
+                    for name, out in outputs.items()}, args.save_outputs)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=1), flush=True)
 
