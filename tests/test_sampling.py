@@ -212,6 +212,10 @@ def test_cli_sample_eval_set_checks_flags_before_loading(tmp_path, capsys, monke
     # a bare image folder needs its class word (subject.yaml has it)
     assert _cli(["sample-eval-set", "--base", "--subject", str(dreambooth_dir / "dog"), "--out", str(out)]) == 2
     assert "error: --subject " in (err := capsys.readouterr().err) and "--class-word" in err
+    # --subject is a folder or a name under --data-root, as in train and data validate
+    assert _cli(["sample-eval-set", "--base", "--subject", "ghost", "--data-root", str(tmp_path), "--out",
+                 str(out)]) == 2
+    assert "error: --subject 'ghost': neither a folder nor a subject" in capsys.readouterr().err
     # usage errors: click's message naming the option, exit 2
     assert _cli(["sample-eval-set", "--base", *dog, "--out", str(out), "--prompt-limit", "0"]) == 2
     assert "Invalid value for '--prompt-limit'" in capsys.readouterr().err

@@ -99,8 +99,10 @@ def sample_eval_set_command(
     subject_module: Path | None = typer.Option(None, "--subject-module", help="Subject module folder (or a training "
                                                                                "output holding subject_module/)."),
     base: bool = typer.Option(False, "--base", help="The base model instead: the motion reference (fps 16)."),
-    subject: Path = typer.Option(..., "--subject", help="Subject folder (images + subject.yaml) the videos are "
-                                                         "scored against."),
+    subject: str = typer.Option(..., "--subject", help="Subject folder (images + subject.yaml) the videos are "
+                                                        "scored against, or a subject name under --data-root."),
+    data_root: Path = typer.Option(Path("data"), "--data-root", help="The data folder a --subject name is looked "
+                                                                     "up in (<data-root>/subjects/<name>)."),
     out: Path = typer.Option(..., "--out", help="Output folder, one per subject and method: videos + "
                                                  "manifest.jsonl (a rerun resumes)."),
     method: str | None = typer.Option(None, "--method", help="Method name in the manifest (default: the module's "
@@ -126,6 +128,7 @@ def sample_eval_set_command(
     import json
 
     from customcrafter.config import load_config
+    from customcrafter.data.subjects import find_subject_dir
     from customcrafter.loading import load_base_pipeline
     from customcrafter.performance import optimize_pipeline
     from customcrafter.sampling import SampleConfig, sample_evaluation_set
@@ -142,8 +145,9 @@ def sample_eval_set_command(
         meta = read_module_meta(subject_module) if subject_module else {}
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"--subject-module {exc}") from None
+    subject_dir = find_subject_dir(subject, data_root)
     try:
-        info = resolve_subject(subject, class_word or meta.get("class_word"), None, kind or meta.get("kind"))
+        info = resolve_subject(subject_dir, class_word or meta.get("class_word"), None, kind or meta.get("kind"))
     except ValueError as exc:
         raise UserError(f"--subject {exc}") from None
     method = method or meta.get("method", "base")
@@ -166,7 +170,7 @@ def sample_eval_set_command(
     optimize_pipeline(pipe, speed)
     # what the pipeline's sample step calls: each video and then the manifest written to a temporary file and renamed,
     # so an interrupted run leaves whole videos, no new manifest (nothing half-written to score) and a rerun resumes
-    manifest = sample_evaluation_set(pipe, method=method, subject=info.name, subject_dir=subject, out_dir=out,
+    manifest = sample_evaluation_set(pipe, method=method, subject=info.name, subject_dir=subject_dir, out_dir=out,
                                      seeds=seeds, prompt_limit=prompt_limit, config=sample_config,
                                      kind=info.kind, class_word=info.class_word)
     rows = sum(1 for line in manifest.read_text().splitlines() if line.strip())
