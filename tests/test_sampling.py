@@ -212,6 +212,11 @@ def test_cli_sample_eval_set_checks_flags_before_loading(tmp_path, capsys, monke
     # a bare image folder needs its class word (subject.yaml has it)
     assert _cli(["sample-eval-set", "--base", "--subject", str(dreambooth_dir / "dog"), "--out", str(out)]) == 2
     assert "error: --subject " in (err := capsys.readouterr().err) and "--class-word" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.jsonl").write_text('{"method": "base"\n')
+    assert _cli(["sample-eval-set", "--base", *dog, "--out", str(broken)]) == 2
+    assert f"error: --out {broken}: its manifest.jsonl is not one JSON object per line" in capsys.readouterr().err
     # --subject is a folder or a name under --data-root, as in train and data validate
     assert _cli(["sample-eval-set", "--base", "--subject", "ghost", "--data-root", str(tmp_path), "--out",
                  str(out)]) == 2

@@ -157,8 +157,12 @@ def sample_eval_set_command(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: not a folder")
     if (out / "manifest.jsonl").is_file():  # rewritten with this set's rows only: a rerun may resume, not mix sets
-        held = {f"{row.get('method')}/{row.get('subject')}" for row in map(json.loads, filter(
-            str.strip, (out / "manifest.jsonl").read_text().splitlines()))}
+        try:
+            held = {f"{row.get('method')}/{row.get('subject')}" for row in map(json.loads, filter(
+                str.strip, (out / "manifest.jsonl").read_text().splitlines()))}
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise UserError(f"--out {out}: its manifest.jsonl is not one JSON object per line ({exc}); delete the "
+                            "folder to sample afresh") from None
         if held - {f"{method}/{info.name}"}:
             raise UserError(f"--out {out}: holds the evaluation set of {', '.join(sorted(held))} (method/subject), "
                             f"not {method}/{info.name}; use one folder per subject and method")
