@@ -114,7 +114,7 @@ def test_temporal_conv2d_equals_the_3d_convolution_and_keeps_the_memory_format(m
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
-def test_temporal_conv2d_switches_only_frame_convolutions_and_keeps_the_unet_function():
+def test_temporal_conv2d_switches_only_frame_convolutions_and_keeps_the_unet_function(monkeypatch):
     from customcrafter import fusions
     from customcrafter.performance import SpeedConfig, _layer_rewrites
 
@@ -127,7 +127,15 @@ def test_temporal_conv2d_switches_only_frame_convolutions_and_keeps_the_unet_fun
     assert convs and all(isinstance(m, fusions.TemporalConv2d) == (m.kernel_size == (3, 1, 1)) for m in convs)
     other = torch.nn.Conv3d(4, 4, (3, 3, 3), padding=1)
     assert fusions.use_temporal_conv2d(other) == 0
+
+    calls, original = [], fusions.temporal_conv2d
+    monkeypatch.setattr(fusions, "temporal_conv2d", lambda *a: calls.append(a[0].shape) or original(*a))
+    monkeypatch.setattr(fusions, "TEMPORAL_CONV2D_MAX_POSITIONS", 8 * 8)
+    _outputs(pipe)  # the tiny UNet's maps: 16 x 16 keeps cuDNN's 3-D convolution, 8 x 8 and smaller the 2-D form
+    assert {tuple(shape[-2:]) for shape in calls} == {(8, 8), (4, 4), (2, 2)}
+    monkeypatch.setattr(fusions, "TEMPORAL_CONV2D_MAX_POSITIONS", 10**9)
     unet_after, _ = _outputs(pipe)
+    assert calls  # every level in the 2-D form now
     assert (unet_after - unet_before).abs().max() <= 1e-4 * unet_before.abs().max()
 
 

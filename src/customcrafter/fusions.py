@@ -26,7 +26,8 @@ the feed-forward layers with the slow kernel. ``use_unfused_bias_linears(module)
 
 ``temporal_conv2d``: a (3, 1, 1) 3-D convolution over frames (the resnets' temporal convolutions, ~14 % of a UNet
 step's FLOPs) as a (3, 1) 2-D convolution over the (frames, positions) view of the same memory: the same arithmetic,
-cuDNN's 2-D kernels instead of its 3-D ones. ``use_temporal_conv2d(module)`` switches every such ``nn.Conv3d``.
+cuDNN's 2-D kernels instead of its 3-D ones, which win only on the smallest maps (``TEMPORAL_CONV2D_MAX_POSITIONS``).
+``use_temporal_conv2d(module)`` switches every such ``nn.Conv3d``.
 
 ``fused_geglu``: the feed-forward's GEGLU (projection, split, ``value * gelu(gate)``) as one Triton GEMM with the
 gating in its epilogue (``customcrafter.kernels.geglu``), so the 2N-wide projection output is never written and read
@@ -51,7 +52,7 @@ from customcrafter.kernels import (
 __all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_stats_group_norm", "subpixel_kernels",
            "subpixel_upsample_conv", "SubpixelUpsample2D", "use_subpixel_upsamplers", "SUBPIXEL_MIN_POSITIONS",
            "unfused_bias_linear", "UnfusedBiasLinear", "use_unfused_bias_linears", "FUSED_GEGLU_MAX_K", "FusedGEGLU",
-           "use_fused_geglu", "temporal_conv2d", "TemporalConv2d", "use_temporal_conv2d"]
+           "use_fused_geglu", "temporal_conv2d", "TemporalConv2d", "use_temporal_conv2d", "TEMPORAL_CONV2D_MAX_POSITIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,15 @@ def _temporal_conv_eligible(conv: torch.nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
+#: Temporal convolutions over maps of at most this many positions per frame take the 2-D form. H100, compiled, in a
+#: CUDA graph, ms per call for 2 x 16 frames (``benchmarks/micro_ops.py --only temporal_conv``): 3-D against 2-D at
+#: level 0 (40 x 64, 320 channels) 0.141 vs 0.169, level 1 (20 x 32) 0.101 vs 0.212, level 2 (10 x 16) 0.102 vs 0.104,
+#: level 3 (5 x 8, 1280 channels) 0.045 vs 0.033. All levels in 2-D cost 1.5 ms more per compiled CFG forward.
+TEMPORAL_CONV2D_MAX_POSITIONS = 64
+
+
 def _temporal_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 5:
+    if x.dim() != 5 or x.shape[-2] * x.shape[-1] > TEMPORAL_CONV2D_MAX_POSITIONS:
         return type(self).__mro__[1].forward(self, x)
     return temporal_conv2d(x, self.weight, self.bias)
 
