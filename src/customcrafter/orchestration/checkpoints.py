@@ -46,7 +46,10 @@ def parse_duration(value: str) -> timedelta:
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{value!r} is not a duration: a whole number above zero and a unit, s, m, h, d or w "
                          "(e.g. 7d, 12h)")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:  # beyond timedelta's range (about 2.7 million years)
+        raise ValueError(f"{value!r} is not a duration: too long (at most {timedelta.max.days} days)") from None
 
 
 def _scan(folder: Path) -> tuple[int, float] | None:
