@@ -135,6 +135,16 @@ def test_train_gpus_are_a_compile_time_setting(tmp_path):
     assert int(train["accelerator"]["resourceCount"]) == 8
 
 
+def test_bad_train_gpus_name_the_option_or_variable_and_write_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "compiled"
+    assert main_exit(["pipeline", "compile", "-o", str(out), "--train-gpus", "-2"]) == 2
+    assert "--train-gpus" in capsys.readouterr().err
+    monkeypatch.setenv("CUSTOMCRAFTER_TRAIN_GPUS", "four")
+    assert main_exit(["pipeline", "compile", "-o", str(out)]) == 2
+    assert "CUSTOMCRAFTER_TRAIN_GPUS: 'four' is not a GPU count" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_retrain_pipeline_trains_only_the_planned_subjects(compiled):
     spec = _spec(compiled["retrain_new_subjects.yaml"])
     assert spec.pipeline_info.name == "retrain-new-subjects"

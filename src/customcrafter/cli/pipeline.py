@@ -21,7 +21,7 @@ _PARAM_HELP = ("pipeline parameter KEY=VALUE, repeatable (JSON values: seeds=[0,
 @pipeline_app.command("compile")
 def compile_cmd(
     output_dir: Path = typer.Option(COMPILED_DIR, "--output-dir", "--out", "-o", help="where the IR YAML files go"),
-    train_gpus: int = typer.Option(None, "--train-gpus", help="GPUs of each train task (default 4, or "
+    train_gpus: int = typer.Option(None, "--train-gpus", min=0, help="GPUs of each train task (default 4, or "
                                                               "$CUSTOMCRAFTER_TRAIN_GPUS)"),
 ) -> None:
     """Compile pipelines/*.py to IR YAML (customcrafter_pipeline.yaml, retrain_new_subjects.yaml)."""

@@ -100,4 +100,8 @@ class CompileSettings:
 def compile_settings() -> CompileSettings:
     """Settings for compiling; ``CUSTOMCRAFTER_TRAIN_GPUS`` changes the GPUs of the train task."""
     gpus = os.environ.get("CUSTOMCRAFTER_TRAIN_GPUS")
-    return CompileSettings(train_gpus=int(gpus)) if gpus else CompileSettings()
+    if not gpus:
+        return CompileSettings()
+    if not gpus.strip().isdigit():
+        raise ValueError(f"CUSTOMCRAFTER_TRAIN_GPUS: {gpus!r} is not a GPU count (a whole number >= 0)")
+    return CompileSettings(train_gpus=int(gpus))
