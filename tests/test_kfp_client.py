@@ -151,6 +151,20 @@ def test_missing_package_and_dead_host_give_clear_errors(tmp_path, package):
         submit_run("http://127.0.0.1:9", package, {})
 
 
+def test_a_file_that_is_no_compiled_pipeline_is_refused_before_the_server_is_called(stub, tmp_path):
+    notes, broken = tmp_path / "notes.md", tmp_path / "broken.yaml"
+    notes.write_text("# not a pipeline\n")
+    broken.write_text("root: [unclosed\n")
+    cases = [(notes, r"notes.md is not a compiled pipeline \(.yaml"), (broken, r"broken.yaml is not valid YAML"),
+             (REPO / "k8s" / "base" / "namespace.yaml", r"namespace.yaml is not a compiled KFP pipeline")]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=f"pipeline_package: .*{message}"):
+            submit_run(stub.url, path, {})
+        with pytest.raises(ValueError, match=f"pipeline_package: .*{message}"):
+            schedule_retraining(stub.url, path, "0 3 * * *")
+    assert stub.requests == []  # no experiment created, nothing half-submitted
+
+
 def test_health(stub):
     assert kfp_client.health(stub.url)["multi_user"] is False
     assert any(r.path.endswith("/healthz") for r in stub.requests)

@@ -150,10 +150,16 @@ def health(host: str, existing_token: str | None = None) -> dict[str, Any]:
     return response.to_dict()
 
 
+#: the package formats kfp.Client accepts
+_PACKAGE_SUFFIXES = (".yaml", ".yml", ".tar.gz", ".tgz", ".zip")
+
+
 def _check_package(pipeline_package: str | Path) -> Path:
     path = Path(pipeline_package)
     if not path.is_file():
         raise FileNotFoundError(f"pipeline_package: {path} does not exist (compile the pipeline first)")
+    if not path.name.endswith(_PACKAGE_SUFFIXES):
+        raise ValueError(f"pipeline_package: {path} is not a compiled pipeline ({', '.join(_PACKAGE_SUFFIXES)})")
     return path
 
 
@@ -162,7 +168,13 @@ def _root_parameters(path: Path) -> set[str] | None:
     None for a .tar.gz/.zip package (not checked here: the server checks it)."""
     if path.suffix not in (".yaml", ".yml"):
         return None
-    spec = next(iter(yaml.safe_load_all(path.read_text())), None) or {}
+    try:
+        spec = next(iter(yaml.safe_load_all(path.read_text())), None) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"pipeline_package: {path} is not valid YAML: {exc}") from None
+    if not isinstance(spec, dict) or "pipelineInfo" not in spec or "root" not in spec:
+        raise ValueError(f"pipeline_package: {path} is not a compiled KFP pipeline (no pipelineInfo/root; "
+                         "compile one with `customcrafter pipeline compile`)")
     return set(((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {})
 
 
