@@ -85,6 +85,18 @@ def test_submit_and_schedule_reject_parameters_the_pipeline_lacks(stub, package)
     assert stub.requests == []
 
 
+def test_submit_and_schedule_reject_values_of_the_wrong_type(stub, package):
+    # the server takes any value; the run would fail later when its driver reads `steps` as an integer
+    with pytest.raises(ValueError, match=r"arguments: steps='abc' is not an integer, as tiny_pipeline.yaml "
+                                         r"declares it \(NUMBER_INTEGER\)"):
+        submit_run(stub.url, package, {"steps": "abc"})
+    with pytest.raises(ValueError, match=r"arguments: subject=\['dog'\] is not a string"):
+        schedule_retraining(stub.url, package, "0 3 * * *", arguments={"subject": ["dog"]})
+    with pytest.raises(ValueError, match=r"steps=True is not an integer"):
+        submit_run(stub.url, package, {"steps": True})
+    assert stub.requests == []
+
+
 def test_submit_hints_at_subjects_for_the_subject_shorthand(stub, tmp_path):
     @dsl.pipeline(name="subjects-pipeline")
     def subjects_pipeline(subjects: list = ["dog"]):  # noqa: B006 (KFP reads defaults from the signature)

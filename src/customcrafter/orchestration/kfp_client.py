@@ -163,9 +163,9 @@ def _check_package(pipeline_package: str | Path) -> Path:
     return path
 
 
-def _root_parameters(path: Path) -> set[str] | None:
-    """The names of the compiled pipeline's parameters (``root.inputDefinitions.parameters`` of its IR YAML);
-    None for a .tar.gz/.zip package (not checked here: the server checks it)."""
+def _root_parameters(path: Path) -> dict[str, dict] | None:
+    """The compiled pipeline's parameters (``root.inputDefinitions.parameters`` of its IR YAML: name → definition,
+    with its ``parameterType``); None for a .tar.gz/.zip package (not checked here: the server checks it)."""
     if path.suffix not in (".yaml", ".yml"):
         return None
     try:
@@ -175,7 +175,20 @@ def _root_parameters(path: Path) -> set[str] | None:
     if not isinstance(spec, dict) or "pipelineInfo" not in spec or "root" not in spec:
         raise ValueError(f"pipeline_package: {path} is not a compiled KFP pipeline (no pipelineInfo/root; "
                          "compile one with `customcrafter pipeline compile`)")
-    return set(((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {})
+    return dict(((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {})
+
+
+#: IR parameter types → a check of a (JSON-decoded) argument value, and how to say it
+_PARAMETER_TYPES = {
+    "STRING": lambda v: isinstance(v, str),
+    "NUMBER_INTEGER": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "NUMBER_DOUBLE": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "BOOLEAN": lambda v: isinstance(v, bool),
+    "LIST": lambda v: isinstance(v, list),
+    "STRUCT": lambda v: isinstance(v, dict),
+}
+_PARAMETER_TYPE_NAMES = {"STRING": "a string", "NUMBER_INTEGER": "an integer", "NUMBER_DOUBLE": "a number",
+                         "BOOLEAN": "true or false", "LIST": "a JSON list", "STRUCT": "a JSON object"}
 
 
 def _check_arguments(path: Path, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -184,12 +197,17 @@ def _check_arguments(path: Path, arguments: dict[str, Any]) -> dict[str, Any]:
     valid = _root_parameters(path)
     if valid is None:
         return arguments
-    unknown = sorted(set(arguments) - valid)
+    unknown = sorted(set(arguments) - set(valid))
     if unknown:
         hint = " (subject=dog is a shorthand of `customcrafter pipeline submit --param`; pass subjects=[\"dog\"])" \
             if "subject" in unknown and "subjects" in valid else ""
         raise ValueError(f"arguments: {path.name} has no parameter {', '.join(map(repr, unknown))}{hint}; "
                          f"its parameters: {', '.join(sorted(valid)) or 'none'}")
+    for name, value in arguments.items():  # the run would fail on the cluster when its driver reads the value
+        kind = (valid[name] or {}).get("parameterType")
+        if kind in _PARAMETER_TYPES and not _PARAMETER_TYPES[kind](value):
+            raise ValueError(f"arguments: {name}={value!r} is not {_PARAMETER_TYPE_NAMES[kind]}, as "
+                             f"{path.name} declares it ({kind})")
     return arguments
 
 
