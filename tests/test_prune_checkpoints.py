@@ -128,6 +128,12 @@ def test_cli_prune_checkpoints(cache, tmp_path, monkeypatch, capsys):
         assert f"--older-than: {bad!r} is not a duration" in capsys.readouterr().err
     assert _cli(["pipeline", "prune-checkpoints", "--cache-dir", str(cache)]) == 2
     assert "Missing option '--older-than'" in capsys.readouterr().err
+    # a mistyped --cache-dir, or a pod where the cache volume is not mounted, is an error, not "0 freed"
+    assert _cli(["pipeline", "prune-checkpoints", "--older-than", "7d", "--cache-dir", str(tmp_path / "cahce")]) == 2
+    assert f"--cache-dir: {tmp_path / 'cahce'} is not a folder" in capsys.readouterr().err
+    monkeypatch.setenv("CUSTOMCRAFTER_CACHE", str(tmp_path / "unmounted"))
+    assert _cli(["pipeline", "prune-checkpoints", "--older-than", "7d"]) == 2
+    assert f"$CUSTOMCRAFTER_CACHE): {tmp_path / 'unmounted'} is not a folder" in capsys.readouterr().err
     assert _cli(["pipeline", "prune-checkpoints", "--older-than", "7d", "--cache-dir", str(cache), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"would remove {cache / 'checkpoints' / 'failed-1'} (0.0 MiB, nothing written for 10 days" in out

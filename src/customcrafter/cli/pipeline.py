@@ -112,13 +112,18 @@ def prune_checkpoints_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed, remove nothing"),
 ) -> None:
     """Remove the checkpoint folders that failed pipeline runs leave under <cache>/checkpoints/<job id>."""
+    from customcrafter.loading import default_cache_dir
     from customcrafter.orchestration.checkpoints import parse_duration, prune_checkpoints
 
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
         raise UserError(f"--older-than: {exc}") from None
-    pruned = prune_checkpoints(cache_dir, age, dry_run=dry_run)
+    cache = Path(cache_dir or default_cache_dir())
+    if not cache.is_dir():  # a mistyped path or an unmounted volume: "0 freed" would hide it
+        raise UserError(f"{'--cache-dir' if cache_dir else 'the model cache ($CUSTOMCRAFTER_CACHE)'}: {cache} is not "
+                        "a folder")
+    pruned = prune_checkpoints(cache, age, dry_run=dry_run)
     for job in pruned:
         typer.echo(f"{'would remove' if dry_run else 'removed'} {job.path} ({job.size / 2**20:.1f} MiB, "
                    f"nothing written for {job.age})")
