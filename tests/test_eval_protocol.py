@@ -225,6 +225,34 @@ def test_video_of_the_reference_image_scores_one(tiny_models, tmp_path):
     assert summary["ci_low"].isna().all() and summary["mean"].notna().all()
 
 
+def test_reference_images_are_read_as_training_reads_them(tiny_models, tmp_path):
+    """EXIF rotation applied, transparency flattened on white, TIFF listed: a video of the subject as training saw
+    it scores CLIP-I = DINO-I = 1."""
+    upright = _blocks_image(40)
+    rotated = Image.fromarray(np.ascontiguousarray(np.rot90(upright)))  # stored on its side, EXIF 6 turns it back
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    transparent = np.dstack([upright, np.full(upright.shape[:2], 255, np.uint8)])
+    transparent[: SIZE // 4, :, 3] = 0  # training composites this band on white
+    as_trained = upright.copy()
+    as_trained[: SIZE // 4] = 255
+    writers = {
+        "exif": (lambda folder: rotated.save(folder / "00.png", exif=exif), upright),
+        "alpha": (lambda folder: Image.fromarray(transparent, "RGBA").save(folder / "00.png"), as_trained),
+        "tiff": (lambda folder: Image.fromarray(upright).save(folder / "00.tif"), upright),
+    }
+    subjects, videos = {}, {}
+    for name, (write, frame) in writers.items():
+        subjects[name] = _write_subject(tmp_path, name, seed=4, num_images=0)
+        write(subjects[name])
+        videos[name] = frame
+    method = _write_method(tmp_path, "copy", subjects, lambda s, i: np.repeat(videos[s][None], FRAMES, axis=0), "gif")
+    per_video = pd.read_csv(evaluate([method], tmp_path / "eval", _config(tiny_models)).per_video_csv)
+    assert sorted(per_video["subject"].unique()) == ["alpha", "exif", "tiff"]
+    assert per_video["clip_i"].to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert per_video["dino_i"].to_numpy() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_methods_compared_on_other_videos_or_settings_are_flagged():
     from customcrafter.evaluation.report import render_markdown_summary
 

@@ -173,6 +173,7 @@ def _cache_key(row: dict, video_sha: str, refs_sha: str, config: EvalConfig, tex
         "video_sha256": video_sha,
         "text": text,
         "references_sha256": refs_sha,
+        "references_reader": 2,  # read as training reads them (EXIF rotation, alpha on white): older scores are stale
         "clip_model": config.clip_model,
         "dino_model": config.dino_model,
         "config": config.metric_hash(),

@@ -1,6 +1,8 @@
 """Small readers for what evaluation looks at: generated videos (MP4/GIF) and a subject's reference images.
 
-Deliberately self-contained (imageio + PIL) so that evaluation can score videos written by any tool.
+Videos are read with imageio + PIL only, so that evaluation can score videos written by any tool. Reference images
+are listed and read as training reads the subject (``customcrafter.data``: the same file types, EXIF rotation
+applied, transparency flattened on white), so the videos are scored against the images the module learnt.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
+from customcrafter.data.images import load_rgb
+from customcrafter.data.subjects import IMAGE_SUFFIXES, iter_image_files
+
 __all__ = [
     "read_video_frames",
     "reference_image_paths",
@@ -25,8 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def _to_rgb_uint8(frames: np.ndarray, path: Path) -> np.ndarray:
@@ -116,25 +119,21 @@ def read_video_frames(path: str | Path, max_frames: int | None = None, num_frame
 
 
 def reference_image_paths(subject_dir: str | Path) -> list[Path]:
-    """The subject's images (sorted); ``subject.yaml``, other files and hidden files are ignored."""
+    """The subject's images (sorted), the files training reads; ``subject.yaml``, other files and hidden files are
+    ignored."""
     subject_dir = Path(subject_dir)
     if not subject_dir.is_dir():
         raise FileNotFoundError(f"{subject_dir}: subject folder not found")
-    paths = sorted(
-        p
-        for p in subject_dir.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    paths = iter_image_files(subject_dir)
     if not paths:
         raise ValueError(f"{subject_dir}: no reference images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return paths
 
 
 def load_rgb_image(path: str | Path) -> np.ndarray:
-    """uint8 ``(H, W, 3)``."""
+    """uint8 ``(H, W, 3)``, as training reads it (EXIF rotation applied, transparency flattened on white)."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+        return np.asarray(load_rgb(path))
     except OSError as exc:
         raise ValueError(f"{path}: cannot read image ({exc})") from exc
 
