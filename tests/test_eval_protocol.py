@@ -276,6 +276,29 @@ def test_methods_compared_on_other_videos_or_settings_are_flagged():
     assert markdown.count("**Not like for like:**") == 2
 
 
+def test_methods_prompted_differently_or_scored_against_other_references_are_flagged(tiny_models, method_dirs,
+                                                                                       tmp_path):
+    result = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
+    assert result.warnings == []  # the module's "<new1> dog ..." and the base's "dog ..." are the same prompts
+    manifest = method_dirs[1] / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    copy = shutil.copytree(rows[0]["subject_dir"], tmp_path / "elsewhere" / "dog_a")
+    for row in rows:
+        if row["subject"] == "dog_a":
+            row["subject_dir"] = str(copy)
+        if row["prompt_index"] == 1:  # e.g. sampled with the other kind's prompts
+            row["prompt_template"] = "{subject} rotating slowly on a turntable."
+            row["prompt"] = "<new1> dog rotating slowly on a turntable."
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models)).warnings
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("subject 'dog_a' is scored against other reference images per method") \
+        and str(copy) in lines[0]
+    assert lines[1].startswith("subject 'dog_a': prompt_index 1 names other prompts per method") \
+        and "'dog is sleeping.'" in lines[1] and "'dog rotating slowly on a turntable.'" in lines[1]
+    assert lines[2].startswith("subject 'dog_b': prompt_index 1 names other prompts per method")
+
+
 def test_summary_averages_subjects_first_then_t_interval():
     rows = [
         ("m", "a", "motion", 1.0),

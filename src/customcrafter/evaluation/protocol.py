@@ -322,7 +322,8 @@ METHOD_SPECIFIC_SETTINGS = ("dwvss",)
 
 def comparability(per_video: pd.DataFrame) -> list[str]:
     """Why the methods' means may not be comparable: one line per method that lacks (subject, prompt, seed) videos
-    others have, and per sampling setting that differs between methods (other than ``METHOD_SPECIFIC_SETTINGS``)."""
+    others have, per subject whose prompts or reference images differ between methods, and per sampling setting
+    that differs between methods (other than ``METHOD_SPECIFIC_SETTINGS``)."""
     if per_video["method"].nunique() < 2:
         return []
     keys = {method: set(zip(group["subject"], group["prompt_index"], group["seed"], strict=True))
@@ -334,6 +335,7 @@ def comparability(per_video: pd.DataFrame) -> list[str]:
             subjects = sorted({subject for subject, _, _ in missing})
             lines.append(f"method {method!r} lacks {len(missing)} of the {len(union)} (subject, prompt, seed) videos "
                          f"the other methods have (subjects: {', '.join(subjects)}): its means cover other videos")
+    lines += _other_prompts_or_references(per_video)
     settings: dict[str, dict[str, set[str]]] = {}
     for method, text in zip(per_video["method"], per_video["sampling"], strict=True):
         for name, value in json.loads(text).items():
@@ -343,6 +345,33 @@ def comparability(per_video: pd.DataFrame) -> list[str]:
         if len(set().union(*by_method.values())) > 1 or len(by_method) < len(keys):
             values = "; ".join(f"{method}: {', '.join(sorted(v))}" for method, v in by_method.items())
             lines.append(f"sampling setting {name!r} differs between methods ({values})")
+    return lines
+
+
+def _other_prompts_or_references(per_video: pd.DataFrame) -> list[str]:
+    """One line per subject whose reference folder, or whose prompt at the same ``prompt_index`` (read without the
+    token, as CLIP-T's 'replace'), differs between methods: such means score other tasks (e.g. a module sampled
+    with ``kind: live`` prompts and the base model with ``object`` ones)."""
+    if not {"prompt", "token", "class_word", "subject_dir"} <= set(per_video.columns):
+        return []
+    lines = []
+    for subject, group in per_video.groupby("subject", sort=False):
+        folders = group.groupby("method", sort=False)["subject_dir"].unique()
+        if len({folder for values in folders for folder in values}) > 1:
+            where = "; ".join(f"{method}: {', '.join(values)}" for method, values in folders.items())
+            lines.append(f"subject {subject!r} is scored against other reference images per method ({where})")
+        texts: dict[int, dict[str, set[str]]] = {}
+        for row in group.to_dict("records"):
+            template = row.get("prompt_template")
+            text = clip_text({**row, "prompt_template": template if isinstance(template, str) else None})
+            texts.setdefault(int(row["prompt_index"]), {}).setdefault(row["method"], set()).add(text)
+        differing = {index: by_method for index, by_method in sorted(texts.items())
+                     if len(set().union(*by_method.values())) > 1}
+        if differing:
+            index, by_method = next(iter(differing.items()))
+            example = "; ".join(f"{method}: {' | '.join(sorted(v))!r}" for method, v in by_method.items())
+            lines.append(f"subject {subject!r}: prompt_index {', '.join(map(str, differing))} names other prompts "
+                         f"per method (prompt {index}: {example})")
     return lines
 
 
