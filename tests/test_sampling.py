@@ -117,6 +117,21 @@ def test_evaluation_set_writes_manifest_and_resumes(tmp_path, dreambooth_dir):
     assert (tmp_path / row["video"]).stat().st_mtime_ns == stamp  # not sampled again
 
 
+def test_evaluation_set_rerun_with_other_settings_is_refused(tmp_path, dreambooth_dir):
+    """The videos on disk are kept: a rerun with other settings would label them with settings they lack."""
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.sampling import sample_evaluation_set
+
+    pipe = load_base_pipeline("tiny")
+    kwargs = dict(method="base", subject="dog", subject_dir=dreambooth_dir / "dog", out_dir=tmp_path, seeds=[0],
+                  prompt_limit=1, class_word="dog", kind="live")
+    manifest = sample_evaluation_set(pipe, config=SampleConfig(**{**SMALL, "num_inference_steps": 2}), **kwargs)
+    before = manifest.read_text()
+    with pytest.raises(ValueError, match=r"sampled with other settings \(num_inference_steps 2 -> 3\).*delete the"):
+        sample_evaluation_set(pipe, config=SampleConfig(**{**SMALL, "num_inference_steps": 3}), **kwargs)
+    assert manifest.read_text() == before
+
+
 def _cli(argv: list[str]) -> int:
     from customcrafter.cli import main
 

@@ -108,6 +108,23 @@ def _sampling_settings(pipe, config: SampleConfig) -> dict:
     return settings
 
 
+def _check_resumed_settings(out_dir: Path, settings: dict) -> None:
+    """A rerun keeps the videos on disk: refuse if the folder's manifest says they were sampled with other settings
+    (the new manifest would label them with these)."""
+    manifest = out_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        return
+    for line in filter(str.strip, manifest.read_text(encoding="utf-8").splitlines()):
+        row = json.loads(line)
+        held, video = row.get("sampling") or {}, row.get("video")
+        if isinstance(video, str) and (out_dir / video).is_file() and held != settings:
+            changed = ", ".join(f"{name} {held.get(name)!r} -> {settings.get(name)!r}"
+                                for name in sorted(set(held) | set(settings)) if held.get(name) != settings.get(name))
+            raise ValueError(f"{out_dir}: its videos ({video}, ...) were sampled with other settings "
+                             f"({changed}); a rerun only samples missing videos, so delete the folder to sample "
+                             "afresh, or rerun with the same settings")
+
+
 def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str | Path, out_dir: str | Path,
                           seeds: list[int], prompt_limit: int | None = None, config: SampleConfig | None = None,
                           kind: str | None = None, class_word: str | None = None,
@@ -135,6 +152,7 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
     if config.fps is None and not modules:  # the base model as the motion reference: conditioned like the modules
         config = config.model_copy(update={"fps": EVALUATION_BASE_FPS})
     settings = _sampling_settings(pipe, config)
+    _check_resumed_settings(out_dir, settings)
     rows = []
     (out_dir / subject).mkdir(parents=True, exist_ok=True)
     for prompt in prompts:
