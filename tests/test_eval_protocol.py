@@ -135,6 +135,18 @@ def method_dirs(tmp_path) -> list[Path]:
     return [moving, still]
 
 
+def test_settings_recorded_with_different_types_still_write_every_table(tiny_models, method_dirs, tmp_path):
+    """A foreign manifest that writes a setting as text ("50") beside ours (50) must not crash the last write."""
+    manifest = method_dirs[1] / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["sampling"]["num_inference_steps"] = "50"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
+    table = pd.read_parquet(result.per_video_parquet)
+    assert set(table["sampling_num_inference_steps"]) == {"50"} and len(table) == 8
+    assert any("num_inference_steps" in line for line in result.warnings)  # recorded differently: flagged
+
 def test_evaluate_writes_tables_report_and_metrics(tiny_models, method_dirs, tmp_path):
     result = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
 

@@ -426,6 +426,17 @@ def _metrics_dict(summary: pd.DataFrame) -> dict[str, dict[str, float]]:
     }
 
 
+def _parquet_safe(per_video: pd.DataFrame) -> pd.DataFrame:
+    """``per_video`` with every flat ``sampling_*`` column whose values mix types across manifests (``16`` in one,
+    ``"16"`` in another) written as text: Arrow needs one type per column. The CSV keeps the values as read."""
+    mixed = [name for name in per_video.columns if name.startswith("sampling_") and per_video[name].dtype == object
+             and len({type(v) for v in per_video[name] if v is not None and v == v}) > 1]
+    if not mixed:
+        return per_video
+    return per_video.assign(**{name: per_video[name].map(lambda v: v if v is None or v != v else str(v))
+                               for name in mixed})
+
+
 # ----------------------------------------------------------------------------------------------- entry point
 
 
@@ -451,7 +462,7 @@ def evaluate(method_dirs: list[Path], out_dir: Path, config: EvalConfig | None =
         for name in ("per_video.csv", "per_video.parquet", "summary.csv", "report.html", "summary.md")
     }
     atomic_write_bytes(paths["per_video.csv"], per_video.to_csv(index=False).encode())
-    atomic_write_bytes(paths["per_video.parquet"], per_video.to_parquet(index=False))
+    atomic_write_bytes(paths["per_video.parquet"], _parquet_safe(per_video).to_parquet(index=False))
     atomic_write_bytes(paths["summary.csv"], summary.to_csv(index=False).encode())
     atomic_write_bytes(paths["summary.md"], render_markdown_summary(summary, per_video, config, warnings).encode())
     atomic_write_bytes(paths["report.html"], render_html_report(summary, per_video, config, warnings).encode())
