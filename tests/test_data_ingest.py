@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from PIL import Image
 
 from customcrafter.data.images import ImageLimits
@@ -222,16 +223,6 @@ def test_a_photo_downscaled_below_the_minimum_side_is_refused(tmp_path):
                      limits=ImageLimits(max_side=512))
 
 
-def _cli(argv: list[str]) -> int:
-    from customcrafter.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def test_subject_option_is_a_folder_or_a_name_in_train_and_validate(tmp_path, monkeypatch, capsys):
     """`--subject` means the same in `train` and `data validate`: an existing folder, else a name under --data-root."""
     from types import SimpleNamespace
@@ -255,13 +246,13 @@ def test_subject_option_is_a_folder_or_a_name_in_train_and_validate(tmp_path, mo
     monkeypatch.setattr(trainer, "train", lambda config: trained.append(config) or SimpleNamespace(
         losses=[], module_dir=tmp_path / "module", steps=0, seconds=0.0))
     for value in ("pet", str(stored)):
-        assert _cli(["train", "--subject", value, "--data-root", str(data), "--output", str(tmp_path / "m")]) == 0
+        assert run_cli(["train", "--subject", value, "--data-root", str(data), "--output", str(tmp_path / "m")]) == 0
     assert [Path(c.subject_dir) for c in trained] == [data / "subjects" / "pet", stored]
-    assert _cli(["train", "--subject", "ghost", "--data-root", str(data)]) == 2 and not trained[2:]
+    assert run_cli(["train", "--subject", "ghost", "--data-root", str(data)]) == 2 and not trained[2:]
     assert "--subject 'ghost': neither a folder nor a subject" in capsys.readouterr().err
 
     for value in ("pet", str(stored)):
-        assert _cli(["data", "validate", "--data-root", str(data), "--subject", value, "--out", "out"]) == 0
+        assert run_cli(["data", "validate", "--data-root", str(data), "--subject", value, "--out", "out"]) == 0
         assert "1 subjects, 3 images" in capsys.readouterr().out
-    assert _cli(["data", "validate", "--data-root", str(data), "--subject", "ghost", "--out", "out"]) == 2
+    assert run_cli(["data", "validate", "--data-root", str(data), "--subject", "ghost", "--out", "out"]) == 2
     assert "--subject 'ghost': neither a folder nor a subject" in capsys.readouterr().err

@@ -16,9 +16,9 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # components/ and pipelines/ live at the repository root
 
+from cli_runner import run_cli  # noqa: E402
 from kfp_stub import KfpStub  # noqa: E402
 
-from customcrafter.cli import main  # noqa: E402
 from customcrafter.orchestration import local_run  # noqa: E402
 from customcrafter.orchestration.settings import COMPILED_DIR, PIPELINE_FILES, PROJECT_IMAGE, CompileSettings  # noqa: E402
 
@@ -128,7 +128,7 @@ def test_platform_spec_has_gpu_cache_secrets_and_shm(compiled):
 
 
 def test_train_gpus_are_a_compile_time_setting(tmp_path):
-    result = main_exit(["pipeline", "compile", "-o", str(tmp_path), "--train-gpus", "8"])
+    result = run_cli(["pipeline", "compile", "-o", str(tmp_path), "--train-gpus", "8"])
     assert result == 0
     spec = _spec(_docs(tmp_path / "customcrafter_pipeline.yaml"))
     train = spec.deployment_spec["executors"]["exec-train-subject"]["container"]["resources"]
@@ -137,10 +137,10 @@ def test_train_gpus_are_a_compile_time_setting(tmp_path):
 
 def test_bad_train_gpus_name_the_option_or_variable_and_write_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "compiled"
-    assert main_exit(["pipeline", "compile", "-o", str(out), "--train-gpus", "-2"]) == 2
+    assert run_cli(["pipeline", "compile", "-o", str(out), "--train-gpus", "-2"]) == 2
     assert "--train-gpus" in capsys.readouterr().err
     monkeypatch.setenv("CUSTOMCRAFTER_TRAIN_GPUS", "four")
-    assert main_exit(["pipeline", "compile", "-o", str(out)]) == 2
+    assert run_cli(["pipeline", "compile", "-o", str(out)]) == 2
     assert "CUSTOMCRAFTER_TRAIN_GPUS: 'four' is not a GPU count" in capsys.readouterr().err
     assert not out.exists()
 
@@ -242,14 +242,6 @@ def test_every_preset_names_real_config_fields():
         local_run.split_overrides(overrides)  # raises on a field a config lacks
 
 
-def main_exit(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 @pytest.fixture
 def stub():
     with KfpStub() as s:
@@ -257,7 +249,7 @@ def stub():
 
 
 def test_cli_submit_sends_the_compiled_pipeline_and_parameters(stub, capsys):
-    code = main_exit(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog",
+    code = run_cli(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog",
                       "--param", "seeds=[0]", "--param", "methods=customcrafter,custom_diffusion"])
     assert code == 0
     (run,) = stub.posted("runs")
@@ -274,7 +266,7 @@ def test_cli_submit_sends_the_compiled_pipeline_and_parameters(stub, capsys):
 
 
 def test_cli_schedule_creates_a_recurring_retraining_run(stub, capsys):
-    code = main_exit(["pipeline", "schedule", "--host", stub.url, "--cron", "0 3 * * *", "-e", "nightly",
+    code = run_cli(["pipeline", "schedule", "--host", stub.url, "--cron", "0 3 * * *", "-e", "nightly",
                       "--param", "prompt_limit=2"])
     assert code == 0
     (job,) = stub.posted("recurringruns")
@@ -286,22 +278,22 @@ def test_cli_schedule_creates_a_recurring_retraining_run(stub, capsys):
 
 
 def test_cli_rejects_bad_cron_and_bad_params_without_calling_the_server(stub, capsys):
-    assert main_exit(["pipeline", "schedule", "--host", stub.url, "--cron", "0 25 * * *"]) == 2
+    assert run_cli(["pipeline", "schedule", "--host", stub.url, "--cron", "0 25 * * *"]) == 2
     assert "hour" in capsys.readouterr().err
-    assert main_exit(["pipeline", "submit", "--host", stub.url, "--param", "subject"]) == 2
+    assert run_cli(["pipeline", "submit", "--host", stub.url, "--param", "subject"]) == 2
     assert not stub.posted("runs") and not stub.posted("recurringruns")
 
 
 def test_cli_submit_rejects_unknown_override_fields_and_parameters_before_submitting(stub, capsys):
-    code = main_exit(["pipeline", "submit", "--host", stub.url, "--param",
+    code = run_cli(["pipeline", "submit", "--host", stub.url, "--param",
                       'config_overrides={"train.max_train_steps": 400}'])
     assert code == 2
     assert "no field 'max_train_steps'" in capsys.readouterr().err
-    assert main_exit(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog",
+    assert run_cli(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog",
                       "--param", "prompt_limits=2"]) == 2
     err = capsys.readouterr().err
     assert "'prompt_limits'" in err and "prompt_limit" in err and "subjects" in err
-    assert main_exit(["pipeline", "schedule", "--host", stub.url, "--param", "seed=[0]"]) == 2
+    assert run_cli(["pipeline", "schedule", "--host", stub.url, "--param", "seed=[0]"]) == 2
     assert "'seed'" in capsys.readouterr().err
     assert stub.requests == []  # nothing reached the server, not even the health check
 

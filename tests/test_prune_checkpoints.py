@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from customcrafter.orchestration import checkpoints
 from customcrafter.orchestration.checkpoints import job_checkpoints_dir, parse_duration, prune_checkpoints
@@ -111,36 +112,26 @@ def test_no_checkpoints_folder_and_bad_durations(tmp_path):
         prune_checkpoints(tmp_path, timedelta(0))
 
 
-def _cli(argv: list[str]) -> int:
-    from customcrafter.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def test_cli_prune_checkpoints(cache, tmp_path, monkeypatch, capsys):
     before = _tree(tmp_path)
     for bad in ("7x", "0d", "week", "99999999999w"):
-        assert _cli(["pipeline", "prune-checkpoints", "--older-than", bad, "--cache-dir", str(cache)]) == 2
+        assert run_cli(["pipeline", "prune-checkpoints", "--older-than", bad, "--cache-dir", str(cache)]) == 2
         assert f"--older-than: {bad!r} is not a duration" in capsys.readouterr().err
-    assert _cli(["pipeline", "prune-checkpoints", "--cache-dir", str(cache)]) == 2
+    assert run_cli(["pipeline", "prune-checkpoints", "--cache-dir", str(cache)]) == 2
     assert "Missing option '--older-than'" in capsys.readouterr().err
     # a mistyped --cache-dir, or a pod where the cache volume is not mounted, is an error, not "0 freed"
-    assert _cli(["pipeline", "prune-checkpoints", "--older-than", "7d", "--cache-dir", str(tmp_path / "cahce")]) == 2
+    assert run_cli(["pipeline", "prune-checkpoints", "--older-than", "7d", "--cache-dir", str(tmp_path / "cahce")]) == 2
     assert f"--cache-dir: {tmp_path / 'cahce'} is not a folder" in capsys.readouterr().err
     monkeypatch.setenv("CUSTOMCRAFTER_CACHE", str(tmp_path / "unmounted"))
-    assert _cli(["pipeline", "prune-checkpoints", "--older-than", "7d"]) == 2
+    assert run_cli(["pipeline", "prune-checkpoints", "--older-than", "7d"]) == 2
     assert f"$CUSTOMCRAFTER_CACHE): {tmp_path / 'unmounted'} is not a folder" in capsys.readouterr().err
-    assert _cli(["pipeline", "prune-checkpoints", "--older-than", "7d", "--cache-dir", str(cache), "--dry-run"]) == 0
+    assert run_cli(["pipeline", "prune-checkpoints", "--older-than", "7d", "--cache-dir", str(cache), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"would remove {cache / 'checkpoints' / 'failed-1'} (0.0 MiB, nothing written for 10 days" in out
     assert "3 job folder(s), 0.00 GiB would be freed" in out
     assert _tree(tmp_path) == before
     monkeypatch.setenv("CUSTOMCRAFTER_CACHE", str(cache))  # the default cache, as in the pods
-    assert _cli(["pipeline", "prune-checkpoints", "--older-than", "7d"]) == 0
+    assert run_cli(["pipeline", "prune-checkpoints", "--older-than", "7d"]) == 0
     out = capsys.readouterr().out
     assert f"removed {cache / 'checkpoints' / 'failed-2'}" in out and "3 job folder(s), 0.00 GiB freed" in out
     assert sorted(p.name for p in (cache / "checkpoints").iterdir()) == ["linked", "notes.txt", "running"]

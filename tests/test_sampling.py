@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 
 from customcrafter.dwvss import DWVSSConfig, dwvss_plan
 from customcrafter.sampling import SampleConfig
@@ -132,34 +133,24 @@ def test_evaluation_set_rerun_with_other_settings_is_refused(tmp_path, dreamboot
     assert manifest.read_text() == before
 
 
-def _cli(argv: list[str]) -> int:
-    from customcrafter.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def test_cli_samples_the_base_model_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "base.mp4"
-    code = _cli(["sample", "--base-model", "tiny", "--prompt", "a dog", "--steps", "2", "--set", "num_frames=2",
+    code = run_cli(["sample", "--base-model", "tiny", "--prompt", "a dog", "--steps", "2", "--set", "num_frames=2",
                  "--set", "height=64", "--set", "width=96", "--out", str(out)])
     assert code == 0 and out.stat().st_size > 0
     from customcrafter.video_io import read_video
 
     assert np.asarray(read_video(out)).shape[1:3] == (64, 96)
     stamp = out.stat().st_mtime_ns
-    assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(out)]) == 2  # no silent overwrite
+    assert run_cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(out)]) == 2  # no silent overwrite
     assert "--force" in capsys.readouterr().err and out.stat().st_mtime_ns == stamp
-    assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.avi")]) == 2
+    assert run_cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.avi")]) == 2
     capsys.readouterr()
     # usage errors (typer raises its vendored click's exceptions): click's message naming the option, exit 2
-    assert _cli(["sample", "--prompt", "x"]) == 2 and "Missing option '--out'" in capsys.readouterr().err
-    assert _cli(["sample", "--prompt", "x", "--out", str(out), "--seed", "abc"]) == 2
+    assert run_cli(["sample", "--prompt", "x"]) == 2 and "Missing option '--out'" in capsys.readouterr().err
+    assert run_cli(["sample", "--prompt", "x", "--out", str(out), "--seed", "abc"]) == 2
     assert "Invalid value for '--seed'" in capsys.readouterr().err
-    assert _cli(["train", "--subject", str(tmp_path), "--class-word", "dog", "--set", "learning_rate=1"]) == 2
+    assert run_cli(["train", "--subject", str(tmp_path), "--class-word", "dog", "--set", "learning_rate=1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
     assert not any(p.name.startswith(".") for p in Path(tmp_path).iterdir())  # no temporary left behind
 
@@ -168,15 +159,15 @@ def test_cli_train_keeps_a_finished_module_unless_forced(tmp_path, capsys, dream
     small = ["--base-model", "tiny", "--subject", str(dreambooth_dir / "dog"), "--class-word", "dog",
              "--method", "dreamvideo", "--output", str(tmp_path / "run"), "--set", "steps=1",
              "--set", "dreamvideo.inversion_steps=1", "--set", "resolution=[64, 96]", "--set", "num_frames=2"]
-    assert _cli(["train", *small]) == 0
+    assert run_cli(["train", *small]) == 0
     module = tmp_path / "run" / "subject_module" / "module.json"
     stamp = module.stat().st_mtime_ns
     capsys.readouterr()
-    assert _cli(["train", *small]) == 2  # refused before loading anything
+    assert run_cli(["train", *small]) == 2  # refused before loading anything
     assert "--force" in capsys.readouterr().err and module.stat().st_mtime_ns == stamp
     # --out is the same option as --output (the name sample, evaluate and data use)
     forced = [*small[:small.index("--output")], "--out", *small[small.index("--output") + 1:], "--force"]
-    assert _cli(["train", *forced]) == 0 and module.stat().st_mtime_ns != stamp
+    assert run_cli(["train", *forced]) == 0 and module.stat().st_mtime_ns != stamp
 
 
 def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_path, capsys, monkeypatch):
@@ -187,7 +178,7 @@ def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_
     out = str(tmp_path / "v.mp4")
     for flags, named in ((["--dwvss", "0.1,0.2,1"], "--dwvss"), (["--compile", "turbo"], "--compile"),
                          (["--device", "gpu0"], "--device")):
-        assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out, *flags]) == 2
+        assert run_cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out, *flags]) == 2
         assert f"error: {named}" in capsys.readouterr().err  # one line naming the flag, before any loading
 
     asked = []
@@ -198,7 +189,7 @@ def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_
 
     monkeypatch.setattr(loading, "load_base_pipeline", stop)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out]) == 130
+    assert run_cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out]) == 130
     assert asked == [torch.device("cuda")]  # no --device: the GPU when there is one, not the CPU
 
 
@@ -222,24 +213,24 @@ def test_cli_sample_eval_set_checks_flags_before_loading(tmp_path, capsys, monke
                          (["--base", "--compile", "turbo"], "--compile"),
                          (["--base", "--device", "gpu0"], "--device"),
                          (["--base", "--out", str(a_file)], f"--out {a_file}")):
-        assert _cli(["sample-eval-set", "--base-model", "tiny", *dog, "--out", str(out), *flags]) == 2, flags
+        assert run_cli(["sample-eval-set", "--base-model", "tiny", *dog, "--out", str(out), *flags]) == 2, flags
         assert f"error: {named}" in capsys.readouterr().err, flags
     # a bare image folder needs its class word (subject.yaml has it)
-    assert _cli(["sample-eval-set", "--base", "--subject", str(dreambooth_dir / "dog"), "--out", str(out)]) == 2
+    assert run_cli(["sample-eval-set", "--base", "--subject", str(dreambooth_dir / "dog"), "--out", str(out)]) == 2
     assert "error: --subject " in (err := capsys.readouterr().err) and "--class-word" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.jsonl").write_text('{"method": "base"\n')
-    assert _cli(["sample-eval-set", "--base", *dog, "--out", str(broken)]) == 2
+    assert run_cli(["sample-eval-set", "--base", *dog, "--out", str(broken)]) == 2
     assert f"error: --out {broken}: its manifest.jsonl is not one JSON object per line" in capsys.readouterr().err
     # --subject is a folder or a name under --data-root, as in train and data validate
-    assert _cli(["sample-eval-set", "--base", "--subject", "ghost", "--data-root", str(tmp_path), "--out",
+    assert run_cli(["sample-eval-set", "--base", "--subject", "ghost", "--data-root", str(tmp_path), "--out",
                  str(out)]) == 2
     assert "error: --subject 'ghost': neither a folder nor a subject" in capsys.readouterr().err
     # usage errors: click's message naming the option, exit 2
-    assert _cli(["sample-eval-set", "--base", *dog, "--out", str(out), "--prompt-limit", "0"]) == 2
+    assert run_cli(["sample-eval-set", "--base", *dog, "--out", str(out), "--prompt-limit", "0"]) == 2
     assert "Invalid value for '--prompt-limit'" in capsys.readouterr().err
-    assert _cli(["sample-eval-set", "--base", *dog]) == 2 and "Missing option '--out'" in capsys.readouterr().err
+    assert run_cli(["sample-eval-set", "--base", *dog]) == 2 and "Missing option '--out'" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
 
 
@@ -261,12 +252,12 @@ def test_cli_sample_eval_set_interrupted_writes_no_manifest_and_resumes(tmp_path
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "sample_video", interrupted)
-    assert _cli(argv) == 130
+    assert run_cli(argv) == 130
     first = out / "dog" / "p00_s0.mp4"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["dog", "dog/p00_s0.mp4"]  # no manifest
     stamp = first.stat().st_mtime_ns
     capsys.readouterr()
-    assert _cli(argv) == 0 and calls == [0, 1, 1]  # resumed: only the missing video sampled
+    assert run_cli(argv) == 0 and calls == [0, 1, 1]  # resumed: only the missing video sampled
     assert first.stat().st_mtime_ns == stamp
     assert f"wrote 2 videos of dog (base) to {out}" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
@@ -275,6 +266,6 @@ def test_cli_sample_eval_set_interrupted_writes_no_manifest_and_resumes(tmp_path
     assert rows[0]["sampling"]["fps"] == 16 and rows[0]["prompt"] == "dog is walking in the street."
     # another method's set would replace this manifest: refused, the folder untouched
     manifest = (out / "manifest.jsonl").read_bytes()
-    assert _cli([*argv, "--method", "base_fps28"]) == 2
+    assert run_cli([*argv, "--method", "base_fps28"]) == 2
     assert f"error: --out {out}: holds the evaluation set of base/dog" in capsys.readouterr().err
     assert (out / "manifest.jsonl").read_bytes() == manifest

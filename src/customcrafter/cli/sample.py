@@ -4,10 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from customcrafter.cli import UserError, app
+
+# the options both commands share, declared once
+BaseModelOption = Annotated[str, typer.Option("--base-model", help="'tiny', hub id, checkpoint or folder.")]
+StepsOption = Annotated[int | None, typer.Option("--steps", help="DDIM steps (default 50).")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="SampleConfig YAML.")]
+OverridesOption = Annotated[list[str] | None, typer.Option("--set", help="Config override KEY=VALUE (repeatable).")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="GPU weights: bf16, fp16 or fp32 (the CPU runs fp32).")]
 
 
 def _speed_and_device(compile_mode: str, dtype: str, device: str | None):
@@ -34,16 +43,15 @@ def sample_command(
                                                                                "(repeatable); none = base model."),
     dwvss: str | None = typer.Option(None, "--dwvss", help="LAMBDA_S,LAMBDA_L,K[,reference] (default 0.4,0.8,5)."),
     no_dwvss: bool = typer.Option(False, "--no-dwvss", help="Plain LoRA sampling at scale 1."),
-    base_model: str = typer.Option("VideoCrafter/VideoCrafter2", "--base-model", help="'tiny', hub id, "
-                                                                                      "checkpoint or folder."),
-    steps: int | None = typer.Option(None, "--steps", help="DDIM steps (default 50)."),
+    base_model: BaseModelOption = "VideoCrafter/VideoCrafter2",
+    steps: StepsOption = None,
     seed: int = typer.Option(0, "--seed"),
-    config: Path | None = typer.Option(None, "--config", help="SampleConfig YAML."),
-    overrides: list[str] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    config: ConfigOption = None,
+    overrides: OverridesOption = None,
+    device: DeviceOption = None,
     compile_mode: str = typer.Option("none", "--compile", help="GPU: none, regional or full (torch.compile; "
                                                                 "minutes of compilation, for many videos)."),
-    dtype: str = typer.Option("bf16", "--dtype", help="GPU weights: bf16, fp16 or fp32 (the CPU runs fp32)."),
+    dtype: DtypeOption = "bf16",
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Sample one video and write it to --out."""
@@ -114,15 +122,14 @@ def sample_eval_set_command(
     seeds: list[int] = typer.Option(None, "--seed", help="Seed (repeatable; default 0 1 2, as the pipeline)."),
     prompt_limit: int | None = typer.Option(None, "--prompt-limit", min=1, help="Only the first N evaluation "
                                                                                  "prompts (default: all ten)."),
-    base_model: str = typer.Option("VideoCrafter/VideoCrafter2", "--base-model", help="'tiny', hub id, "
-                                                                                      "checkpoint or folder."),
-    steps: int | None = typer.Option(None, "--steps", help="DDIM steps (default 50)."),
-    config: Path | None = typer.Option(None, "--config", help="SampleConfig YAML."),
-    overrides: list[str] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    base_model: BaseModelOption = "VideoCrafter/VideoCrafter2",
+    steps: StepsOption = None,
+    config: ConfigOption = None,
+    overrides: OverridesOption = None,
+    device: DeviceOption = None,
     compile_mode: str = typer.Option("none", "--compile", help="GPU: none, regional or full (full pays off over "
                                                                 "a whole evaluation set)."),
-    dtype: str = typer.Option("bf16", "--dtype", help="GPU weights: bf16, fp16 or fp32 (the CPU runs fp32)."),
+    dtype: DtypeOption = "bf16",
 ) -> None:
     """Sample the evaluation prompts × seeds of one subject module (or --base) into --out for `evaluate`."""
     import json
