@@ -158,7 +158,8 @@ def test_normalisation_modes_orientation_and_downscale(tmp_path):
     Image.fromarray(rgb).convert("P").save(photos / "c_palette.png")
     rgba = np.dstack([rgb, np.zeros((300, 400), dtype=np.uint8)])  # fully transparent -> white
     Image.fromarray(rgba, "RGBA").save(photos / "d_rgba.png")
-    Image.fromarray(np.full((300, 400), 65535, dtype=np.uint16)).save(photos / "e_16bit.png")  # white, 16-bit
+    # white, 16-bit (another size than d_rgba's white: the same picture twice would be a duplicate)
+    Image.fromarray(np.full((310, 400), 65535, dtype=np.uint16)).save(photos / "e_16bit.png")
     _exif_rotated_jpeg(photos / "f_rotated.jpg")
     _photo(photos / "g_big.webp", size=(3000, 2000))
     _photo(photos / "h_scan.tiff", size=(500, 400), seed=3)
@@ -211,6 +212,15 @@ def test_a_photo_already_stored_for_another_subject_is_refused(tmp_path):
     assert all("already stored as" in p and "(subject 'dog_a')" in p for p in info.value.problems)
     assert sorted(p.name for p in (tmp_path / "data" / "subjects").iterdir()) == ["dog_a"]
     _ingest(photos, tmp_path, name="dog_a", force=True)  # replacing the same subject is not a clash
+
+
+def test_the_same_picture_in_two_files_is_a_duplicate(tmp_path):
+    """Different bytes (a JPEG and a PNG of its pixels), same picture: the stored JPEGs would be identical, which
+    validation (unique sha256) rejects, so ingestion refuses it."""
+    photos = _good_folder(tmp_path / "photos")
+    with Image.open(photos / "img0.jpg") as image:
+        image.save(photos / "copy.png")
+    _assert_rejected(photos, tmp_path, "img0.jpg", "duplicate of copy.png (the same picture once stored)")
 
 
 def test_a_photo_downscaled_below_the_minimum_side_is_refused(tmp_path):

@@ -171,6 +171,11 @@ def ingest_subject(photos_dir: str | Path, name: str, class_word: str, *, kind: 
         images.append(normalised)
         sources.append(path)
     encoded = [_encoded(image) for image in images]
+    stored: dict[str, Path] = {}
+    for data, source in zip(encoded, sources, strict=True):  # different files, same picture: same stored bytes
+        twin = stored.setdefault(hashlib.sha256(data).hexdigest(), source)
+        if twin is not source:
+            problems.append(f"{source}: duplicate of {twin.name} (the same picture once stored)")
     problems += _stored_elsewhere(encoded, sources, data_root, name)
     if not candidates and not problems:
         problems.append(f"{photos_dir}: no images found (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
