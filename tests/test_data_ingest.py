@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -212,6 +213,16 @@ def test_a_photo_already_stored_for_another_subject_is_refused(tmp_path):
     assert all("already stored as" in p and "(subject 'dog_a')" in p for p in info.value.problems)
     assert sorted(p.name for p in (tmp_path / "data" / "subjects").iterdir()) == ["dog_a"]
     _ingest(photos, tmp_path, name="dog_a", force=True)  # replacing the same subject is not a clash
+
+
+def test_written_folders_are_readable_by_others(tmp_path):
+    """The subject folder (and augmentation output) is renamed from a temporary folder, which mkdtemp creates 0700:
+    a trainer or reviewer running as another user could not read it."""
+    from customcrafter.data.augment import materialise_examples
+
+    subject = _ingest(_good_folder(tmp_path / "photos"), tmp_path).subject_dir
+    out = materialise_examples(subject, tmp_path / "aug", num_examples=1)
+    assert stat.S_IMODE(subject.stat().st_mode) == stat.S_IMODE(out.stat().st_mode) == 0o755
 
 
 def test_the_same_picture_in_two_files_is_a_duplicate(tmp_path):

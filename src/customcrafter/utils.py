@@ -27,6 +27,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{target}: already exists (use overwrite/--force)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; outputs are ordinary folders
     appeared = f"{target}: written by another process meanwhile; kept, this copy dropped"
     try:
         yield tmp
