@@ -112,6 +112,24 @@ def test_symlink_outside_is_rejected(tmp_path):
     _assert_rejected(photos, tmp_path, "link.jpg", "symlink pointing outside the subject folder")
 
 
+def test_broken_symlink_is_named_not_a_crash(tmp_path):
+    """A dangling link (a photo moved away, a cloud-synced placeholder) is a named problem in data add, load_subject
+    and validation; it used to end each of them with a bare '[Errno 2] No such file or directory'."""
+    from customcrafter.data.validate import validate_data
+
+    photos = _good_folder(tmp_path / "photos", n=4)
+    os.symlink("gone.jpg", photos / "link.jpg")
+    _assert_rejected(photos, tmp_path, "link.jpg", "broken symlink (-> gone.jpg)")
+    (photos / "link.jpg").unlink()
+    subject = _ingest(photos, tmp_path).subject_dir
+    os.symlink("gone.jpg", subject / "99.jpg")
+    with pytest.raises(SubjectDataError, match=r"99\.jpg: broken symlink"):
+        load_subject(subject)
+    result = validate_data(tmp_path / "data", out_dir=tmp_path / "validation")
+    assert not result.success
+    assert any("99.jpg (unreadable (No such file or directory))" in p for p in result.problems["pet"]), result.problems
+
+
 @pytest.mark.parametrize("name", ["..", "../escape", "a/b", "/abs", ".hidden", "", "UPPER", "x" * 80])
 def test_unsafe_names_rejected(tmp_path, name):
     _assert_rejected(_good_folder(tmp_path / "photos"), tmp_path, None, "not allowed", name=name)

@@ -181,12 +181,15 @@ def inspect_image(path: str | Path, subject: str = "", limits: ImageLimits | Non
     """
     limits = limits or ImageLimits()
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data, unreadable = path.read_bytes(), None
+    except OSError as exc:  # a broken symlink, no permission: a row that fails, not a crash of the whole run
+        data, unreadable = b"", f"unreadable ({exc.strerror or exc.__class__.__name__})"
     info = ImageInfo(subject=subject, path=str(path), format=None, mode=None, width=None, height=None,
                      bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), exif_orientation=None,
                      decodable=False)
     if not data:
-        info.error = "empty file"
+        info.error = unreadable or "empty file"
         return info
     relaxed = ImageLimits(min_side=1, max_aspect=1e9, max_pixels=limits.max_pixels, max_side=limits.max_side)
     try:

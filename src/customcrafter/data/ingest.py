@@ -90,6 +90,9 @@ def _collect_files(photos_dir: Path) -> tuple[list[Path], list[Path], list[str]]
         if entry.is_symlink() and not entry.resolve().is_relative_to(root):
             problems.append(f"{entry}: symlink pointing outside the subject folder (-> {entry.resolve()})")
             continue
+        if entry.is_symlink() and not entry.exists():
+            problems.append(f"{entry}: broken symlink (-> {entry.readlink()})")
+            continue
         if entry.is_dir():
             ignored.append(entry)
             continue

@@ -172,6 +172,8 @@ def load_subject(subject_dir: str | Path, min_images: int = 1) -> Subject:
     for image in images:
         if image.is_symlink() and not image.resolve().is_relative_to(root):
             raise SubjectDataError(f"{image}: symlink pointing outside the subject folder")
+        if not image.exists():
+            raise SubjectDataError(f"{image}: broken symlink")
         if image.stat().st_size == 0:
             raise SubjectDataError(f"{image}: empty file")
     if len(images) < min_images:
