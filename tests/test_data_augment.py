@@ -170,6 +170,23 @@ def test_materialise_examples(tmp_path):
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and len(list(subject.glob("*.jpg"))) == 3
 
 
+def test_examples_are_never_written_into_the_data_folder(tmp_path):
+    """--out data/subjects/dog_aug made a folder without subject.yaml among the subjects: `data list` and validation
+    then failed on it, and DVC saw the data modified. Inside the subject, the examples went into its versioned data."""
+    data = tmp_path / "data"
+    subject = data / "subjects" / "toy"
+    subject.mkdir(parents=True)
+    for i in range(3):
+        _bright_image(seed=i).save(subject / f"{i:02d}.jpg", quality=95)
+    (subject / "subject.yaml").write_text("name: toy\nclass_word: toy\nkind: object\n")
+    for wrong in (data / "subjects" / "toy_aug", data / "aug", subject / "aug"):
+        with pytest.raises(ValueError, match="inside the data folder"):
+            materialise_examples(subject, wrong, num_examples=1)
+        assert not wrong.exists()
+    assert sorted(p.name for p in data.rglob("*")) == ["00.jpg", "01.jpg", "02.jpg", "subject.yaml", "subjects", "toy"]
+    materialise_examples(subject, tmp_path / "outputs" / "aug", num_examples=1)
+
+
 def _awkward_photos(folder) -> None:
     """What `data add` normalises: a JPEG stored sideways with EXIF Orientation 6 (a grey left half, black right
     half once upright), a 16-bit grey PNG, and an RGBA PNG whose pixels are transparent red."""

@@ -100,7 +100,8 @@ def validate(
 @data_app.command("augment")
 def augment(
     subject_dir: Annotated[Path, typer.Argument(help="a subject folder, e.g. data/subjects/dog")],
-    out: Annotated[Path, typer.Option(help="output folder: new, empty, or earlier examples (replaced)")],
+    out: Annotated[Path, typer.Option(help="output folder outside the data folder: new, empty, or earlier "
+                                                  "examples (replaced)")],
     num: Annotated[int, typer.Option(help="number of examples")] = 16,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     config: Annotated[Path | None, typer.Option(help="AugmentConfig YAML")] = None,

@@ -207,11 +207,17 @@ def _preview_grid(tiles: list[Image.Image], masks: list[torch.Tensor], captions:
 
 
 def _check_replaceable(out_dir: Path, subject_dir: Path) -> None:
-    """The output folder is replaced whole: refuse one that holds the subject, or anything but earlier examples."""
+    """The output folder is replaced whole: refuse one that holds the subject, one inside the data folder (or the
+    subject), or anything but earlier examples."""
     out, subject = out_dir.resolve(), subject_dir.resolve()
     if out == subject or out in subject.parents:
         raise ValueError(f"{out_dir}: the output folder holds the subject {subject_dir}, and it is replaced whole; "
                          "write the examples elsewhere")
+    # <data_root>/subjects/<name>: nothing generated belongs in the (DVC-versioned) data folder, nor in a subject
+    data_root = subject.parent.parent if subject.parent.name == "subjects" else subject
+    if data_root in out.parents:
+        raise ValueError(f"{out_dir}: inside the data folder {data_root}, where it would be taken for data (versioned, "
+                         "listed, validated); write the examples elsewhere, e.g. outputs/aug/<subject>")
     if out.is_file():
         raise FileExistsError(f"{out_dir}: a file, not an examples folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "examples.jsonl").is_file():
