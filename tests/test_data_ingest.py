@@ -238,9 +238,17 @@ def test_written_folders_are_readable_by_others(tmp_path):
     a trainer or reviewer running as another user could not read it."""
     from customcrafter.data.augment import materialise_examples
 
-    subject = _ingest(_good_folder(tmp_path / "photos"), tmp_path).subject_dir
-    out = materialise_examples(subject, tmp_path / "aug", num_examples=1)
-    assert stat.S_IMODE(subject.stat().st_mode) == stat.S_IMODE(out.stat().st_mode) == 0o755
+    previous = os.umask(0o022)
+    try:
+        subject = _ingest(_good_folder(tmp_path / "photos"), tmp_path).subject_dir
+        out = materialise_examples(subject, tmp_path / "aug", num_examples=1)
+        assert stat.S_IMODE(subject.stat().st_mode) == stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(f.stat().st_mode) for f in subject.iterdir()} == {0o644}
+        os.umask(0o077)  # a user who keeps their files private gets private outputs, as mkdir would give
+        private = materialise_examples(subject, tmp_path / "private", num_examples=1)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    finally:
+        os.umask(previous)
 
 
 def test_the_same_picture_in_two_files_is_a_duplicate(tmp_path):

@@ -15,6 +15,15 @@ import torch
 logger = logging.getLogger("customcrafter")
 
 
+def created_mode(kind: str) -> int:
+    """The mode ``open``/``mkdir`` would give a new ``"file"`` or ``"dir"`` under the process's umask (0644/0755
+    under the usual 022): what an atomically written output should get, since ``mkstemp``/``mkdtemp`` make them
+    private (0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if kind == "dir" else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it is renamed to ``target``.
@@ -27,7 +36,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{target}: already exists (use overwrite/--force)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; outputs are ordinary folders
+    os.chmod(tmp, created_mode("dir"))  # mkdtemp creates 0700; outputs are ordinary folders
     appeared = f"{target}: written by another process meanwhile; kept, this copy dropped"
     try:
         yield tmp
@@ -59,7 +68,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+        os.chmod(tmp, created_mode("file"))  # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

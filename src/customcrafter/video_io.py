@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from customcrafter.utils import created_mode
+
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
@@ -30,7 +32,7 @@ def _atomic_target(path: Path):
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, created_mode("file"))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
