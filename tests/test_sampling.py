@@ -170,6 +170,21 @@ def test_cli_train_keeps_a_finished_module_unless_forced(tmp_path, capsys, dream
     assert run_cli(["train", *forced]) == 0 and module.stat().st_mtime_ns != stamp
 
 
+def test_cli_train_refuses_an_output_under_a_file_before_loading(tmp_path, capsys, monkeypatch, dreambooth_dir):
+    import customcrafter.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the base model for an output folder that cannot be written")
+
+    monkeypatch.setattr(loading, "load_base_pipeline", refuse)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for output in (a_file, a_file / "run"):
+        assert run_cli(["train", "--base-model", "tiny", "--subject", str(dreambooth_dir / "dog"), "--class-word",
+                        "dog", "--output", str(output)]) == 2, output
+        assert f"error: output_dir {output}: {a_file} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -60,6 +60,15 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The existing file at ``folder`` or at one of its parents that keeps ``folder`` from being a folder (None when
+    there is none): checked before minutes of work whose output would go there."""
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)

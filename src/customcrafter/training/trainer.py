@@ -45,6 +45,7 @@ from customcrafter.training.checkpointing import (
 from customcrafter.training.config import TrainConfig
 from customcrafter.training.dataset import SubjectDataset, resolve_subject
 from customcrafter.training.methods import SPATIAL_BLOCK_RE, Stage, SubjectMethod, make_method
+from customcrafter.utils import file_in_the_way
 
 __all__ = ["TrainResult", "train", "DiffusionLoss", "use_cuda_graphs", "ExampleDropout", "detach_start_token_kv",
            "epsilon_loss", "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout",
@@ -647,6 +648,9 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
 
     started = time.perf_counter()
     module_dir = Path(config.output_dir) / MODULE_SUBDIR
+    blocker = file_in_the_way(config.output_dir)
+    if blocker is not None:  # before minutes of loading and training, not when the module is written
+        raise FileExistsError(f"output_dir {config.output_dir}: {blocker} is a file, not a folder; pass a folder")
     if (module_dir / MODULE_FILE).is_file() and not config.overwrite:  # before minutes of loading and training
         raise FileExistsError(f"{module_dir}: a finished subject module is there (overwrite=false); pass another "
                               "output folder, or --force / overwrite=true to replace it")
