@@ -206,6 +206,12 @@ def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert run_cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", out]) == 130
     assert asked == [torch.device("cuda")]  # no --device: the GPU when there is one, not the CPU
+    # an --out under a file is refused before loading, not after minutes of sampling
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert run_cli(["sample", "--base-model", "tiny", "--prompt", "x", "--out", str(a_file / "v.mp4")]) == 2
+    assert f"error: --out {a_file / 'v.mp4'}: {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert asked == [torch.device("cuda")]
 
 
 def test_cli_sample_eval_set_checks_flags_before_loading(tmp_path, capsys, monkeypatch, dreambooth_dir):
@@ -227,7 +233,8 @@ def test_cli_sample_eval_set_checks_flags_before_loading(tmp_path, capsys, monke
                          (["--base", "--seed", "1", "--seed", "1"], "--seed 1 1"),
                          (["--base", "--compile", "turbo"], "--compile"),
                          (["--base", "--device", "gpu0"], "--device"),
-                         (["--base", "--out", str(a_file)], f"--out {a_file}")):
+                         (["--base", "--out", str(a_file)], f"--out {a_file}: not a folder"),
+                         (["--base", "--out", str(a_file / "set")], f"--out {a_file / 'set'}: {a_file} is a file")):
         assert run_cli(["sample-eval-set", "--base-model", "tiny", *dog, "--out", str(out), *flags]) == 2, flags
         assert f"error: {named}" in capsys.readouterr().err, flags
     # a bare image folder needs its class word (subject.yaml has it)

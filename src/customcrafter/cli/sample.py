@@ -64,6 +64,7 @@ def sample_command(
     from customcrafter.performance import optimize_pipeline
     from customcrafter.sampling import SampleConfig, sample_video
     from customcrafter.subject_module import load_subject_module, read_module_meta
+    from customcrafter.utils import file_in_the_way
     from customcrafter.video_io import export_gif, export_mp4
 
     if dwvss and no_dwvss:
@@ -72,6 +73,8 @@ def sample_command(
         raise UserError(f"--out {out}: use a .mp4 or .gif file name")
     if out.exists() and not force:  # checked before minutes of loading and sampling
         raise UserError(f"--out {out}: already exists (use --force to replace it)")
+    if (blocker := file_in_the_way(out.parent)) is not None:
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     # everything checkable is checked before minutes of loading the base model
     metas = [read_module_meta(module_dir) for module_dir in subject_modules or []]
@@ -141,6 +144,7 @@ def sample_eval_set_command(
     from customcrafter.sampling import SampleConfig, sample_evaluation_set
     from customcrafter.subject_module import load_subject_module, read_module_meta
     from customcrafter.training.dataset import resolve_subject
+    from customcrafter.utils import file_in_the_way
 
     if (subject_module is None) == (not base):
         raise UserError("--subject-module DIR or --base: give exactly one (a module, or the base model as the motion "
@@ -161,8 +165,9 @@ def sample_eval_set_command(
     seeds = list(seeds or [0, 1, 2])
     if len(set(seeds)) < len(seeds):
         raise UserError(f"--seed {' '.join(map(str, seeds))}: give each seed once")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: not a folder")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder" if blocker != out else
+                        f"--out {out}: not a folder")
     if (out / "manifest.jsonl").is_file():  # rewritten with this set's rows only: a rerun may resume, not mix sets
         try:
             held = {f"{row.get('method')}/{row.get('subject')}" for row in map(json.loads, filter(
