@@ -373,6 +373,18 @@ def test_cli_missing_manifest_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_cli_out_under_a_file_is_one_line_error(tmp_path, capsys):
+    from customcrafter.cli import main
+
+    folder, a_file = tmp_path / "no_manifest", tmp_path / "file"
+    folder.mkdir()
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--method-outputs", str(folder), "--out", str(a_file / "eval")])
+    assert exit_info.value.code == 2
+    assert f"error: --out {a_file / 'eval'}: {a_file} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_missing_video_and_bad_rows_are_named_before_any_work(tiny_models, method_dirs, tmp_path):
     (method_dirs[1] / "dog_b" / "p01_s0.gif").unlink()
     with pytest.raises(FileNotFoundError, match=r"manifest.jsonl:4: video 'dog_b/p01_s0.gif' not found"):

@@ -29,11 +29,14 @@ def evaluate_command(
     from customcrafter.config import load_config
     from customcrafter.evaluation.config import EvalConfig
     from customcrafter.evaluation.protocol import evaluate
+    from customcrafter.utils import file_in_the_way
 
     method_dirs = [*method_outputs, *(more_outputs or [])]
     for method_dir in method_dirs:
         if not method_dir.is_dir():
             raise UserError(f"{method_dir}: method output folder not found")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     eval_config = load_config(
         EvalConfig, config, overrides, clip_model=clip_model, dino_model=dino_model, device=device
     )
