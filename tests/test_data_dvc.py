@@ -133,7 +133,7 @@ def test_an_interrupted_command_exits_130(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(subjects, "list_subjects", interrupted)
+    monkeypatch.setattr(subjects, "subject_dirs", interrupted)
     with pytest.raises(SystemExit) as stop:
         main(["data", "list", "--data-root", str(tmp_path)])
     assert stop.value.code == 130
@@ -175,3 +175,20 @@ def test_data_version_outside_a_repository_is_unknown_not_clean(tmp_path):
     (tmp_path / "data.dvc").write_text("outs:\n- md5: abc.dir\n  nfiles: 3\n  path: data\n")
     version = data_version(tmp_path)
     assert (version.dvc_md5, version.git_revision, version.modified, version.label) == ("abc.dir", None, None, None)
+
+
+def test_list_shows_the_subjects_that_load_beside_a_broken_one_and_validate_refuses_no_data(tmp_path, dreambooth_dir,
+                                                                                          capsys):
+    from cli_runner import run_cli
+
+    data = tmp_path / "data"
+    ingest_subject(dreambooth_dir / "dog", "dog", "dog", data_root=data, run_dvc=False)
+    (data / "subjects" / "zebra").mkdir()  # a folder without subject.yaml or images
+    assert run_cli(["data", "list", "--data-root", str(data)]) == 1  # scripts notice the broken one
+    out = capsys.readouterr().out
+    assert "dog " in out and "zebra" in out and "does not load" in out
+
+    empty = tmp_path / "empty"
+    (empty / "subjects").mkdir(parents=True)
+    assert run_cli(["data", "validate", "--data-root", str(empty), "--out", str(tmp_path / "v")]) == 1
+    assert "no subjects to validate" in capsys.readouterr().out

@@ -55,18 +55,33 @@ def add(
 def list_(data_root: Annotated[Path, typer.Option(help="the data folder")] = Path("data")) -> None:
     """Subjects with their class word, kind, token and image count, and the data version."""
     from customcrafter.data.dvc_ops import find_dvc_root
-    from customcrafter.data.subjects import data_version, list_subjects, subject_content_hash
+    from customcrafter.data.subjects import (
+        SubjectDataError,
+        data_version,
+        load_subject,
+        subject_content_hash,
+        subject_dirs,
+    )
 
-    subjects = list_subjects(data_root)
-    if not subjects:
+    folders = subject_dirs(data_root)
+    if not folders:
         typer.echo(f"no subjects under {data_root / 'subjects'} (run `dvc pull`, or `customcrafter data add`)")
     else:
         typer.echo(f"{'subject':<20} {'class word':<16} {'kind':<7} {'token':<8} {'images':>6}  content")
-        for s in subjects:
-            typer.echo(f"{s.name:<20} {s.class_word:<16} {s.kind:<7} {s.token:<8} {len(s.image_paths):>6}  "
-                       f"{subject_content_hash(s.dir)[:12]}")
+    broken = 0
+    for folder in folders:  # one broken subject is reported in its row, the others are still listed
+        try:
+            s = load_subject(folder)
+            content = subject_content_hash(s.dir)[:12]
+        except SubjectDataError as exc:
+            broken += 1
+            typer.echo(f"{folder.name:<20} does not load: {exc}")
+            continue
+        typer.echo(f"{s.name:<20} {s.class_word:<16} {s.kind:<7} {s.token:<8} {len(s.image_paths):>6}  {content}")
     repo_root = find_dvc_root(data_root) or Path.cwd()
     typer.echo(str(data_version(repo_root)))
+    if broken:
+        raise typer.Exit(1)
 
 
 @data_app.command("validate")

@@ -165,6 +165,10 @@ def validate_data(data_root: str | Path = "data", subjects: list[str | Path] | N
     for name, lines in _problems(subject_result, subject_table, "folder_name", _subject_detail).items():
         problems.setdefault(name, []).extend(lines)
     success = bool(image_result.success and subject_result.success)
+    if subject_table.empty:  # a gate that passes with no data would wave an empty `dvc pull` through
+        problems[str(Path(data_root) / "subjects")] = ["no subjects to validate (run `dvc pull`, or `customcrafter "
+                                                       "data add`)"]
+        success = False
 
     json_path = html_path = None
     if out_dir is not None:
