@@ -64,6 +64,9 @@ def test_set_overrides_keep_words_that_yaml_would_change():
                        ).class_prompt == "note: a {class_word}"
     with pytest.raises(ConfigError, match=r"^overrides \(--set\): invalid TrainConfig: mixed_precision"):
         load_config(TrainConfig, overrides=["subject_dir=x", "mixed_precision=fp8"])
+    # a bad value from an option (`train --method foo`) is blamed on the options, not on --set beside it
+    with pytest.raises(ConfigError, match=r"^options: invalid TrainConfig: method"):
+        load_config(TrainConfig, overrides=["overwrite=false"], subject_dir="x", method="foo")
 
 
 def test_sslm_regex_selects_96_spatial_qkv_layers_of_the_full_unet():

@@ -68,6 +68,7 @@ def load_config(cls: type[M], path: str | Path | None = None, overrides: list[st
                 **fields: Any) -> M:
     """Build ``cls`` from defaults, an optional YAML/JSON file, overrides and keyword fields (in that order)."""
     data: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # top-level field -> where its value came from, for error messages
     source = "defaults"
     if path is not None:
         path = Path(path)
@@ -81,17 +82,24 @@ def load_config(cls: type[M], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data.update(loaded)
+        origins.update(dict.fromkeys(loaded, source))
     apply_overrides(data, overrides)
-    if overrides:  # the message names where the bad value came from
+    if overrides:
         source = "overrides (--set)" if path is None else f"{source} + overrides (--set)"
-    data.update({k: v for k, v in fields.items() if v is not None})
+        origins.update(dict.fromkeys((item.split("=", 1)[0].strip().split(".")[0] for item in overrides),
+                                     "overrides (--set)"))
+    given = {k: v for k, v in fields.items() if v is not None}
+    data.update(given)
+    origins.update(dict.fromkeys(given, "options"))
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{source}: invalid {cls.__name__}: {problems}") from None
+        errors = exc.errors()
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in errors)
+        # the message names where the bad values came from: the file, --set, an option, or the defaults
+        blamed = dict.fromkeys(origins.get(str(err["loc"][0]), "defaults") if err["loc"] else source
+                               for err in errors)
+        raise ConfigError(f"{' + '.join(blamed)}: invalid {cls.__name__}: {problems}") from None
 
 
 def save_config(config: BaseModel, path: str | Path) -> None:
