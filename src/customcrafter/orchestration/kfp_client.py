@@ -178,17 +178,15 @@ def _root_parameters(path: Path) -> dict[str, dict] | None:
     return dict(((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {})
 
 
-#: IR parameter types → a check of a (JSON-decoded) argument value, and how to say it
+#: IR parameter types → (a check of a JSON-decoded argument value, how to say what it must be)
 _PARAMETER_TYPES = {
-    "STRING": lambda v: isinstance(v, str),
-    "NUMBER_INTEGER": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "NUMBER_DOUBLE": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "BOOLEAN": lambda v: isinstance(v, bool),
-    "LIST": lambda v: isinstance(v, list),
-    "STRUCT": lambda v: isinstance(v, dict),
+    "STRING": (lambda v: isinstance(v, str), "a string"),
+    "NUMBER_INTEGER": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "NUMBER_DOUBLE": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "BOOLEAN": (lambda v: isinstance(v, bool), "true or false"),
+    "LIST": (lambda v: isinstance(v, list), "a JSON list"),
+    "STRUCT": (lambda v: isinstance(v, dict), "a JSON object"),
 }
-_PARAMETER_TYPE_NAMES = {"STRING": "a string", "NUMBER_INTEGER": "an integer", "NUMBER_DOUBLE": "a number",
-                         "BOOLEAN": "true or false", "LIST": "a JSON list", "STRUCT": "a JSON object"}
 
 
 def _check_arguments(path: Path, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -205,9 +203,9 @@ def _check_arguments(path: Path, arguments: dict[str, Any]) -> dict[str, Any]:
                          f"its parameters: {', '.join(sorted(valid)) or 'none'}")
     for name, value in arguments.items():  # the run would fail on the cluster when its driver reads the value
         kind = (valid[name] or {}).get("parameterType")
-        if kind in _PARAMETER_TYPES and not _PARAMETER_TYPES[kind](value):
-            raise ValueError(f"arguments: {name}={value!r} is not {_PARAMETER_TYPE_NAMES[kind]}, as "
-                             f"{path.name} declares it ({kind})")
+        accepts, expected = _PARAMETER_TYPES.get(kind, (None, ""))
+        if accepts is not None and not accepts(value):
+            raise ValueError(f"arguments: {name}={value!r} is not {expected}, as {path.name} declares it ({kind})")
     return arguments
 
 
