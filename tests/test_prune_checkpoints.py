@@ -101,6 +101,26 @@ def test_a_folder_that_vanishes_meanwhile_is_skipped(cache, monkeypatch):
     assert sorted(p.name for p in (cache / "checkpoints").iterdir()) == ["linked", "notes.txt", "running"]
 
 
+def test_a_folder_that_cannot_be_removed_is_reported_and_the_others_still_go(cache, monkeypatch, capsys):
+    rmtree = shutil.rmtree
+
+    def refusing(path, *args, **kwargs):  # e.g. files of another user inside the first job folder
+        if "failed-1" in Path(path).name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", refusing)
+    jobs = {p.path.name: p.error for p in prune_checkpoints(cache, timedelta(days=7))}
+    assert jobs.keys() == {"failed-1", "failed-2", "finished"} and "Permission denied" in jobs["failed-1"]
+    assert jobs["failed-2"] is None and jobs["finished"] is None
+    assert not (cache / "checkpoints" / "failed-2").exists() and not (cache / "checkpoints" / "finished").exists()
+
+    (cache / "checkpoints" / "failed-3").mkdir()  # the CLI: the failure on stderr, the others removed, exit 1
+    _age_folders(cache / "checkpoints" / "failed-3", 10)
+    assert run_cli(["pipeline", "prune-checkpoints", "--older-than", "7d", "--cache-dir", str(cache)]) == 1
+    out, err = capsys.readouterr()
+    assert "removed" in out and "failed-3" in out and "could not remove" in err and "failed-1" in err
+
 def test_no_checkpoints_folder_and_bad_durations(tmp_path):
     assert prune_checkpoints(tmp_path / "empty", timedelta(days=1)) == []
     assert parse_duration("7d") == timedelta(days=7) and parse_duration("12h") == timedelta(hours=12)

@@ -123,9 +123,14 @@ def prune_checkpoints_cmd(
     if not cache.is_dir():  # a mistyped path or an unmounted volume: "0 freed" would hide it
         raise UserError(f"{'--cache-dir' if cache_dir else 'the model cache ($CUSTOMCRAFTER_CACHE)'}: {cache} is not "
                         "a folder")
-    pruned = prune_checkpoints(cache, age, dry_run=dry_run)
+    jobs = prune_checkpoints(cache, age, dry_run=dry_run)
+    pruned, failed = [job for job in jobs if job.error is None], [job for job in jobs if job.error is not None]
     for job in pruned:
         typer.echo(f"{'would remove' if dry_run else 'removed'} {job.path} ({job.size / 2**20:.1f} MiB, "
                    f"nothing written for {job.age})")
+    for job in failed:
+        typer.echo(f"could not remove {job.path}: {job.error}", err=True)
     total = sum(job.size for job in pruned) / 2**30
     typer.echo(f"{len(pruned)} job folder(s), {total:.2f} GiB {'would be ' if dry_run else ''}freed")
+    if failed:
+        raise typer.Exit(1)

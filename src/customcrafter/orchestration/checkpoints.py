@@ -31,6 +31,7 @@ class PrunedJob:
     path: Path
     size: int  # bytes
     age: timedelta
+    error: str | None = None  # why it could not be removed (e.g. files of another user); None when it was
 
 
 def job_checkpoints_dir(pipeline_job: str, subject: str, method: str, cache_dir: str | Path | None = None) -> Path:
@@ -73,7 +74,9 @@ def _scan(folder: Path) -> tuple[int, float] | None:
 def prune_checkpoints(cache_dir: str | Path | None, older_than: timedelta, dry_run: bool = False) -> list[PrunedJob]:
     """Remove the job folders under ``<cache_dir>/checkpoints`` (default cache: ``loading.default_cache_dir()``)
     whose newest file or folder is older than ``older_than``; return them (with ``dry_run``, what would go: nothing
-    is removed). Links and files there are left alone; a folder that vanishes meanwhile is skipped."""
+    is removed). Links and files there are left alone; a folder that vanishes meanwhile is skipped; one that cannot
+    be removed is returned with its ``error`` (a half-removed one stays under a hidden name, which the next prune
+    takes) and the others are still pruned."""
     from customcrafter.loading import default_cache_dir
 
     if older_than <= timedelta(0):
@@ -91,10 +94,15 @@ def prune_checkpoints(cache_dir: str | Path | None, older_than: timedelta, dry_r
         if not dry_run:
             # renamed first: a pod resuming meanwhile starts afresh instead of meeting half a folder
             doomed = job.with_name(f".{job.name}-pruned-{os.getpid()}-{time.time_ns()}")
+            age = timedelta(seconds=round(now - scanned[1]))
             try:
                 job.rename(doomed)
                 shutil.rmtree(doomed)
             except FileNotFoundError:  # gone meanwhile (another prune took it)
+                continue
+            except OSError as exc:  # one folder that cannot go must not keep the others: report it, go on
+                logger.warning("could not remove %s: %s", job, exc)
+                pruned.append(PrunedJob(path=job, size=scanned[0], age=age, error=str(exc)))
                 continue
             logger.info("removed %s (%d bytes)", job, scanned[0])
         pruned.append(PrunedJob(path=job, size=scanned[0], age=timedelta(seconds=round(now - scanned[1]))))
