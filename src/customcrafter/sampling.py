@@ -21,7 +21,8 @@ from customcrafter.dwvss import DWVSSConfig, dwvss_sampling
 from customcrafter.subject_module import loaded_modules
 from customcrafter.utils import atomic_write_bytes
 
-__all__ = ["SampleConfig", "sample_video", "sample_evaluation_set", "DEFAULT_BASE_FPS", "last_sampling_record"]
+__all__ = ["SampleConfig", "sample_video", "sample_evaluation_set", "evaluation_set_rows", "DEFAULT_BASE_FPS",
+           "last_sampling_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +109,27 @@ def _sampling_settings(pipe, config: SampleConfig) -> dict:
     return settings
 
 
+def evaluation_set_rows(out_dir: str | Path) -> list[dict]:
+    """The rows of an evaluation-set folder's ``manifest.jsonl`` as written (none without one), for a rerun to
+    check against; a line that is not a JSON object is a ``ValueError`` naming it. (``customcrafter.evaluation``'s
+    ``read_manifest`` is the strict reader for scoring: it also needs every video on disk.)"""
+    manifest = Path(out_dir) / "manifest.jsonl"
+    if not manifest.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"{manifest}:{number}: expected a JSON object, got {row!r}")
+            rows.append(row)
+    return rows
+
+
 def _check_resumed_settings(out_dir: Path, settings: dict) -> None:
     """A rerun keeps the videos on disk: refuse if the folder's manifest says they were sampled with other settings
     (the new manifest would label them with these)."""
-    manifest = out_dir / "manifest.jsonl"
-    if not manifest.is_file():
-        return
-    for line in filter(str.strip, manifest.read_text(encoding="utf-8").splitlines()):
-        row = json.loads(line)
+    for row in evaluation_set_rows(out_dir):
         held, video = row.get("sampling") or {}, row.get("video")
         if isinstance(video, str) and (out_dir / video).is_file() and held != settings:
             changed = ", ".join(f"{name} {held.get(name)!r} -> {settings.get(name)!r}"
@@ -162,10 +176,8 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
             target = out_dir / relative
             if not target.is_file():
                 logger.info("sampling %s (%d/%d): %s", target, len(rows) + 1, len(prompts) * len(seeds), text)
-                frames = sample_video(pipe, text, seed=seed, config=config)
-                tmp = target.with_name(f".{target.name}.tmp.mp4")
-                export_mp4(frames, tmp, fps=8)
-                tmp.replace(target)
+                # written to a temporary file and renamed: an interrupted run leaves whole videos only
+                export_mp4(sample_video(pipe, text, seed=seed, config=config), target, fps=8)
             else:
                 logger.info("exists, skipped: %s", target)
             rows.append({"method": method, "subject": subject, "subject_dir": str(subject_dir),

@@ -55,9 +55,6 @@ def sample_command(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Sample one video and write it to --out."""
-    import os
-    import tempfile
-
     from customcrafter.config import load_config
     from customcrafter.dwvss import parse_dwvss
     from customcrafter.loading import load_base_pipeline
@@ -93,15 +90,7 @@ def sample_command(
             typer.echo(f"{module_dir}: token {loaded.meta['token']} renamed to {loaded.token}", err=True)
     optimize_pipeline(pipe, speed)
     frames = sample_video(pipe, prompt, seed=seed, config=sample_config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        (export_gif if out.suffix.lower() == ".gif" else export_mp4)(frames, tmp, fps=8)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    (export_gif if out.suffix.lower() == ".gif" else export_mp4)(frames, out, fps=8)  # atomic: no half-written --out
     typer.echo(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
 
 
@@ -135,13 +124,11 @@ def sample_eval_set_command(
     dtype: DtypeOption = "bf16",
 ) -> None:
     """Sample the evaluation prompts × seeds of one subject module (or --base) into --out for `evaluate`."""
-    import json
-
     from customcrafter.config import load_config
     from customcrafter.data.subjects import find_subject_dir
     from customcrafter.loading import load_base_pipeline
     from customcrafter.performance import optimize_pipeline
-    from customcrafter.sampling import SampleConfig, sample_evaluation_set
+    from customcrafter.sampling import SampleConfig, evaluation_set_rows, sample_evaluation_set
     from customcrafter.subject_module import load_subject_module, read_module_meta
     from customcrafter.training.dataset import resolve_subject
     from customcrafter.utils import file_in_the_way
@@ -168,16 +155,14 @@ def sample_eval_set_command(
     if (blocker := file_in_the_way(out)) is not None:
         raise UserError(f"--out {out}: {blocker} is a file, not a folder" if blocker != out else
                         f"--out {out}: not a folder")
-    if (out / "manifest.jsonl").is_file():  # rewritten with this set's rows only: a rerun may resume, not mix sets
-        try:
-            held = {f"{row.get('method')}/{row.get('subject')}" for row in map(json.loads, filter(
-                str.strip, (out / "manifest.jsonl").read_text().splitlines()))}
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise UserError(f"--out {out}: its manifest.jsonl is not one JSON object per line ({exc}); delete the "
-                            "folder to sample afresh") from None
-        if held - {f"{method}/{info.name}"}:
-            raise UserError(f"--out {out}: holds the evaluation set of {', '.join(sorted(held))} (method/subject), "
-                            f"not {method}/{info.name}; use one folder per subject and method")
+    try:  # the manifest is rewritten with this set's rows only: a rerun may resume, not mix sets
+        held = {f"{row.get('method')}/{row.get('subject')}" for row in evaluation_set_rows(out)}
+    except ValueError as exc:
+        raise UserError(f"--out {out}: its manifest.jsonl is not one JSON object per line ({exc}); delete the "
+                        "folder to sample afresh") from None
+    if held - {f"{method}/{info.name}"}:
+        raise UserError(f"--out {out}: holds the evaluation set of {', '.join(sorted(held))} (method/subject), "
+                        f"not {method}/{info.name}; use one folder per subject and method")
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     speed, target = _speed_and_device(compile_mode, dtype, device)
     pipe = load_base_pipeline(base_model, device=target)
