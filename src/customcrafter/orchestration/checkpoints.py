@@ -91,19 +91,19 @@ def prune_checkpoints(cache_dir: str | Path | None, older_than: timedelta, dry_r
         scanned = _scan(job)
         if scanned is None or now - scanned[1] < older_than.total_seconds():
             continue
+        size, age = scanned[0], timedelta(seconds=round(now - scanned[1]))
+        error = None
         if not dry_run:
             # renamed first: a pod resuming meanwhile starts afresh instead of meeting half a folder
             doomed = job.with_name(f".{job.name}-pruned-{os.getpid()}-{time.time_ns()}")
-            age = timedelta(seconds=round(now - scanned[1]))
             try:
                 job.rename(doomed)
                 shutil.rmtree(doomed)
+                logger.info("removed %s (%d bytes)", job, size)
             except FileNotFoundError:  # gone meanwhile (another prune took it)
                 continue
             except OSError as exc:  # one folder that cannot go must not keep the others: report it, go on
                 logger.warning("could not remove %s: %s", job, exc)
-                pruned.append(PrunedJob(path=job, size=scanned[0], age=age, error=str(exc)))
-                continue
-            logger.info("removed %s (%d bytes)", job, scanned[0])
-        pruned.append(PrunedJob(path=job, size=scanned[0], age=timedelta(seconds=round(now - scanned[1]))))
+                error = str(exc)
+        pruned.append(PrunedJob(path=job, size=size, age=age, error=error))
     return pruned
