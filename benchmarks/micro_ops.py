@@ -516,20 +516,20 @@ TEMPORAL_CONVS = [("L0", 320, 40, 64, 20), ("L1", 640, 20, 32, 20), ("L2", 1280,
 
 def temporal_conv_forms(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict:
     """The same (3, 1, 1) convolution with padding (1, 0, 0) written four ways (all exact in real arithmetic):
-    cuDNN's 3-D convolution; ``customcrafter.fusions.temporal_conv2d`` (a 2-D (3, 1) convolution over the (frames,
-    positions) view of the same memory); one GEMM
-    against the three taps' weights side by side, then the frame-shifted sum of its three column blocks; and one GEMM
-    over the frames' shifted copies concatenated on channels (im2col along frames)."""
-    from customcrafter.fusions import temporal_conv2d
-
+    cuDNN's 3-D convolution; a 2-D (3, 1) convolution over the (frames, positions) view of the same memory (the
+    product's ``SpeedConfig.temporal_conv2d`` until session 24 found no gain in the whole UNet); one GEMM against the
+    three taps' weights side by side, then the frame-shifted sum of its three column blocks; and one GEMM over the
+    frames' shifted copies concatenated on channels (im2col along frames)."""
     n, c, t, h, w = x.shape
     taps = weight[:, :, :, 0, 0]  # (out, in, 3)
 
     def conv3d():
         return F.conv3d(x, weight, bias, padding=(1, 0, 0))
 
-    def conv2d():
-        return temporal_conv2d(x, weight, bias)
+    def conv2d():  # x is channels-last-3d: (n, c, t, h * w) as a channels-last 4-D view, and back
+        flat = x.permute(0, 2, 3, 4, 1).flatten(2, 3).permute(0, 3, 1, 2)
+        out = F.conv2d(flat, weight.flatten(3), bias, padding=(1, 0))
+        return out.permute(0, 2, 3, 1).unflatten(2, (h, w)).permute(0, 4, 1, 2, 3)
 
     def gemm_shift():
         rows = x.permute(0, 2, 3, 4, 1).reshape(n, t, h * w, c)  # a view: channels-last-3d memory

@@ -99,46 +99,6 @@ def _outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
                 pipe.vae.decode(latents).sample)
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
-@pytest.mark.parametrize("bias", [False, True])
-def test_temporal_conv2d_equals_the_3d_convolution_and_keeps_the_memory_format(memory_format, bias):
-    from customcrafter.fusions import temporal_conv2d
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=memory_format)
-    conv = torch.nn.Conv3d(8, 6, (3, 1, 1), padding=(1, 0, 0), bias=bias).double().to(memory_format=memory_format)
-    out = temporal_conv2d(x, conv.weight, conv.bias)
-    torch.testing.assert_close(out, conv(x), rtol=0, atol=1e-12)
-    assert out.is_contiguous(memory_format=memory_format)
-    out.sum().backward()  # differentiable: compiled training takes the same rewrite
-    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
-
-
-def test_temporal_conv2d_switches_only_frame_convolutions_and_keeps_the_unet_function(monkeypatch):
-    from customcrafter import fusions
-    from customcrafter.performance import SpeedConfig, _layer_rewrites
-
-    pipe = _tiny_pipeline()
-    unet_before, _ = _outputs(pipe)
-    _layer_rewrites(pipe, SpeedConfig())
-    assert not any(isinstance(m, fusions.TemporalConv2d) for m in pipe.unet.modules())  # off by default
-    _layer_rewrites(pipe, SpeedConfig(temporal_conv2d=True))
-    convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv3d)]
-    assert convs and all(isinstance(m, fusions.TemporalConv2d) == (m.kernel_size == (3, 1, 1)) for m in convs)
-    other = torch.nn.Conv3d(4, 4, (3, 3, 3), padding=1)
-    assert fusions.use_temporal_conv2d(other) == 0
-
-    calls, original = [], fusions.temporal_conv2d
-    monkeypatch.setattr(fusions, "temporal_conv2d", lambda *a: calls.append(a[0].shape) or original(*a))
-    monkeypatch.setattr(fusions, "TEMPORAL_CONV2D_MAX_POSITIONS", 8 * 8)
-    _outputs(pipe)  # the tiny UNet's maps: 16 x 16 keeps cuDNN's 3-D convolution, 8 x 8 and smaller the 2-D form
-    assert {tuple(shape[-2:]) for shape in calls} == {(8, 8), (4, 4), (2, 2)}
-    monkeypatch.setattr(fusions, "TEMPORAL_CONV2D_MAX_POSITIONS", 10**9)
-    unet_after, _ = _outputs(pipe)
-    assert calls  # every level in the 2-D form now
-    assert (unet_after - unet_before).abs().max() <= 1e-4 * unet_before.abs().max()
-
-
 def test_rewritten_unet_and_vae_compute_the_same_function_with_the_same_state(monkeypatch):
     from diffusers.models.upsampling import Upsample2D
 

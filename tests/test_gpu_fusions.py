@@ -70,31 +70,6 @@ def test_subpixel_upsample_conv_in_bf16(shape, compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("channels", [320, 1280], ids=["L0", "L2"])
-def test_temporal_conv2d_in_bf16(channels, compiled):
-    """The (3, 1) 2-D form of a temporal convolution is as close to float64 as cuDNN's 3-D one, channels-last-3d kept,
-    its gradients too (compiled training takes the rewrite)."""
-    from customcrafter.fusions import temporal_conv2d
-
-    torch.manual_seed(0)
-    size = {320: (40, 64), 1280: (10, 16)}[channels]
-    x = torch.randn(2, channels, 16, *size, device="cuda").to(torch.bfloat16).contiguous(
-        memory_format=torch.channels_last_3d).requires_grad_()
-    conv = torch.nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0), device="cuda").to(torch.bfloat16).to(
-        memory_format=torch.channels_last_3d)
-    expected = F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), padding=(1, 0, 0))
-    fn = torch.compile(temporal_conv2d, dynamic=False) if compiled else temporal_conv2d
-    out, plain = fn(x, conv.weight, conv.bias), conv(x)
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    assert _rel(out, expected) <= 1.5 * _rel(plain, expected) + 1e-4
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad(out, (x, conv.weight), grad)
-    theirs = torch.autograd.grad(plain, (x, conv.weight), grad)
-    for a, b in zip(ours, theirs, strict=True):
-        assert _rel(a, b) <= 2e-2
-
-
-@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("shape", [(81920, 320, 320), (81920, 1280, 320), (5120, 1280, 1280)],
                          ids=["out-proj-L0", "ff-out-L0", "out-proj-L2"])
 def test_unfused_bias_linear_in_bf16(shape, compiled):

@@ -24,11 +24,6 @@ split itself only when every consumer of the output is pointwise, which leaves t
 the feed-forward layers with the slow kernel. ``use_unfused_bias_linears(module)`` switches every biased
 ``nn.Linear`` inside a model over.
 
-``temporal_conv2d``: a (3, 1, 1) 3-D convolution over frames (the resnets' temporal convolutions, ~14 % of a UNet
-step's FLOPs) as a (3, 1) 2-D convolution over the (frames, positions) view of the same memory: the same arithmetic,
-cuDNN's 2-D kernels instead of its 3-D ones, which win only on the smallest maps (``TEMPORAL_CONV2D_MAX_POSITIONS``).
-``use_temporal_conv2d(module)`` switches every such ``nn.Conv3d``.
-
 ``fused_geglu``: the feed-forward's GEGLU (projection, split, ``value * gelu(gate)``) as one Triton GEMM with the
 gating in its epilogue (``customcrafter.kernels.geglu``), so the 2N-wide projection output is never written and read
 back: where K is at most ``FUSED_GEGLU_MAX_K`` (the UNet's levels 0-1), elsewhere the layer's own path.
@@ -52,7 +47,7 @@ from customcrafter.kernels import (
 __all__ = ["channel_stats_group_norm", "ChannelStatsGroupNorm", "use_channel_stats_group_norm", "subpixel_kernels",
            "subpixel_upsample_conv", "SubpixelUpsample2D", "use_subpixel_upsamplers", "SUBPIXEL_MIN_POSITIONS",
            "unfused_bias_linear", "UnfusedBiasLinear", "use_unfused_bias_linears", "FUSED_GEGLU_MAX_K", "FusedGEGLU",
-           "use_fused_geglu", "temporal_conv2d", "TemporalConv2d", "use_temporal_conv2d", "TEMPORAL_CONV2D_MAX_POSITIONS"]
+           "use_fused_geglu"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,37 +116,6 @@ def unfused_bias_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out if bias is None else out + bias
 
 
-def temporal_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.conv3d(x, weight, bias, padding=(1, 0, 0))`` for a (3, 1, 1) ``weight``, as a (3, 1) 2-D convolution over
-    ``x`` viewed as (batch, channels, frames, height * width); ``x`` keeps its memory (a view in either memory
-    format) and so does the output."""
-    n, _, t, h, w = x.shape
-    flat = x.flatten(3) if x.is_contiguous() else x.permute(0, 2, 3, 4, 1).flatten(2, 3).permute(0, 3, 1, 2)
-    out = F.conv2d(flat, weight.flatten(3), bias, padding=(1, 0))
-    if out.is_contiguous():
-        return out.view(n, -1, t, h, w)
-    return out.permute(0, 2, 3, 1).unflatten(2, (h, w)).permute(0, 4, 1, 2, 3)
-
-
-def _temporal_conv_eligible(conv: torch.nn.Module) -> bool:
-    return (isinstance(conv, torch.nn.Conv3d) and conv.kernel_size == (3, 1, 1) and conv.stride == (1, 1, 1)
-            and conv.padding == (1, 0, 0) and conv.dilation == (1, 1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
-
-
-#: Temporal convolutions over maps of at most this many positions per frame take the 2-D form. H100, compiled, in a
-#: CUDA graph, ms per call for 2 x 16 frames (``benchmarks/micro_ops.py --only temporal_conv``): 3-D against 2-D at
-#: level 0 (40 x 64, 320 channels) 0.141 vs 0.169, level 1 (20 x 32) 0.101 vs 0.212, level 2 (10 x 16) 0.102 vs 0.104,
-#: level 3 (5 x 8, 1280 channels) 0.045 vs 0.033. All levels in 2-D cost 1.5 ms more per compiled CFG forward.
-TEMPORAL_CONV2D_MAX_POSITIONS = 64
-
-
-def _temporal_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 5 or x.shape[-2] * x.shape[-1] > TEMPORAL_CONV2D_MAX_POSITIONS:
-        return type(self).__mro__[1].forward(self, x)
-    return temporal_conv2d(x, self.weight, self.bias)
-
-
 def _subpixel_eligible(upsampler: torch.nn.Module) -> bool:
     conv = getattr(upsampler, "conv", None) if getattr(upsampler, "name", "conv") == "conv" else None
     return (getattr(upsampler, "use_conv", False) and not getattr(upsampler, "use_conv_transpose", True)
@@ -217,10 +181,6 @@ class FusedGEGLU:
     """Marker base of the classes ``use_fused_geglu`` gives each diffusers ``GEGLU`` instance."""
 
 
-class TemporalConv2d:
-    """Marker base of the classes ``use_temporal_conv2d`` gives each (3, 1, 1) ``nn.Conv3d`` instance."""
-
-
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -273,10 +233,3 @@ def use_fused_geglu(module: torch.nn.Module) -> int:
     from diffusers.models.activations import GEGLU
 
     return _switch_all(module, lambda sub: isinstance(sub, GEGLU), FusedGEGLU, _geglu_forward, "fused GEGLU")
-
-
-def use_temporal_conv2d(module: torch.nn.Module) -> int:
-    """Switch every (3, 1, 1) ``nn.Conv3d`` with padding (1, 0, 0) inside ``module`` to ``temporal_conv2d``; returns
-    how many switched."""
-    return _switch_all(module, _temporal_conv_eligible, TemporalConv2d, _temporal_conv_forward,
-                       "temporal convolutions as 2-D")

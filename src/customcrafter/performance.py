@@ -73,12 +73,6 @@ class SpeedConfig(StrictModel):
                           "fusions): under torch.compile the add fuses into the next kernel and cuBLAS skips its "
                           "slower bias-epilogue GEMMs. None = in whatever is compiled (eagerly the add would be one "
                           "more pass over the output)")
-    temporal_conv2d: bool = Field(
-        False, description="run the resnets' (3, 1, 1) temporal convolutions over the smallest maps (the UNet's level "
-                           "3, 5 x 8) as (3, 1) 2-D convolutions over the (frames, positions) view of the same memory "
-                           "(customcrafter.fusions: the same arithmetic, cuDNN's 2-D kernels; H100, in isolation: "
-                           "0.045 -> 0.033 ms per layer, 28 layers per forward; not yet timed in the whole UNet, so "
-                           "off)")
     fused_geglu: bool = Field(
         True, description="run the UNet feed-forwards' GEGLU (projection + gating) as one Triton GEMM with the gating "
                           "in its epilogue where it measured faster (customcrafter.fusions: K <= 640, levels 0-1; H100 "
@@ -243,8 +237,6 @@ def _rewrite_layers(module: torch.nn.Module, config: SpeedConfig, compiled: bool
         fusions.use_channel_stats_group_norm(module)
     if config.resolved_unfused_linear_bias(compiled):
         fusions.use_unfused_bias_linears(module)
-    if config.temporal_conv2d:
-        fusions.use_temporal_conv2d(module)
 
 
 def _layer_rewrites(pipe, config: SpeedConfig) -> None:
