@@ -220,3 +220,22 @@ def test_gpu_scheduling_mirrors_configmap_and_compiles_into_platform_spec(tmp_pa
     assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert k8s["pvcMount"][0]["mountPath"] == "/cache"
+
+
+def test_submit_and_schedule_check_the_methods_argument(stub, tmp_path):
+    @dsl.pipeline(name="methods-pipeline")
+    def methods_pipeline(methods: list = ["customcrafter"]):  # noqa: B006 (KFP reads defaults from the signature)
+        _echo(subject="x")
+
+    path = tmp_path / "methods_pipeline.yaml"
+    compiler.Compiler().compile(methods_pipeline, str(path))
+    with pytest.raises(ValueError, match=r"^arguments: methods: unknown method 'dreamvidoe' \(allowed: customcrafter"):
+        submit_run(stub.url, path, {"methods": ["customcrafter", "dreamvidoe"]})
+    with pytest.raises(ValueError, match=r"^arguments: methods: 'dreamvideo' given more than once"):
+        schedule_retraining(stub.url, path, "0 3 * * *", arguments={"methods": ["dreamvideo", "dreamvideo"]})
+    with pytest.raises(ValueError, match=r"^arguments: methods: no method given"):
+        submit_run(stub.url, path, {"methods": []})
+    assert stub.requests == []
+    submit_run(stub.url, path, {"methods": ["customcrafter", "dreamvideo_long"]})
+    (run,) = stub.posted("runs")
+    assert _runtime_params(run.body) == {"methods": ["customcrafter", "dreamvideo_long"]}

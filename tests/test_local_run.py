@@ -300,7 +300,7 @@ def test_multi_gpu_training_converts_the_base_model_once_before_launching(tmp_pa
 
 def test_run_local_refuses_unknown_methods_and_subjects_before_running(tmp_path):
     root = _data_root(tmp_path, {})
-    with pytest.raises(ValueError, match=r"--methods: unknown dreamvidoe \(known: customcrafter"):
+    with pytest.raises(ValueError, match=r"--methods: unknown method 'dreamvidoe' \(allowed: customcrafter"):
         local_run.run_local(methods=["customcrafter", "dreamvidoe"], out=tmp_path / "out", data_source=root)
     with pytest.raises(FileNotFoundError, match=r"--subjects: no ghost under .*subjects \(there: cat, dog"):
         local_run.run_local(subjects=["ghost"], out=tmp_path / "out", data_source=root)

@@ -298,6 +298,56 @@ def test_cli_submit_rejects_unknown_override_fields_and_parameters_before_submit
     assert stub.requests == []  # nothing reached the server, not even the health check
 
 
+@pytest.mark.parametrize(("methods", "message"), [
+    ("customcrafter,dreamvidoe", r"unknown method 'dreamvidoe' \(allowed: customcrafter, custom_diffusion, "
+                                 r"custom_diffusion_long, dreamvideo, dreamvideo_long\)"),
+    ("customcrafter,customcrafter", r"'customcrafter' given more than once"),
+    ("[]", r"no method given \(allowed: customcrafter"),
+    ("", r"no method given"),
+])
+def test_cli_submit_and_schedule_reject_bad_method_names_before_any_request(stub, capsys, methods, message):
+    import re
+
+    for command in ("submit", "schedule"):
+        assert run_cli(["pipeline", command, "--host", stub.url, "--param", f"methods={methods}"]) == 2, command
+        err = capsys.readouterr().err
+        assert f"--param 'methods={methods}'" in err, err  # the argument as typed
+        assert re.search(message, err), err
+    assert stub.requests == []  # nothing reached the server, not even the health check
+
+
+def test_method_names_have_one_list_and_one_check():
+    from customcrafter.orchestration.settings import DEFAULT_METHODS, REGISTERED_METHOD
+    from customcrafter.training import config, method_names
+
+    assert config.METHODS is method_names.METHODS  # the train config validates against the same names
+    assert method_names.check_methods(DEFAULT_METHODS) == DEFAULT_METHODS
+    assert REGISTERED_METHOD in method_names.METHODS
+    with pytest.raises(ValueError, match=r"^methods: expected a list of method names, got 'customcrafter'"):
+        method_names.check_methods("customcrafter")
+
+
+def test_train_step_refuses_an_unknown_method_before_reading_anything(tmp_path):
+    # the step the train component calls: a methods list that bypassed the CLI fails here with the same message
+    with pytest.raises(ValueError, match=r"^method: unknown method 'dreamvidoe' \(allowed: customcrafter"):
+        local_run.train_step(subject_data=str(tmp_path / "missing"), subject_metadata={}, augmented=str(tmp_path),
+                             subject="dog", method="dreamvidoe", base_model="tiny", config_overrides=[],
+                             module_dir=str(tmp_path / "module"), tracking_uri="", experiment="x")
+
+
+def test_cli_run_local_rejects_bad_methods_before_fetching_data(tmp_path, monkeypatch, capsys):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were fetched before --methods was checked")
+
+    monkeypatch.setattr(local_run, "_ensure_data", no_data)
+    out = tmp_path / "out"
+    assert run_cli(["pipeline", "run-local", "--out", str(out), "--methods", "customcrafter,customcrafter"]) == 2
+    assert "--methods: 'customcrafter' given more than once" in capsys.readouterr().err
+    assert run_cli(["pipeline", "run-local", "--out", str(out), "--methods", "dreamvidoe"]) == 2
+    assert "--methods: unknown method 'dreamvidoe' (allowed: customcrafter" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_compiled_yaml_holds_no_credentials():
     for name in PIPELINE_FILES.values():
         text = (COMPILED_DIR / name).read_text()

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from customcrafter.cli import UserError, app
-from customcrafter.orchestration.settings import COMPILED_DIR, DEFAULT_EXPERIMENT
+from customcrafter.orchestration.settings import COMPILED_DIR, DEFAULT_EXPERIMENT, DEFAULT_METHODS
+from customcrafter.training.method_names import METHODS
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="Kubeflow pipeline: compile, submit, schedule, run locally, "
                                                         "prune checkpoints.")
@@ -15,7 +16,7 @@ app.add_typer(pipeline_app, name="pipeline")
 
 _PARAM_HELP = ("pipeline parameter KEY=VALUE, repeatable (JSON values: seeds=[0,1]; subject=dog or "
                "subjects=dog,cat; methods=customcrafter,dreamvideo; config_overrides='{\"train.steps\": 400}'); "
-               "names and override fields are checked before submitting")
+               "parameter names, method names and override fields are checked before submitting")
 
 
 @pipeline_app.command("compile")
@@ -83,8 +84,8 @@ def _csv(value: str | None) -> list[str] | None:
 def run_local_cmd(
     subjects: str = typer.Option(None, "--subjects", help="comma-separated (default: dog; with --retrain: "
                                                          "all subjects)"),
-    methods: str = typer.Option(None, "--methods", help="comma-separated (default: customcrafter,"
-                                                        "custom_diffusion,dreamvideo)"),
+    methods: str = typer.Option(None, "--methods", help=f"comma-separated, each once, of {', '.join(METHODS)} "
+                                                        f"(default: {','.join(DEFAULT_METHODS)})"),
     base_model: str = typer.Option("tiny", "--base-model", help="'tiny', a hub id, a checkpoint or a folder"),
     out: Path = typer.Option(Path("outputs/local"), "--out", help="pipeline root, MLflow store, links"),
     preset: str = typer.Option("tiny", "--preset", help="tiny/ci (CPU minutes) or full (paper settings)"),

@@ -22,6 +22,7 @@ import yaml
 from pydantic import Field
 
 from customcrafter.config import StrictModel
+from customcrafter.training.method_names import check_methods
 
 __all__ = [
     "KFP_TOKEN_ENV",
@@ -190,11 +191,12 @@ _PARAMETER_TYPES = {
 
 
 def _check_arguments(path: Path, arguments: dict[str, Any]) -> dict[str, Any]:
-    """``arguments`` unchanged, or a ValueError naming the parameters the pipeline does not take: KFP would
-    drop or refuse them on the server and run with the defaults."""
+    """``arguments`` unchanged, or a ValueError naming the parameters the pipeline does not take (KFP would
+    drop or refuse them on the server and run with the defaults), a value of the wrong type, or a ``methods`` list
+    with a name that is no training method (the run would fail in its train task)."""
     valid = _root_parameters(path)
     if valid is None:
-        return arguments
+        return _check_methods_argument(arguments)
     unknown = sorted(set(arguments) - set(valid))
     if unknown:
         hint = " (subject=dog is a shorthand of `customcrafter pipeline submit --param`; pass subjects=[\"dog\"])" \
@@ -206,6 +208,12 @@ def _check_arguments(path: Path, arguments: dict[str, Any]) -> dict[str, Any]:
         accepts, expected = _PARAMETER_TYPES.get(kind, (None, ""))
         if accepts is not None and not accepts(value):
             raise ValueError(f"arguments: {name}={value!r} is not {expected}, as {path.name} declares it ({kind})")
+    return _check_methods_argument(arguments)
+
+
+def _check_methods_argument(arguments: dict[str, Any]) -> dict[str, Any]:
+    if "methods" in arguments:
+        check_methods(arguments["methods"], argument="arguments: methods")
     return arguments
 
 

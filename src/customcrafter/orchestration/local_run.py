@@ -40,6 +40,7 @@ from customcrafter.orchestration.settings import (
     REPO_ROOT,
     CompileSettings,
 )
+from customcrafter.training.method_names import check_methods
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +327,7 @@ def train_step(*, subject_data: str, subject_metadata: dict[str, Any], augmented
     from customcrafter.data.subjects import load_subject
     from customcrafter.training.config import TrainConfig
 
+    check_methods([method], argument="method")  # the pipeline's methods parameter reaches the cluster unchecked
     subject_dir = Path(subject_data) / "subjects" / subject
     overrides = split_overrides(config_overrides)["train"]
     provided = Path(subject_data) / "class_images" / load_subject(subject_dir).class_word
@@ -591,6 +593,8 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
             key, value = "subjects", json.dumps([value])
         if key in ("subjects", "methods") and not value.lstrip().startswith("["):
             value = json.dumps([v.strip() for v in value.split(",") if v.strip()])
+        if key == "methods":
+            check_methods(_parse_value(value), argument=f"--param {item!r}")
         if key == "config_overrides":
             args[key] = normalise_overrides(value if value.lstrip()[:1] in "{" else
                                             _parse_value(value) if value.lstrip().startswith("[") else [value])
@@ -711,13 +715,13 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
     from customcrafter.data.subjects import subject_dirs
     from customcrafter.orchestration.settings import DEFAULT_METHODS, preset_overrides
 
+    methods = check_methods(list(methods or DEFAULT_METHODS), argument="--methods")  # before `dvc pull`, too
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     repo = Path(data_source).resolve()
     data_root = _ensure_data(repo, echo)
     subjects = _run_subjects(subjects, retrain)
-    methods = list(methods or DEFAULT_METHODS)
-    _check_names(methods, subjects, data_root)  # a typo fails here, not minutes later inside a task
+    _check_subjects(subjects, data_root)  # a typo fails here, not minutes later inside a task
     all_overrides = preset_overrides(preset) + normalise_overrides(list(overrides))
     routed = split_overrides(all_overrides)  # validates every override before anything runs
     run_options = load_config(RunOptions, overrides=routed["run"])
@@ -780,12 +784,9 @@ def run_local(*, subjects: list[str] | None = None, methods: list[str] | None = 
     return result
 
 
-def _check_names(methods: list[str], subjects: list[str], data_root: Path) -> None:
+def _check_subjects(subjects: list[str], data_root: Path) -> None:
     from customcrafter.data.subjects import subject_dirs
-    from customcrafter.training.config import METHODS
 
-    if unknown := [m for m in methods if m not in METHODS]:
-        raise ValueError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     known = {p.name for p in subject_dirs(data_root)}
     if missing := [s for s in subjects if s not in known]:
         raise FileNotFoundError(f"--subjects: no {', '.join(missing)} under {data_root / 'subjects'} (there: "

@@ -15,12 +15,10 @@ from pydantic import Field, model_validator
 
 from customcrafter.config import StrictModel
 from customcrafter.data.augment import AugmentConfig
+from customcrafter.training.method_names import METHODS, Method  # the one list of method names (re-exported)
 
 __all__ = ["TrainConfig", "DreamVideoConfig", "Method", "METHODS", "METHOD_RECIPES", "REFERENCE_LR",
            "CUSTOM_DIFFUSION_BASE_LR", "PAPER_INSTANCE_TEMPLATES"]
-
-Method = Literal["customcrafter", "custom_diffusion", "custom_diffusion_long", "dreamvideo", "dreamvideo_long"]
-METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
 #: The reference code's effective learning rate: 3e-5 auto-scaled x2 (prior preservation) x4 GPUs x batch 1.
 REFERENCE_LR = 2.4e-4
