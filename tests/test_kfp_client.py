@@ -135,10 +135,13 @@ def test_schedule_rejects_bad_cron_before_calling_server(stub, package):
     ("*/15 * * * MON-FRI", "0 */15 * * * MON-FRI"),
     ("0 0 9 ? * 2-6", "0 0 9 ? * 2-6"),
     ("@daily", "@daily"),
+    ("@DAILY", "@daily"),
+    ("0  3\t* * *", "0 0 3 * * *"),
     ("@every 6h", "@every 6h"),
 ])
 def test_to_kfp_cron_accepts(expr, expected):
     assert to_kfp_cron(expr) == expected
+    assert to_kfp_cron(expected) == expected  # the CLI prints its result and schedule_retraining sends it as it is
 
 
 @pytest.mark.parametrize(("expr", "message"), [

@@ -277,6 +277,33 @@ def test_cli_schedule_creates_a_recurring_retraining_run(stub, capsys):
     assert "scheduled retrain-new-subjects" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("typed", "sent", "note"), [
+    ("30 3 * * 1", "0 30 3 * * 1", "(typed '30 3 * * 1': KFP's cron has a seconds field first, so '0 ' was prefixed)"),
+    ("0 0 3 * * *", "0 0 3 * * *", None),
+    ("@DAILY", "@daily", "(typed '@DAILY')"),
+])
+def test_cli_schedule_prints_the_cron_it_sent(stub, capsys, typed, sent, note):
+    assert run_cli(["pipeline", "schedule", "--host", stub.url, "--cron", typed]) == 0
+    (job,) = stub.posted("recurringruns")
+    assert job.body["trigger"]["cron_schedule"]["cron"] == sent
+    out = capsys.readouterr().out
+    assert f"with cron {sent!r}" in out, out
+    if note:
+        assert note in out, out
+    else:
+        assert "typed" not in out, out
+
+
+def test_cli_schedule_names_the_cron_option_of_a_bad_cron_before_any_request(stub, capsys):
+    for typed, message in [("0 25 * * *", "--cron: cron '0 25 * * *': hour field: 25 is outside 0-23"),
+                           ("* * *", "--cron: cron '* * *': expected 5 fields"),
+                           ("", "--cron: cron expression is empty")]:
+        assert run_cli(["pipeline", "schedule", "--host", stub.url, "--cron", typed,
+                        "--param", "methods=customcrafter"]) == 2
+        assert message in capsys.readouterr().err
+    assert stub.requests == []
+
+
 def test_cli_rejects_bad_cron_and_bad_params_without_calling_the_server(stub, capsys):
     assert run_cli(["pipeline", "schedule", "--host", stub.url, "--cron", "0 25 * * *"]) == 2
     assert "hour" in capsys.readouterr().err

@@ -60,20 +60,34 @@ def submit_cmd(
 @pipeline_app.command("schedule")
 def schedule_cmd(
     host: str = typer.Option(..., "--host", help="KFP API endpoint"),
-    cron: str = typer.Option("0 3 * * *", "--cron", help="5-field cron (or KFP's 6 fields, seconds first)"),
+    cron: str = typer.Option("0 3 * * *", "--cron", help="5-field cron (sent as KFP's 6 fields, seconds first: "
+                                                          "'0 ' prefixed), KFP's 6 fields, or @daily / @every 6h"),
     experiment: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", "-e"),
     job_name: str = typer.Option("retrain-new-subjects", "--job-name"),
     param: list[str] = typer.Option([], "--param", "-p", help=_PARAM_HELP),
     package: Path = typer.Option(COMPILED_DIR / "retrain_new_subjects.yaml", "--package", "-f"),
     namespace: str = typer.Option(None, "--namespace"),
 ) -> None:
-    """Schedule retraining of new/changed subjects (same as `kfp recurring-run create`)."""
-    from customcrafter.orchestration.kfp_client import schedule_retraining
+    """Schedule retraining of new/changed subjects (same as `kfp recurring-run create`); prints the cron sent."""
+    from customcrafter.orchestration.kfp_client import CronError, schedule_retraining, to_kfp_cron
     from customcrafter.orchestration.local_run import pipeline_arguments
 
-    job_id = schedule_retraining(host, package, cron, experiment=experiment, job_name=job_name,
+    try:
+        kfp_cron = to_kfp_cron(cron)  # what KFP gets (schedule_retraining sends a KFP form as it is)
+    except CronError as exc:
+        raise UserError(f"--cron: {exc}") from None
+    job_id = schedule_retraining(host, package, kfp_cron, experiment=experiment, job_name=job_name,
                                  arguments=pipeline_arguments(param), namespace=namespace)
-    typer.echo(f"scheduled {job_name} ({job_id}) on {host} with cron {cron!r}")
+    typer.echo(f"scheduled {job_name} ({job_id}) on {host} with cron {kfp_cron!r}{_cron_note(cron, kfp_cron)}")
+
+
+def _cron_note(typed: str, sent: str) -> str:
+    """How the cron sent differs from the one typed ('' when it does not)."""
+    if sent == typed:
+        return ""
+    if len(sent.split()) == len(typed.split()) + 1:
+        return f" (typed {typed!r}: KFP's cron has a seconds field first, so '0 ' was prefixed)"
+    return f" (typed {typed!r})"
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -97,7 +97,10 @@ def to_kfp_cron(expr: str) -> str:
     """Validate a cron expression and return KFP's 6-field form (seconds first).
 
     5 fields (``"0 3 * * *"``) get ``"0 "`` prefixed; 6 fields are checked as they are; robfig's
-    descriptors (``@daily``, ``@every 6h``) pass through.
+    descriptors (``@daily``, ``@every 6h``) pass through (``@DAILY`` lower-cased: robfig matches them by case).
+    Runs of spaces become one. Given its own result it returns it unchanged, so the result is exactly what
+    :func:`schedule_retraining` sends. (KFP would take a 5-field expression as it is, read as SEC MIN HOUR DOM
+    MON: ``0 3 * * *`` would run every hour at minute 3.)
     """
     text = " ".join(str(expr).split())
     if not text:
@@ -242,8 +245,9 @@ def schedule_retraining(host: str, pipeline_package: str | Path, cron: str,
                         existing_token: str | None = None) -> str:
     """Create a recurring run of a compiled pipeline on a cron schedule; return the recurring run id.
 
-    ``cron`` may have 5 fields (classic) or 6 (KFP's, seconds first). ``max_concurrency=1`` keeps a slow
-    retraining from overlapping the next one. Same as ``kfp recurring-run create``.
+    ``cron`` may have 5 fields (classic) or 6 (KFP's, seconds first); KFP gets ``to_kfp_cron(cron)``.
+    ``max_concurrency=1`` keeps a slow retraining from overlapping the next one. Same as
+    ``kfp recurring-run create``.
     """
     kfp_cron = to_kfp_cron(cron)
     if max_concurrency < 1:
