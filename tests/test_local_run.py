@@ -305,3 +305,13 @@ def test_run_local_refuses_unknown_methods_and_subjects_before_running(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"--subjects: no ghost under .*subjects \(there: cat, dog"):
         local_run.run_local(subjects=["ghost"], out=tmp_path / "out", data_source=root)
     assert not (tmp_path / "out" / "kfp_root").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(("option", "value"), [("--methods", ","), ("--subjects", "")])
+def test_run_local_refuses_an_option_that_names_nothing_instead_of_taking_the_default(tmp_path, capsys, option, value):
+    from cli_runner import run_cli
+
+    out = tmp_path / "out"
+    assert run_cli(["pipeline", "run-local", option, value, "--out", str(out)]) == 2
+    assert f"{option}: {value!r} names nothing" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was made

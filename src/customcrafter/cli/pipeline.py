@@ -90,8 +90,14 @@ def _cron_note(typed: str, sent: str) -> str:
     return f" (typed {typed!r})"
 
 
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def _csv(value: str | None, option: str) -> list[str] | None:
+    """A comma-separated option's names; None when the option was not given. Given but naming nothing (``""``,
+    ``","``) is a usage error, not the default."""
+    if value is None:
+        return None
+    if names := [v.strip() for v in value.split(",") if v.strip()]:
+        return names
+    raise UserError(f"{option}: {value!r} names nothing (leave the option out for the default)")
 
 
 @pipeline_app.command("run-local")
@@ -113,9 +119,9 @@ def run_local_cmd(
     """Run the whole pipeline on this machine (KFP SubprocessRunner, local MLflow, DVC workspace data)."""
     from customcrafter.orchestration.local_run import run_local
 
-    run_local(subjects=_csv(subjects), methods=_csv(methods), base_model=base_model, out=out, preset=preset,
-              overrides=override, data_source=data_source, experiment=experiment, retrain=retrain,
-              echo=typer.echo)
+    run_local(subjects=_csv(subjects, "--subjects"), methods=_csv(methods, "--methods"), base_model=base_model,
+              out=out, preset=preset, overrides=override, data_source=data_source, experiment=experiment,
+              retrain=retrain, echo=typer.echo)
 
 
 @pipeline_app.command("prune-checkpoints")
