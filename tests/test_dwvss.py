@@ -31,6 +31,36 @@ def test_reference_mode_skips_step_k_minus_1():
     assert effective == [0.4] * 4 + [0.8] * 45
 
 
+@pytest.mark.parametrize("k, steps", [(5, 5), (6, 5), (50, 50)])
+def test_reference_mode_refuses_k_at_or_above_the_steps(k, steps):
+    """K >= steps in reference mode would skip the final step (a latent left noisy): a usage error naming the field
+    and both numbers, from SampleConfig's validation (CLI, pipeline and library), and from dwvss_plan itself."""
+    from customcrafter.config import ConfigError, load_config
+    from customcrafter.sampling import SampleConfig
+
+    schedule = DWVSSConfig(k=k, mode="reference")
+    message = rf"dwvss\.k \({k}\) must be below num_inference_steps \({steps}\) in reference mode"
+    with pytest.raises(ValueError, match=message):
+        SampleConfig(num_inference_steps=steps, dwvss=schedule)
+    with pytest.raises(ValueError, match=message):
+        dwvss_plan(schedule, steps)
+    with pytest.raises(ConfigError, match=message):  # the pipeline's and the CLI's --set path
+        load_config(SampleConfig, overrides=[f"dwvss.k={k}", "dwvss.mode=reference"], num_inference_steps=steps)
+    config = SampleConfig(num_inference_steps=k + 1, dwvss=schedule)  # a step after k: the last one runs
+    assert dwvss_plan(config.dwvss, k + 1).skipped == frozenset({k - 1})
+    with pytest.raises(ValueError, match=message):  # changing the steps afterwards is checked too
+        config.num_inference_steps = steps
+
+
+def test_paper_mode_with_k_at_or_above_the_steps_runs_every_step_at_lambda_s():
+    """Algorithm 1 as written: every step is one of the first K; no step is lost (the tiny presets rely on it)."""
+    from customcrafter.sampling import SampleConfig
+
+    assert SampleConfig(num_inference_steps=3).dwvss.k == 5
+    assert dwvss_plan(DWVSSConfig(k=5), 3) == dwvss_plan(DWVSSConfig(k=3), 3)
+    assert dwvss_plan(DWVSSConfig(k=5), 3).scales == (0.4,) * 3 and not dwvss_plan(DWVSSConfig(k=5), 3).skipped
+
+
 def test_parse_dwvss_and_errors():
     assert parse_dwvss("0.4,0.8,5") == DWVSSConfig()
     assert parse_dwvss("0.2, 1.0, 10, reference").mode == "reference"

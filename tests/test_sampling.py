@@ -214,6 +214,30 @@ def test_cli_sample_checks_flags_before_loading_and_uses_the_gpu_by_default(tmp_
     assert asked == [torch.device("cuda")]
 
 
+def test_cli_sample_refuses_a_reference_schedule_that_would_skip_the_last_step(tmp_path, capsys, monkeypatch):
+    """--dwvss ...,reference with K >= steps: exit 2 naming the option and both numbers, before loading."""
+    import customcrafter.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the base model for a schedule that cannot run")
+
+    monkeypatch.setattr(loading, "load_base_pipeline", refuse)
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "module.json").write_text(json.dumps({"method": "customcrafter", "base_model_signature": "tiny",
+                                                    "token": "<new1>", "class_word": "dog", "fps": 16,
+                                                    "uses_lora": True}))
+    argv = ["sample", "--base-model", "tiny", "--prompt", "<new1> dog", "--out", str(tmp_path / "v.mp4"),
+            "--subject-module", str(module), "--dwvss", "0.4,0.8,5,reference"]
+    assert run_cli([*argv, "--steps", "5"]) == 2
+    assert ("error: --dwvss 0.4,0.8,5,reference: dwvss.k (5) must be below num_inference_steps (5) in reference "
+            "mode") in capsys.readouterr().err
+    assert run_cli([*argv, "--set", "num_inference_steps=4"]) == 2  # steps from --set: the same check
+    assert "dwvss.k (5) must be below num_inference_steps (4)" in capsys.readouterr().err
+    assert run_cli([*argv[:-2], "--set", "dwvss.mode=reference", "--steps", "5"]) == 2  # the schedule from --set
+    assert "dwvss.k (5) must be below num_inference_steps (5) in reference mode" in capsys.readouterr().err
+
+
 def test_cli_sample_eval_set_checks_flags_before_loading(tmp_path, capsys, monkeypatch, dreambooth_dir):
     import customcrafter.loading as loading
 

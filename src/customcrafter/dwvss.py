@@ -6,7 +6,8 @@ branches. Paper defaults: λs 0.4, λl 0.8, K 5 of 50.
 
 ``mode="reference"`` reproduces the reference code: the first phase runs K-1 steps at λs, the step at index K-1
 (t = 901 with 50 steps) is skipped (the latent after step K-2 is fed straight into step K), then the remaining
-steps at λl: 49 effective steps.
+steps at λl: 49 effective steps. K must be below the number of steps there (``DWVSSConfig.check_steps``): with K ≥
+steps the reference code skips the final step and returns a latent that is not fully denoised.
 
 Speed: changing a peft adapter scale touches every wrapped layer from Python on every call, and Python-float scales
 may recompile under ``torch.compile``. So :class:`LoraPhaseFuser` *fuses* ``W = W0 + s·ΔW`` into the base weights
@@ -40,15 +41,28 @@ class DWVSSConfig(StrictModel):
     lambda_l: float = Field(0.8, ge=0, description="LoRA scale of the remaining steps (appearance)")
     k: int = Field(5, ge=0, description="number of steps at lambda_s, a count of the steps actually run, not a "
                                         "share: the paper's 5 of 50 are the first 10 %; at 25 steps the same share "
-                                        "is k=3 (round(5 * steps / 50)); not rescaled automatically")
+                                        "is k=3 (round(5 * steps / 50)); not rescaled automatically. Paper mode: k >= "
+                                        "the number of steps runs every step at lambda_s (Algorithm 1 as written); "
+                                        "reference mode: k must be below the number of steps (see mode)")
     mode: Literal["paper", "reference"] = Field("paper", description="'reference' = the reference code: K-1 steps "
-                                                                     "at lambda_s, step K-1 skipped")
+                                                                     "at lambda_s, step K-1 skipped; needs 1 <= k < "
+                                                                     "the number of steps, else the skipped step "
+                                                                     "would be the final one (a usage error)")
 
     @model_validator(mode="after")
     def _check(self) -> DWVSSConfig:
         if self.mode == "reference" and self.k < 1:
             raise ValueError("dwvss.k must be >= 1 in reference mode (it skips step k-1)")
         return self
+
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse a schedule that cannot mean what the paper means for ``num_steps`` DDIM steps: in reference mode
+        ``k >= num_steps`` would skip the final step (a latent left noisy). Paper mode takes any k (all steps at
+        lambda_s once k >= num_steps). The one place this rule lives: SampleConfig and dwvss_plan call it."""
+        if self.mode == "reference" and self.k >= num_steps:
+            raise ValueError(f"dwvss.k ({self.k}) must be below num_inference_steps ({num_steps}) in reference mode: "
+                             f"it skips step k-1, here the final step, so the video would not be fully denoised; "
+                             f"use a smaller k, more steps, or mode 'paper'")
 
 
 def parse_dwvss(text: str) -> DWVSSConfig:
@@ -81,6 +95,7 @@ def dwvss_plan(config: DWVSSConfig | None, num_steps: int, constant: float = 1.0
     """The schedule for ``num_steps`` DDIM steps; ``config=None`` = a constant scale (plain LoRA sampling)."""
     if config is None:
         return DWVSSPlan(scales=(float(constant),) * num_steps)
+    config.check_steps(num_steps)
     k = min(config.k, num_steps)
     if config.mode == "paper":
         scales = [config.lambda_s] * k + [config.lambda_l] * (num_steps - k)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from customcrafter.config import StrictModel
 from customcrafter.dwvss import DWVSSConfig, dwvss_sampling
@@ -44,7 +44,15 @@ class SampleConfig(StrictModel):
     height: int = Field(320, ge=8, multiple_of=8)
     width: int = Field(512, ge=8, multiple_of=8)
     negative_prompt: str = ""
-    dwvss: DWVSSConfig | None = Field(default_factory=DWVSSConfig, description="None = constant LoRA scale 1")
+    dwvss: DWVSSConfig | None = Field(default_factory=DWVSSConfig, description="None = constant LoRA scale 1; "
+                                                                                "reference mode needs dwvss.k < "
+                                                                                "num_inference_steps")
+
+    @model_validator(mode="after")
+    def _check_dwvss_steps(self) -> SampleConfig:
+        if self.dwvss is not None:
+            self.dwvss.check_steps(self.num_inference_steps)
+        return self
 
 
 def _resolve_fps(pipe, config: SampleConfig) -> int:

@@ -35,6 +35,21 @@ def _speed_and_device(compile_mode: str, dtype: str, device: str | None):
         raise UserError(f"--device {device}: {exc} (auto, cpu, cuda or cuda:N)") from None
 
 
+def _with_dwvss(config, text: str):
+    """``config`` with the schedule of ``--dwvss TEXT``, validated as SampleConfig validates it (with the number of
+    steps): a UserError naming the option."""
+    from pydantic import ValidationError
+
+    from customcrafter.dwvss import parse_dwvss
+
+    schedule = parse_dwvss(text)  # its ValueError names --dwvss
+    try:
+        return type(config).model_validate({**config.model_dump(), "dwvss": schedule.model_dump()})
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+        raise UserError(f"--dwvss {text}: {problems}") from None
+
+
 @app.command("sample")
 def sample_command(
     prompt: str = typer.Option(..., "--prompt", help='e.g. "<new1> dog is running on a beach".'),
@@ -56,7 +71,6 @@ def sample_command(
 ) -> None:
     """Sample one video and write it to --out."""
     from customcrafter.config import load_config
-    from customcrafter.dwvss import parse_dwvss
     from customcrafter.loading import load_base_pipeline
     from customcrafter.performance import optimize_pipeline
     from customcrafter.sampling import SampleConfig, sample_video
@@ -82,7 +96,7 @@ def sample_command(
     if no_dwvss:
         sample_config = sample_config.model_copy(update={"dwvss": None})
     elif dwvss:
-        sample_config = sample_config.model_copy(update={"dwvss": parse_dwvss(dwvss)})
+        sample_config = _with_dwvss(sample_config, dwvss)
     pipe = load_base_pipeline(base_model, device=target)
     for module_dir in subject_modules or []:
         loaded = load_subject_module(pipe, module_dir)
