@@ -288,6 +288,22 @@ def test_methods_compared_on_other_videos_or_settings_are_flagged():
     assert markdown.count("**Not like for like:**") == 2
 
 
+def test_methods_sampled_at_another_dtype_or_an_unrecorded_one_are_flagged():
+    def videos(method, **dtype):
+        return [{"method": method, "subject": "a", "prompt_index": p, "seed": 0, "prompt_type": "motion",
+                 **{k: 0.5 for k in METRIC_NAMES}, "sampling": json.dumps({"num_inference_steps": 50, **dtype})}
+                for p in (0, 1)]
+
+    assert comparability(pd.DataFrame(videos("customcrafter", dtype="bf16") + videos("base", dtype="bf16"))) == []
+    assert comparability(pd.DataFrame(videos("customcrafter") + videos("base"))) == []  # both older manifests
+    assert comparability(pd.DataFrame(videos("customcrafter", dtype="bf16") + videos("base", dtype="fp32"))) == [
+        """sampling setting 'dtype' differs between methods (customcrafter: "bf16"; base: "fp32")"""]
+    # an older manifest (no dtype) beside a new one: unknown, not taken as the same, and named as such
+    assert comparability(pd.DataFrame(videos("customcrafter", dtype="bf16") + videos("base"))) == [
+        """sampling setting 'dtype' differs between methods (customcrafter: "bf16"; base: unknown (not in its """
+        """manifest))"""]
+
+
 def test_methods_prompted_differently_or_scored_against_other_references_are_flagged(tiny_models, method_dirs,
                                                                                        tmp_path):
     result = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
@@ -504,4 +520,5 @@ def test_cli_sample_eval_set_folders_are_scored_by_evaluate(tiny_models, tmp_pat
     assert sorted(zip(per_video["method"], per_video["prompt_index"], per_video["seed"], strict=True)) == [
         ("base", 0, 3), ("base", 1, 3), ("customcrafter", 0, 3), ("customcrafter", 1, 3)]
     assert (per_video["sampling_fps"] == 16).all() and (per_video["num_frames"] == 2).all()
+    assert (per_video["sampling_dtype"] == "fp32").all()  # what ran: the CPU runs fp32 whatever --dtype asks (bf16)
     assert per_video[list(METRIC_NAMES)].notna().all().all()

@@ -133,6 +133,32 @@ def test_evaluation_set_rerun_with_other_settings_is_refused(tmp_path, dreamboot
     assert manifest.read_text() == before
 
 
+def test_evaluation_set_records_the_dtype_and_refuses_a_rerun_in_another(tmp_path, dreambooth_dir):
+    """bf16 and fp32 videos are not like for like: the manifest records the precision the UNet ran at, and a rerun
+    at another one is refused like any other setting; a manifest from before dtype was recorded still resumes."""
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.sampling import sample_evaluation_set
+
+    pipe = load_base_pipeline("tiny")
+    kwargs = dict(method="base", subject="dog", subject_dir=dreambooth_dir / "dog", out_dir=tmp_path, seeds=[0],
+                  prompt_limit=1, class_word="dog", kind="live",
+                  config=SampleConfig(**{**SMALL, "num_inference_steps": 2}))
+    manifest = sample_evaluation_set(pipe, **kwargs)
+    row = json.loads(manifest.read_text())
+    assert row["sampling"]["dtype"] == "fp32"
+    before = manifest.read_text()
+    with pytest.raises(ValueError, match=r"sampled with other settings \(dtype 'fp32' -> 'bf16'\)"):
+        sample_evaluation_set(pipe.to(dtype=torch.bfloat16), **kwargs)
+    assert manifest.read_text() == before
+    pipe.to(dtype=torch.float32)
+    # an older manifest, without dtype: read, resumed (nothing sampled again), and the kept videos' dtype stays unknown
+    del row["sampling"]["dtype"]
+    manifest.write_text(json.dumps(row) + "\n")
+    stamp = (tmp_path / row["video"]).stat().st_mtime_ns
+    rerun = json.loads(sample_evaluation_set(pipe, **kwargs).read_text())
+    assert rerun["sampling"] == row["sampling"] and (tmp_path / row["video"]).stat().st_mtime_ns == stamp
+
+
 def test_cli_samples_the_base_model_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "base.mp4"
     code = run_cli(["sample", "--base-model", "tiny", "--prompt", "a dog", "--steps", "2", "--set", "num_frames=2",

@@ -24,11 +24,16 @@ from customcrafter.config import StrictModel
 
 __all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
            "compile_unet", "prepare_unet_for_compiled_training",
-           "TritonTemporalAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES"]
+           "TritonTemporalAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES", "dtype_name"]
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """SpeedConfig's name of a torch dtype ('bf16', ...); torch's name for any other ('float64')."""
+    return next((name for name, known in DTYPES.items() if known == dtype), str(dtype).removeprefix("torch."))
 
 #: The UNet's repeated building blocks: what regional compilation compiles (each distinct shape once).
 UNET_REPEATED_BLOCKS = ("ResnetBlock2D", "TemporalConvLayer", "Transformer2DModel", "TransformerTemporalModel",

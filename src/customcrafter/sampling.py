@@ -112,8 +112,14 @@ def sample_video(pipe, prompt: str, *, seed: int = 0, config: SampleConfig | Non
 
 
 def _sampling_settings(pipe, config: SampleConfig) -> dict:
+    """What a manifest records: the config, the resolved fps, and ``dtype``, the precision the UNet runs at (from the
+    pipeline, not the asked ``SpeedConfig.dtype``: the CPU runs fp32 whatever was asked). The rest of SpeedConfig
+    (compile, kernels, layer rewrites) computes the same function at that precision, so it is not recorded."""
+    from customcrafter.performance import dtype_name
+
     settings = config.model_dump(mode="json")
     settings["fps"] = _resolve_fps(pipe, config)
+    settings["dtype"] = dtype_name(pipe.unet.dtype)
     return settings
 
 
@@ -134,17 +140,24 @@ def evaluation_set_rows(out_dir: str | Path) -> list[dict]:
     return rows
 
 
-def _check_resumed_settings(out_dir: Path, settings: dict) -> None:
-    """A rerun keeps the videos on disk: refuse if the folder's manifest says they were sampled with other settings
-    (the new manifest would label them with these)."""
+def _resumed_settings(out_dir: Path, settings: dict) -> dict:
+    """The settings the folder's new manifest records. A rerun keeps the videos on disk: refuse if the folder's
+    manifest says they were sampled with other settings (the new manifest would label them with these). A setting
+    an older manifest did not record (``dtype``) stays unrecorded: the kept videos' value is unknown."""
+    recorded = set(settings)
     for row in evaluation_set_rows(out_dir):
         held, video = row.get("sampling") or {}, row.get("video")
-        if isinstance(video, str) and (out_dir / video).is_file() and held != settings:
-            changed = ", ".join(f"{name} {held.get(name)!r} -> {settings.get(name)!r}"
-                                for name in sorted(set(held) | set(settings)) if held.get(name) != settings.get(name))
+        if not (isinstance(video, str) and (out_dir / video).is_file()):
+            continue
+        known = {name: value for name, value in settings.items() if name in held}
+        if held != known:
+            changed = ", ".join(f"{name} {held.get(name)!r} -> {known.get(name)!r}"
+                                for name in sorted(set(held) | set(known)) if held.get(name) != known.get(name))
             raise ValueError(f"{out_dir}: its videos ({video}, ...) were sampled with other settings "
                              f"({changed}); a rerun only samples missing videos, so delete the folder to sample "
                              "afresh, or rerun with the same settings")
+        recorded &= set(held)
+    return {name: value for name, value in settings.items() if name in recorded}
 
 
 def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str | Path, out_dir: str | Path,
@@ -173,8 +186,7 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
         config = config.model_copy(update={"dwvss": None})  # baselines / base model: plain DDIM
     if config.fps is None and not modules:  # the base model as the motion reference: conditioned like the modules
         config = config.model_copy(update={"fps": EVALUATION_BASE_FPS})
-    settings = _sampling_settings(pipe, config)
-    _check_resumed_settings(out_dir, settings)
+    settings = _resumed_settings(out_dir, _sampling_settings(pipe, config))
     rows = []
     (out_dir / subject).mkdir(parents=True, exist_ok=True)
     for prompt in prompts:

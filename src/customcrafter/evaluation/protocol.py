@@ -318,6 +318,8 @@ def _tidy_row(row: dict, record: dict, text: str, video_sha: str) -> dict:
 
 #: Sampling settings that differ between methods by design (DWVSS is CustomCrafter's; the base model has no module).
 METHOD_SPECIFIC_SETTINGS = ("dwvss",)
+#: How ``comparability`` shows a sampling setting that a manifest does not record (an older one without ``dtype``).
+NOT_RECORDED = "unknown (not in its manifest)"
 
 
 def comparability(per_video: pd.DataFrame) -> list[str]:
@@ -335,14 +337,23 @@ def comparability(per_video: pd.DataFrame) -> list[str]:
             subjects = sorted({subject for subject, _, _ in missing})
             lines.append(f"method {method!r} lacks {len(missing)} of the {len(union)} (subject, prompt, seed) videos "
                          f"the other methods have (subjects: {', '.join(subjects)}): its means cover other videos")
-    lines += _other_prompts_or_references(per_video)
-    settings: dict[str, dict[str, set[str]]] = {}
-    for method, text in zip(per_video["method"], per_video["sampling"], strict=True):
-        for name, value in json.loads(text).items():
-            if name not in METHOD_SPECIFIC_SETTINGS:
-                settings.setdefault(name, {}).setdefault(method, set()).add(json.dumps(value, sort_keys=True))
-    for name, by_method in sorted(settings.items()):
-        if len(set().union(*by_method.values())) > 1 or len(by_method) < len(keys):
+    return lines + _other_prompts_or_references(per_video) + _other_settings(per_video)
+
+
+def _other_settings(per_video: pd.DataFrame) -> list[str]:
+    """One line per sampling setting (other than ``METHOD_SPECIFIC_SETTINGS``) whose values differ between methods.
+    A setting a video's manifest does not record (``dtype`` before it was recorded) is unknown for that video,
+    which no recorded value matches."""
+    recorded = [(method, json.loads(text)) for method, text in zip(per_video["method"], per_video["sampling"],
+                                                                   strict=True)]
+    names = {name for _, settings in recorded for name in settings} - set(METHOD_SPECIFIC_SETTINGS)
+    lines = []
+    for name in sorted(names):
+        by_method: dict[str, set[str]] = {}
+        for method, settings in recorded:
+            value = json.dumps(settings[name], sort_keys=True) if name in settings else NOT_RECORDED
+            by_method.setdefault(method, set()).add(value)
+        if len(set().union(*by_method.values())) > 1:
             values = "; ".join(f"{method}: {', '.join(sorted(v))}" for method, v in by_method.items())
             lines.append(f"sampling setting {name!r} differs between methods ({values})")
     return lines
