@@ -22,7 +22,7 @@ def _root() -> None:
 
 
 # Stage modules, imported lazily-at-start so that each registers its commands on `app`.
-_STAGES = ["convert", "sample", "train", "data", "evaluate", "pipeline"]
+_STAGES = ["convert", "sample", "train", "data", "evaluate", "pipeline", "models"]
 
 
 def _load_stages() -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from customcrafter.cli import UserError, app
+from customcrafter.cli.models import resolve_module_option
 
 # the options both commands share, declared once
 BaseModelOption = Annotated[str, typer.Option("--base-model", help="'tiny', hub id, checkpoint or folder.")]
@@ -17,6 +18,8 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", help="SampleConfi
 OverridesOption = Annotated[list[str] | None, typer.Option("--set", help="Config override KEY=VALUE (repeatable).")]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="GPU weights: bf16, fp16 or fp32 (the CPU runs fp32).")]
+TrackingUriOption = Annotated[str | None, typer.Option(
+    "--tracking-uri", help="MLflow registry for a --subject-module models:/ URI (default: $MLFLOW_TRACKING_URI).")]
 
 
 def _speed_and_device(compile_mode: str, dtype: str, device: str | None):
@@ -54,8 +57,9 @@ def _with_dwvss(config, text: str):
 def sample_command(
     prompt: str = typer.Option(..., "--prompt", help='e.g. "<new1> dog is running on a beach".'),
     out: Path = typer.Option(..., "--out", help="Output video: .mp4 or .gif (must not exist unless --force)."),
-    subject_modules: list[Path] = typer.Option(None, "--subject-module", help="Subject module folder "
-                                                                               "(repeatable); none = base model."),
+    subject_modules: list[str] = typer.Option(None, "--subject-module", help="Subject module folder, or a "
+                                              "registered one: models:/customcrafter-dog@champion, models:/NAME/3 "
+                                              "(repeatable); none = base model."),
     dwvss: str | None = typer.Option(None, "--dwvss", help="LAMBDA_S,LAMBDA_L,K[,reference] (default 0.4,0.8,5)."),
     no_dwvss: bool = typer.Option(False, "--no-dwvss", help="Plain LoRA sampling at scale 1."),
     base_model: BaseModelOption = "VideoCrafter/VideoCrafter2",
@@ -68,6 +72,7 @@ def sample_command(
                                                                 "minutes of compilation, for many videos)."),
     dtype: DtypeOption = "bf16",
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    tracking_uri: TrackingUriOption = None,
 ) -> None:
     """Sample one video and write it to --out."""
     from customcrafter.config import load_config
@@ -88,7 +93,8 @@ def sample_command(
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     # everything checkable is checked before minutes of loading the base model
-    metas = [read_module_meta(module_dir) for module_dir in subject_modules or []]
+    module_dirs = [resolve_module_option(value, tracking_uri, base_model) for value in subject_modules or []]
+    metas = [read_module_meta(module_dir) for module_dir in module_dirs]
     if dwvss and not any(meta.get("uses_lora") for meta in metas):
         raise UserError("--dwvss: DWVSS schedules a CustomCrafter (LoRA) module's scale; none of the given "
                         "--subject-module folders has one (baselines and the base model sample at full strength)")
@@ -98,10 +104,10 @@ def sample_command(
     elif dwvss:
         sample_config = _with_dwvss(sample_config, dwvss)
     pipe = load_base_pipeline(base_model, device=target)
-    for module_dir in subject_modules or []:
+    for value, module_dir in zip(subject_modules or [], module_dirs, strict=True):
         loaded = load_subject_module(pipe, module_dir)
         if loaded.token_mapping.get(loaded.meta["token"]) != loaded.meta["token"]:
-            typer.echo(f"{module_dir}: token {loaded.meta['token']} renamed to {loaded.token}", err=True)
+            typer.echo(f"{value}: token {loaded.meta['token']} renamed to {loaded.token}", err=True)
     optimize_pipeline(pipe, speed)
     frames = sample_video(pipe, prompt, seed=seed, config=sample_config)
     (export_gif if out.suffix.lower() == ".gif" else export_mp4)(frames, out, fps=8)  # atomic: no half-written --out
@@ -110,8 +116,9 @@ def sample_command(
 
 @app.command("sample-eval-set")
 def sample_eval_set_command(
-    subject_module: Path | None = typer.Option(None, "--subject-module", help="Subject module folder (or a training "
-                                                                               "output holding subject_module/)."),
+    subject_module: str | None = typer.Option(None, "--subject-module", help="Subject module folder (or a training "
+                                              "output holding subject_module/), or a registered one: "
+                                              "models:/customcrafter-dog@champion, models:/NAME/3."),
     base: bool = typer.Option(False, "--base", help="The base model instead: the motion reference (fps 16)."),
     subject: str = typer.Option(..., "--subject", help="Subject folder (images + subject.yaml) the videos are "
                                                         "scored against, or a subject name under --data-root."),
@@ -136,6 +143,7 @@ def sample_eval_set_command(
     compile_mode: str = typer.Option("none", "--compile", help="GPU: none, regional or full (full pays off over "
                                                                 "a whole evaluation set)."),
     dtype: DtypeOption = "bf16",
+    tracking_uri: TrackingUriOption = None,
 ) -> None:
     """Sample the evaluation prompts × seeds of one subject module (or --base) into --out for `evaluate`."""
     from customcrafter.config import load_config
@@ -153,8 +161,9 @@ def sample_eval_set_command(
     if kind is not None and kind not in ("live", "object"):
         raise UserError(f"--kind {kind!r}: must be 'live' or 'object'")
     # everything checkable is checked before minutes of loading the base model
+    module_dir = resolve_module_option(subject_module, tracking_uri, base_model) if subject_module else None
     try:
-        meta = read_module_meta(subject_module) if subject_module else {}
+        meta = read_module_meta(module_dir) if module_dir else {}
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"--subject-module {exc}") from None
     subject_dir = find_subject_dir(subject, data_root)
@@ -180,8 +189,8 @@ def sample_eval_set_command(
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     speed, target = _speed_and_device(compile_mode, dtype, device)
     pipe = load_base_pipeline(base_model, device=target)
-    if subject_module:
-        load_subject_module(pipe, subject_module)
+    if module_dir:
+        load_subject_module(pipe, module_dir)
     optimize_pipeline(pipe, speed)
     # what the pipeline's sample step calls: each video and then the manifest written to a temporary file and renamed,
     # so an interrupted run leaves whole videos, no new manifest (nothing half-written to score) and a rerun resumes

@@ -8,14 +8,20 @@
   passes the :class:`PromotionGate` against the current champion (the first version is champion outright).
 * :func:`registered_subject_versions` + :func:`subjects_to_retrain` tell the scheduled retraining which
   subjects are new or changed at a data revision.
+* :func:`list_registered_versions` (``customcrafter models list``) describes every version;
+  :func:`resolve_registered_module` turns ``models:/customcrafter-dog@champion`` (or ``models:/NAME/3``) into a
+  local subject-module folder (``customcrafter sample --subject-module models:/...``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +39,16 @@ __all__ = [
     "GateRule",
     "PromotionGate",
     "RegistrationResult",
+    "RegisteredVersion",
+    "RegistryLookupError",
+    "ResolvedModule",
+    "is_registry_uri",
+    "list_registered_versions",
     "model_name",
+    "parse_registry_uri",
     "register_subject_model",
     "registered_subject_versions",
+    "resolve_registered_module",
     "subjects_to_retrain",
 ]
 
@@ -282,3 +295,168 @@ def subjects_to_retrain(current: Mapping[str, str], registered: Mapping[str, Map
     """Subjects in ``current`` (subject → content hash) that are new or whose hash differs from the registry's."""
     return sorted(s for s, digest in current.items()
                   if s not in registered or registered[s].get("subject_hash") != digest)
+
+
+# ------------------------------------------------------------------------------ reading the registry back
+REGISTRY_URI_PREFIX = "models:/"
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
+
+
+class RegistryLookupError(LookupError):
+    """A ``models:/`` URI or subject that names nothing in the registry (unknown model, alias or version, or a
+    version without a subject module): the user's input, not the registry, is at fault."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One version of a ``customcrafter-<subject>`` model, as its tags describe it."""
+
+    name: str
+    version: int
+    aliases: tuple[str, ...]
+    method: str | None
+    base_model_id: str | None
+    data_revision: str | None
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    run_id: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedModule:
+    """A ``models:/`` URI resolved: the registered version and the local copy of its subject module."""
+
+    uri: str
+    path: Path
+    version: RegisteredVersion
+
+
+def is_registry_uri(value: str | os.PathLike) -> bool:
+    return str(value).startswith(REGISTRY_URI_PREFIX)
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, int | None]:
+    """``models:/NAME@ALIAS`` → ``(NAME, ALIAS, None)``; ``models:/NAME/3`` → ``(NAME, None, 3)``."""
+    match = _REGISTRY_URI.match(str(uri))
+    version = match and match["version"]
+    if not match or (version is not None and not (version.isdigit() and int(version) > 0)):
+        raise ValueError(f"{uri}: expected models:/NAME@ALIAS (e.g. models:/customcrafter-dog@champion) or "
+                         "models:/NAME/VERSION (a version number)")
+    return match["name"], match["alias"], int(version) if version else None
+
+
+def _describe(version, aliases: Mapping[str, Any]) -> RegisteredVersion:
+    tags = dict(version.tags or {})
+    return RegisteredVersion(
+        name=version.name, version=int(version.version),
+        aliases=tuple(sorted(a for a, v in aliases.items() if str(v) == str(version.version))),
+        method=tags.get("method"), base_model_id=tags.get("base_model_id"), data_revision=tags.get("data_revision"),
+        metrics=_version_metrics(version), tags=tags, run_id=version.run_id, source=version.source)
+
+
+def list_registered_versions(tracking_uri: str, subject: str | None = None) -> list[RegisteredVersion]:
+    """Every version of every ``customcrafter-*`` model (only ``customcrafter-<subject>`` with ``subject``), by
+    name, newest version first. An empty list when nothing is registered; registry errors propagate."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    pattern = f"name = '{model_name(subject)}'" if subject is not None else f"name LIKE '{MODEL_PREFIX}%'"
+    found = []
+    for model in _all_pages(client.search_registered_models, filter_string=pattern):
+        # aliases from the model: search_model_versions may leave a version's aliases empty
+        aliases = dict(model.aliases or {}) or dict(client.get_registered_model(model.name).aliases or {})
+        versions = _all_pages(client.search_model_versions, f"name = '{model.name}'")
+        found += [_describe(v, aliases) for v in versions]
+    return sorted(found, key=lambda v: (v.name, -v.version))
+
+
+def _registered_model(client, name: str, tracking_uri: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise  # an unreachable or failing registry is not "no such model"
+    known = [m.name for m in _all_pages(client.search_registered_models, filter_string=f"name LIKE '{MODEL_PREFIX}%'")]
+    raise RegistryLookupError(f"no registered model {name!r} at {tracking_uri} (registered: "
+                              f"{', '.join(known) if known else 'none'}; see `customcrafter models list`)")
+
+
+def _lookup_version(client, uri: str, tracking_uri: str):
+    name, alias, number = parse_registry_uri(uri)
+    model = _registered_model(client, name, tracking_uri)
+    aliases = dict(model.aliases or {})
+    if alias is not None:
+        # read from the model's alias map, as _champion does: an exception would not tell a missing alias apart
+        # from a registry error
+        if alias not in aliases:
+            held = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryLookupError(f"{name} has no alias {alias!r} (aliases: {held})")
+        number = int(aliases[alias])
+    versions = {int(v.version): v for v in _all_pages(client.search_model_versions, f"name = '{name}'")}
+    if number not in versions:
+        raise RegistryLookupError(f"{name} has no version {number} (versions: "
+                                  f"{', '.join(map(str, sorted(versions))) or 'none'})")
+    return _describe(versions[number], aliases)
+
+
+def registry_cache_dir() -> Path:
+    """Where resolved subject modules are kept: ``$CUSTOMCRAFTER_CACHE/registry`` (default
+    ``~/.cache/customcrafter/registry``, the cache root of ``customcrafter.loading``)."""
+    return Path(os.environ.get("CUSTOMCRAFTER_CACHE") or Path.home() / ".cache" / "customcrafter") / "registry"
+
+
+def _download_subject_module(client, version: RegisteredVersion, tracking_uri: str, target: Path) -> None:
+    """Only the version's ``subject_module`` artifact (not the pickled model or its environment files), found
+    through the pyfunc flavour of its MLmodel, into ``target`` (written whole or not at all)."""
+    import mlflow.artifacts
+    import yaml
+
+    from customcrafter.orchestration.pyfunc import SUBJECT_MODULE_ARTIFACT
+
+    root = client.get_model_version_download_uri(version.name, str(version.version)).rstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(tmp / "meta"),
+                                                      tracking_uri=tracking_uri)
+        flavor = (yaml.safe_load(Path(mlmodel).read_text()) or {}).get("flavors", {}).get("python_function", {})
+        entry = (flavor.get("artifacts") or {}).get(SUBJECT_MODULE_ARTIFACT)
+        if not entry or not entry.get("path"):
+            raise RegistryLookupError(f"{version.name} v{version.version} has no {SUBJECT_MODULE_ARTIFACT!r} "
+                                      "artifact: not a CustomCrafter subject model")
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{entry['path'].strip('/')}",
+                                                         dst_path=str(tmp / "module"), tracking_uri=tracking_uri))
+        if not local.is_dir():
+            raise RegistryLookupError(f"{version.name} v{version.version}: its {SUBJECT_MODULE_ARTIFACT!r} "
+                                      "artifact is not a folder")
+        try:
+            local.rename(target)
+        except OSError:
+            if not target.is_dir():  # else another process resolved the same version meanwhile: keep its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_registered_module(uri: str, tracking_uri: str, cache_dir: str | Path | None = None) -> ResolvedModule:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` → the version and a local copy of its subject module.
+
+    The copy is kept under ``cache_dir`` (default :func:`registry_cache_dir`), keyed by the registry, name, version
+    and source, so a second use downloads nothing. A version's artifacts do not change, so a cached copy is not
+    stale; an alias that moves resolves to another version and another folder.
+    Raises :class:`RegistryLookupError` when the URI names nothing, ``ValueError`` for a malformed URI; registry
+    errors (unreachable server, permissions) propagate as MLflow raised them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = _lookup_version(client, uri, tracking_uri)
+    key = hashlib.sha256(f"{tracking_uri}|{version.name}|{version.version}|{version.source}".encode()).hexdigest()
+    target = Path(cache_dir or registry_cache_dir()) / f"{version.name}-v{version.version}-{key[:16]}"
+    if not target.is_dir():
+        _download_subject_module(client, version, tracking_uri, target)
+        logger.info("%s: %s v%s downloaded to %s", uri, version.name, version.version, target)
+    return ResolvedModule(uri=str(uri), path=target, version=version)
