@@ -126,6 +126,12 @@ def test_models_list_without_a_registry_an_empty_one_or_an_unreachable_one(tmp_p
     assert f"error: --subject-module {model_uri}: could not read the registry at {dead}" in err
     assert "Traceback" not in err
 
+    port = dead.rsplit(":", 1)[1]
+    with_password = f"http://ops:s3cret@127.0.0.1:{port}"  # basic auth in the URI: never printed
+    assert run_cli(["models", "list", "--tracking-uri", with_password]) == 1
+    err = capsys.readouterr().err
+    assert f"could not read the registry at http://ops:***@127.0.0.1:{port}" in err and "s3cret" not in err
+
 
 def test_resolver_downloads_only_the_subject_module_once(two_versions, module_dir, tmp_path, monkeypatch):  # noqa: F811
     import mlflow.artifacts

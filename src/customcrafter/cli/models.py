@@ -57,8 +57,10 @@ def quick_http() -> Iterator[None]:
 
 
 def _registry_failure(exc: Exception, tracking_uri: str) -> str:
+    from customcrafter.orchestration.registry import display_uri
+
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"could not read the registry at {tracking_uri}: {first[:300]}"
+    return display_uri(tracking_uri, f"could not read the registry at {tracking_uri}: {first[:300]}")
 
 
 def resolve_module_option(value: str | Path, tracking_uri: str | None, base_model: str) -> Path:
@@ -108,9 +110,10 @@ def list_(
     from rich.table import Table
     from rich.text import Text
 
-    from customcrafter.orchestration.registry import list_registered_versions, model_name
+    from customcrafter.orchestration.registry import display_uri, list_registered_versions, model_name
 
     uri = tracking_uri_or_error(tracking_uri, "models list")
+    shown = display_uri(uri)
     if subject is not None:
         try:
             model_name(subject)
@@ -123,13 +126,13 @@ def list_(
         raise RuntimeError(_registry_failure(exc, uri)) from None
     if not versions:
         if subject is not None:
-            raise UserError(f"--subject {subject}: no versions of {model_name(subject)} at {uri} "
+            raise UserError(f"--subject {subject}: no versions of {model_name(subject)} at {shown} "
                             "(`customcrafter models list` shows what is registered)")
-        typer.echo(f"no customcrafter-* models registered at {uri} (a pipeline run registers each subject it "
+        typer.echo(f"no customcrafter-* models registered at {shown} (a pipeline run registers each subject it "
                    "trains)")
         return
     metrics = _metric_names(versions)
-    table = Table(title=f"registered models at {uri}", title_justify="left")
+    table = Table(title=f"registered models at {shown}", title_justify="left")
     for header in ("name", "version", "aliases", "method", "base model", "data revision", *metrics):
         numeric = header == "version" or header in metrics
         table.add_column(header, justify="right" if numeric else "left", overflow="fold")

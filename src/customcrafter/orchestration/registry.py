@@ -42,6 +42,7 @@ __all__ = [
     "RegisteredVersion",
     "RegistryLookupError",
     "ResolvedModule",
+    "display_uri",
     "is_registry_uri",
     "list_registered_versions",
     "model_name",
@@ -332,6 +333,19 @@ class ResolvedModule:
     version: RegisteredVersion
 
 
+def display_uri(uri: str, text: str | None = None) -> str:
+    """``text`` (default: ``uri``) fit to print: the password of ``uri`` (``https://user:secret@host``), wherever it
+    appears, as ``***``."""
+    import urllib.parse
+
+    text = uri if text is None else text
+    try:
+        password = urllib.parse.urlsplit(uri).password
+    except ValueError:  # not a URL
+        return text
+    return text.replace(password, "***") if password else text
+
+
 def is_registry_uri(value: str | os.PathLike) -> bool:
     return str(value).startswith(REGISTRY_URI_PREFIX)
 
@@ -381,7 +395,7 @@ def _registered_model(client, name: str, tracking_uri: str):
         if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             raise  # an unreachable or failing registry is not "no such model"
     known = [m.name for m in _all_pages(client.search_registered_models, filter_string=f"name LIKE '{MODEL_PREFIX}%'")]
-    raise RegistryLookupError(f"no registered model {name!r} at {tracking_uri} (registered: "
+    raise RegistryLookupError(f"no registered model {name!r} at {display_uri(tracking_uri)} (registered: "
                               f"{', '.join(known) if known else 'none'}; see `customcrafter models list`)")
 
 
@@ -406,7 +420,9 @@ def _lookup_version(client, uri: str, tracking_uri: str):
 def registry_cache_dir() -> Path:
     """Where resolved subject modules are kept: ``$CUSTOMCRAFTER_CACHE/registry`` (default
     ``~/.cache/customcrafter/registry``, the cache root of ``customcrafter.loading``)."""
-    return Path(os.environ.get("CUSTOMCRAFTER_CACHE") or Path.home() / ".cache" / "customcrafter") / "registry"
+    from customcrafter.loading import default_cache_dir
+
+    return default_cache_dir() / "registry"
 
 
 def _download_subject_module(client, version: RegisteredVersion, tracking_uri: str, target: Path) -> None:
