@@ -265,6 +265,25 @@ def test_cli_submit_sends_the_compiled_pipeline_and_parameters(stub, capsys):
     assert "submitted run" in capsys.readouterr().out
 
 
+def test_runs_use_the_pipeline_runner_service_account_of_k8s(stub):
+    """Pods of a submitted or scheduled run run as the ServiceAccount k8s/ binds the least-privilege Role to (KFP
+    sets it per run, the compiled YAML cannot); ``--service-account ''`` leaves KFP's default."""
+    from customcrafter.orchestration.settings import PIPELINE_SERVICE_ACCOUNT
+
+    rbac = _docs(REPO_ROOT / "k8s/base/pipeline-runner-rbac.yaml")
+    (account,) = [d["metadata"]["name"] for d in rbac if d["kind"] == "ServiceAccount"]
+    assert PIPELINE_SERVICE_ACCOUNT == account
+    assert run_cli(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog"]) == 0
+    assert run_cli(["pipeline", "schedule", "--host", stub.url]) == 0
+    assert run_cli(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog",
+                    "--service-account", "other-runner"]) == 0
+    assert run_cli(["pipeline", "submit", "--host", stub.url, "--param", "subject=dog", "--service-account", ""]) == 0
+    sent = [r.body.get("service_account") for r in stub.posted("runs")]
+    assert sent == [account, "other-runner", None]
+    (job,) = stub.posted("recurringruns")
+    assert job.body["service_account"] == account
+
+
 def test_cli_schedule_creates_a_recurring_retraining_run(stub, capsys):
     code = run_cli(["pipeline", "schedule", "--host", stub.url, "--cron", "0 3 * * *", "-e", "nightly",
                       "--param", "prompt_limit=2"])

@@ -7,7 +7,12 @@ from pathlib import Path
 import typer
 
 from customcrafter.cli import UserError, app
-from customcrafter.orchestration.settings import COMPILED_DIR, DEFAULT_EXPERIMENT, DEFAULT_METHODS
+from customcrafter.orchestration.settings import (
+    COMPILED_DIR,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_METHODS,
+    PIPELINE_SERVICE_ACCOUNT,
+)
 from customcrafter.training.method_names import METHODS
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="Kubeflow pipeline: compile, submit, schedule, run locally, "
@@ -17,6 +22,7 @@ app.add_typer(pipeline_app, name="pipeline")
 _PARAM_HELP = ("pipeline parameter KEY=VALUE, repeatable (JSON values: seeds=[0,1]; subject=dog or "
                "subjects=dog,cat; methods=customcrafter,dreamvideo; config_overrides='{\"train.steps\": 400}'); "
                "parameter names, method names and override fields are checked before submitting")
+_SA_HELP = "Kubernetes ServiceAccount the run's pods use (k8s/base/pipeline-runner-rbac.yaml); '' for KFP's default"
 
 
 @pipeline_app.command("compile")
@@ -47,13 +53,14 @@ def submit_cmd(
                                  help="compiled pipeline"),
     run_name: str = typer.Option(None, "--run-name"),
     namespace: str = typer.Option(None, "--namespace"),
+    service_account: str = typer.Option(PIPELINE_SERVICE_ACCOUNT, "--service-account", help=_SA_HELP),
 ) -> None:
     """Submit a run (same as `kfp run create -e EXPERIMENT -f PACKAGE key=value ...`); token from $KFP_TOKEN."""
     from customcrafter.orchestration.kfp_client import submit_run
     from customcrafter.orchestration.local_run import pipeline_arguments
 
     run_id = submit_run(host, package, arguments=pipeline_arguments(param), experiment=experiment,
-                        run_name=run_name, namespace=namespace)
+                        run_name=run_name, namespace=namespace, service_account=service_account)
     typer.echo(f"submitted run {run_id} to {host} (experiment {experiment})")
 
 
@@ -67,6 +74,7 @@ def schedule_cmd(
     param: list[str] = typer.Option([], "--param", "-p", help=_PARAM_HELP),
     package: Path = typer.Option(COMPILED_DIR / "retrain_new_subjects.yaml", "--package", "-f"),
     namespace: str = typer.Option(None, "--namespace"),
+    service_account: str = typer.Option(PIPELINE_SERVICE_ACCOUNT, "--service-account", help=_SA_HELP),
 ) -> None:
     """Schedule retraining of new/changed subjects (same as `kfp recurring-run create`); prints the cron sent."""
     from customcrafter.orchestration.kfp_client import CronError, schedule_retraining, to_kfp_cron
@@ -77,7 +85,8 @@ def schedule_cmd(
     except CronError as exc:
         raise UserError(f"--cron: {exc}") from None
     job_id = schedule_retraining(host, package, kfp_cron, experiment=experiment, job_name=job_name,
-                                 arguments=pipeline_arguments(param), namespace=namespace)
+                                 arguments=pipeline_arguments(param), namespace=namespace,
+                                 service_account=service_account)
     typer.echo(f"scheduled {job_name} ({job_id}) on {host} with cron {kfp_cron!r}{_cron_note(cron, kfp_cron)}")
 
 

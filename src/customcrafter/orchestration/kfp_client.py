@@ -22,6 +22,7 @@ import yaml
 from pydantic import Field
 
 from customcrafter.config import StrictModel
+from customcrafter.orchestration.settings import PIPELINE_SERVICE_ACCOUNT
 from customcrafter.training.method_names import check_methods
 
 __all__ = [
@@ -222,18 +223,20 @@ def _check_methods_argument(arguments: dict[str, Any]) -> dict[str, Any]:
 
 def submit_run(host: str, pipeline_package: str | Path, arguments: dict[str, Any] | None = None,
                experiment: str = "customcrafter", run_name: str | None = None,
-               namespace: str | None = None, existing_token: str | None = None) -> str:
+               namespace: str | None = None, existing_token: str | None = None,
+               service_account: str | None = PIPELINE_SERVICE_ACCOUNT) -> str:
     """Create a run of a compiled pipeline (IR YAML) in ``experiment`` (created if missing); return its id.
 
     Same as ``kfp --endpoint HOST run create -e EXPERIMENT -f PACKAGE key=value ...``. Argument names must be
     parameters of the compiled pipeline (a ValueError listing them otherwise, before the server is called).
+    The run's pods use ``service_account`` (default: the pipeline runner of k8s/; None or "": KFP's default).
     """
     path = _check_package(pipeline_package)
     arguments = _check_arguments(path, dict(arguments or {}))
     client = make_client(host, namespace=namespace, existing_token=existing_token)
     result = _call(host, f"submitting {path.name}", client.create_run_from_pipeline_package,
                    str(path), arguments=arguments, run_name=run_name or path.stem,
-                   experiment_name=experiment, namespace=namespace)
+                   experiment_name=experiment, namespace=namespace, service_account=service_account or None)
     logger.info("submitted %s to %s as run %s (experiment %s)", path.name, host, result.run_id, experiment)
     return result.run_id
 
@@ -242,12 +245,13 @@ def schedule_retraining(host: str, pipeline_package: str | Path, cron: str,
                         experiment: str = "customcrafter", job_name: str = "retrain-new-subjects",
                         arguments: dict[str, Any] | None = None, max_concurrency: int = 1,
                         enabled: bool = True, namespace: str | None = None,
-                        existing_token: str | None = None) -> str:
+                        existing_token: str | None = None,
+                        service_account: str | None = PIPELINE_SERVICE_ACCOUNT) -> str:
     """Create a recurring run of a compiled pipeline on a cron schedule; return the recurring run id.
 
     ``cron`` may have 5 fields (classic) or 6 (KFP's, seconds first); KFP gets ``to_kfp_cron(cron)``.
     ``max_concurrency=1`` keeps a slow retraining from overlapping the next one. Same as
-    ``kfp recurring-run create``.
+    ``kfp recurring-run create``. The runs' pods use ``service_account``, as in :func:`submit_run`.
     """
     kfp_cron = to_kfp_cron(cron)
     if max_concurrency < 1:
@@ -260,7 +264,8 @@ def schedule_retraining(host: str, pipeline_package: str | Path, cron: str,
     recurring = _call(host, f"scheduling {path.name}", client.create_recurring_run,
                       experiment_id=exp.experiment_id, job_name=job_name, cron_expression=kfp_cron,
                       max_concurrency=max_concurrency, params=arguments,
-                      pipeline_package_path=str(path), enabled=enabled, no_catchup=True)
+                      pipeline_package_path=str(path), enabled=enabled, no_catchup=True,
+                      service_account=service_account or None)
     logger.info("scheduled %s on %s as %s (cron %r)", path.name, host, recurring.recurring_run_id, kfp_cron)
     return recurring.recurring_run_id
 

@@ -15,7 +15,8 @@ from customcrafter import __version__ as _version
 
 __all__ = [
     "PROJECT_IMAGE", "DEFAULT_METHODS", "DEFAULT_SUBJECTS", "REGISTERED_METHOD", "DEFAULT_EXPERIMENT",
-    "CLUSTER_TRACKING_URI", "SHM_SIZE", "SECRETS", "OPTIONAL_SECRETS", "PRESETS", "COMPILED_DIR", "PIPELINE_FILES", "CompileSettings",
+    "CLUSTER_TRACKING_URI", "PIPELINE_SERVICE_ACCOUNT", "SHM_SIZE", "SECRETS", "OPTIONAL_SECRETS", "PRESETS",
+    "COMPILED_DIR", "PIPELINE_FILES", "CompileSettings",
     "compile_settings", "preset_overrides",
 ]
 
@@ -33,6 +34,8 @@ DEFAULT_EXPERIMENT = "customcrafter"
 # Kubernetes objects of k8s/. GPU node placement and the model-cache PVC come from
 # customcrafter.orchestration.kfp_client.GpuScheduling (mirror of k8s/base/gpu-scheduling-configmap.yaml).
 CLUSTER_TRACKING_URI = "http://mlflow.customcrafter.svc.cluster.local:5000"
+# The identity pipeline pods run as (k8s/base/pipeline-runner-rbac.yaml); KFP sets it per run, not in the YAML.
+PIPELINE_SERVICE_ACCOUNT = "customcrafter-pipeline-runner"
 SHM_SIZE = "16Gi"  # /dev/shm (an in-memory emptyDir) for data-loader workers and NCCL
 # secret name -> {key in the secret: environment variable}. Templates without values: k8s/secrets/templates.yaml.
 SECRETS: dict[str, dict[str, str]] = {
