@@ -117,7 +117,7 @@ def test_platform_spec_has_gpu_cache_secrets_and_shm(compiled):
                                         "sizeLimit": "16Gi"}]
     secrets = {s["secretName"]: ({k["envVar"] for k in s["keyToEnv"]}, s["optional"]) for s in train["secretAsEnv"]}
     assert secrets["mlflow-client"] == ({"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}, False)
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secrets["mlflow-s3"][0]
+    assert secrets["mlflow-s3"] == ({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"}, True)
     assert secrets["customcrafter-hf"] == ({"HF_TOKEN"}, True)
     # every step that talks to MLflow or DVC gets the credentials; no secret value appears anywhere
     for name in ("exec-validate-data", "exec-evaluate-methods", "exec-register-subject"):
@@ -125,6 +125,21 @@ def test_platform_spec_has_gpu_cache_secrets_and_shm(compiled):
     retrain = compiled["retrain_new_subjects.yaml"][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert {s["secretName"] for s in retrain["exec-plan-retraining"]["secretAsEnv"]} >= {"mlflow-s3"}
     assert retrain["exec-train-subject"]["pvcMount"] == train["pvcMount"]
+
+
+def test_pipeline_pods_require_no_secret_the_base_deployment_treats_as_optional(compiled):
+    """Without S3 (base/local overlays: the MLflow server's mlflow-s3 is optional, clients upload through it) the
+    pipeline pods must still start: a required secretAsEnv that does not exist keeps a pod in
+    CreateContainerConfigError."""
+    (deploy,) = [d for d in _docs(REPO_ROOT / "k8s/base/mlflow-deployment.yaml") if d["kind"] == "Deployment"]
+    optional = {source["secretRef"]["name"] for c in deploy["spec"]["template"]["spec"]["containers"]
+                for source in c.get("envFrom", []) if source.get("secretRef", {}).get("optional")}
+    assert "mlflow-s3" in optional
+    for name, docs in compiled.items():
+        for executor, config in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+            required = {s["secretName"] for s in config.get("secretAsEnv", []) if not s.get("optional")}
+            assert not required & optional, f"{name}: {executor} requires {sorted(required & optional)}"
+            assert required <= {"mlflow-client"}, f"{name}: {executor} requires {sorted(required)}"
 
 
 def test_train_gpus_are_a_compile_time_setting(tmp_path):

@@ -41,12 +41,15 @@ SHM_SIZE = "16Gi"  # /dev/shm (an in-memory emptyDir) for data-loader workers an
 SECRETS: dict[str, dict[str, str]] = {
     "mlflow-client": {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                       "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
-    # S3 credentials serve both the MLflow artifact store and the DVC remote.
+}
+# Optional (a pod starts without them): the S3 credentials only matter where the DVC remote is in S3 (the MLflow
+# server proxies artifacts, --serve-artifacts, and the base/local deployment has no S3 at all); the HF token only
+# for gated hub models.
+OPTIONAL_SECRETS: dict[str, dict[str, str]] = {
     "mlflow-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
                   "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"},
+    "customcrafter-hf": {"HF_TOKEN": "HF_TOKEN"},
 }
-# Optional: only needed for gated hub models.
-OPTIONAL_SECRETS: dict[str, dict[str, str]] = {"customcrafter-hf": {"HF_TOKEN": "HF_TOKEN"}}
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 COMPILED_DIR = REPO_ROOT / "pipelines" / "compiled"
