@@ -26,14 +26,13 @@ from components import (
     train_subject,
     validate_data,
 )
-from customcrafter.orchestration.kfp_client import apply_gpu_scheduling
+from customcrafter.orchestration.kfp_client import DEFAULT_GPU_SCHEDULING, apply_gpu_scheduling
 from customcrafter.orchestration.settings import (
     CLUSTER_TRACKING_URI,
     COMPILED_DIR,
     DEFAULT_EXPERIMENT,
     DEFAULT_METHODS,
     OPTIONAL_SECRETS,
-    SECRETS,
     SHM_SIZE,
     CompileSettings,
     compile_settings,
@@ -47,10 +46,10 @@ SEEDS = [0, 1, 2]
 TRAIN_RETRIES = 2
 
 
-def with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
+def with_credentials(task: dsl.PipelineTask, settings: CompileSettings) -> dsl.PipelineTask:
     """MLflow and S3 (MLflow artifacts, DVC remote) credentials from Kubernetes secrets; no caching (every step
     writes to MLflow, so a cached step would leave the tracking server without its record)."""
-    for secret, keys in SECRETS.items():
+    for secret, keys in settings.secrets.items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
     for secret, keys in OPTIONAL_SECRETS.items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
@@ -59,7 +58,8 @@ def with_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 def build_subject_pipeline(settings: CompileSettings):
-    """The per-subject pipeline, with the GPU counts of ``settings``."""
+    """The per-subject pipeline, with the image, GPU counts, GPU placement and secrets of ``settings``."""
+    scheduling = settings.gpu_scheduling or DEFAULT_GPU_SCHEDULING
 
     @dsl.pipeline(name="customcrafter-subject",
                   description="Validate, augment, train CustomCrafter and baselines, sample, evaluate and "
@@ -79,12 +79,12 @@ def build_subject_pipeline(settings: CompileSettings):
         validate = validate_data(data_source=data_source, data_revision=data_revision, subject=subject,
                                  mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name,
                                  pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-        with_credentials(validate.set_display_name("validate"))
+        with_credentials(validate.set_display_name("validate").set_container_image(settings.image), settings)
         # The local runner resolves a condition only on a task's single unnamed output, hence `-> bool`.
         with dsl.If(validate.outputs["Output"] == True, name="data-valid"):  # noqa: E712 (KFP condition)
             augment = augment_data(subject_data=validate.outputs["subject_data"], subject=subject,
                                    config_overrides=config_overrides, seed=0)
-            augment.set_display_name("augment").set_caching_options(False)
+            augment.set_display_name("augment").set_caching_options(False).set_container_image(settings.image)
 
             with dsl.ParallelFor(methods, name="methods") as method:
                 train = train_subject(subject_data=validate.outputs["subject_data"],
@@ -92,10 +92,10 @@ def build_subject_pipeline(settings: CompileSettings):
                                       base_model=base_model, config_overrides=config_overrides,
                                       mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name,
                                       pipeline_job=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-                with_credentials(train.set_display_name("train"))
+                with_credentials(train.set_display_name("train").set_container_image(settings.image), settings)
                 # a preempted or failed pod is retried and resumes from its checkpoints on the model-cache volume
                 train.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2)
-                apply_gpu_scheduling(train, gpus=settings.train_gpus)
+                apply_gpu_scheduling(train, gpus=settings.train_gpus, scheduling=scheduling)
                 kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                            size_limit=SHM_SIZE)
                 train.set_cpu_request("8").set_memory_request("64G")
@@ -104,21 +104,22 @@ def build_subject_pipeline(settings: CompileSettings):
                                        subject_module=train.outputs["subject_module"], subject=subject,
                                        base_model=base_model, config_overrides=config_overrides, seeds=seeds,
                                        prompt_limit=prompt_limit)
-                sample.set_display_name("sample").set_caching_options(False)
-                apply_gpu_scheduling(sample, gpus=settings.sample_gpus)
+                sample.set_display_name("sample").set_caching_options(False).set_container_image(settings.image)
+                apply_gpu_scheduling(sample, gpus=settings.sample_gpus, scheduling=scheduling)
 
             evaluate = evaluate_methods(samples=dsl.Collected(sample.outputs["samples"]),
                                         config_overrides=config_overrides,
                                         mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name)
-            with_credentials(evaluate.set_display_name("evaluate + report"))
-            apply_gpu_scheduling(evaluate, gpus=settings.evaluate_gpus)
+            with_credentials(evaluate.set_display_name("evaluate + report").set_container_image(settings.image),
+                             settings)
+            apply_gpu_scheduling(evaluate, gpus=settings.evaluate_gpus, scheduling=scheduling)
 
             register = register_subject(subject_data=validate.outputs["subject_data"],
                                         subject_modules=dsl.Collected(train.outputs["subject_module"]),
                                         metrics=evaluate.outputs["metrics"], subject=subject,
                                         base_model=base_model, data_revision=data_revision,
                                         mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name)
-            with_credentials(register.set_display_name("register"))
+            with_credentials(register.set_display_name("register").set_container_image(settings.image), settings)
 
     return subject_pipeline
 

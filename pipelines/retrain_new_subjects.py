@@ -34,7 +34,8 @@ from pipelines.customcrafter_pipeline import (
 
 def build_pipeline(settings: CompileSettings | None = None):
     """The retraining pipeline (``settings``: compile-time knobs, default from the environment)."""
-    subject_pipeline = build_subject_pipeline(settings or compile_settings())
+    settings = settings or compile_settings()
+    subject_pipeline = build_subject_pipeline(settings)
 
     @dsl.pipeline(name="retrain-new-subjects",
                   description="Train, evaluate and register the subjects that are new or changed at a DVC "
@@ -53,7 +54,7 @@ def build_pipeline(settings: CompileSettings | None = None):
     ):
         plan = plan_retraining(data_source=data_source, data_revision=data_revision, subjects=subjects,
                                mlflow_tracking_uri=mlflow_tracking_uri)
-        with_credentials(plan.set_display_name("plan"))
+        with_credentials(plan.set_display_name("plan").set_container_image(settings.image), settings)
         with dsl.ParallelFor(plan.output, name="new-subjects") as subject:
             subject_pipeline(subject=subject, data_source=data_source, data_revision=data_revision,
                              base_model=base_model, config_overrides=config_overrides, methods=methods,

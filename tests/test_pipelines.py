@@ -150,6 +150,41 @@ def test_train_gpus_are_a_compile_time_setting(tmp_path):
     assert int(train["accelerator"]["resourceCount"]) == 8
 
 
+def test_image_and_gpu_scheduling_are_compile_time_settings(tmp_path, capsys):
+    """An edited customcrafter-gpu-scheduling ConfigMap (other GPU node pools, another cache claim) and a mirrored
+    image reach every task of both pipelines when recompiled, as the ConfigMap's comment and the docs say."""
+    configmap = yaml.safe_load((REPO_ROOT / "k8s/base/gpu-scheduling-configmap.yaml").read_text())
+    configmap["data"].update({"node-selector-key": "cloud.google.com/gke-accelerator",
+                              "node-selector-value": "nvidia-h100-80gb", "model-cache-pvc": "cc-cache",
+                              "model-cache-mount-path": "/cache", "toleration-key": "gpu-pool"})
+    edited = tmp_path / "gpu-scheduling.yaml"
+    edited.write_text(yaml.safe_dump(configmap))
+    mirror = "registry.internal/customcrafter/customcrafter:0.1.0"
+    out = tmp_path / "compiled"
+    assert run_cli(["pipeline", "compile", "-o", str(out), "--gpu-scheduling", str(edited), "--image", mirror]) == 0
+    for name in PIPELINE_FILES.values():
+        docs = _docs(out / name)
+        assert {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()} == {mirror}, name
+        platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        for executor in ("exec-train-subject", "exec-sample-videos", "exec-evaluate-methods"):
+            assert platform[executor]["nodeSelector"]["labels"] == {
+                "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}, (name, executor)
+            assert [t["key"] for t in platform[executor]["tolerations"]] == ["gpu-pool"], (name, executor)
+            assert [m["constant"] for m in platform[executor]["pvcMount"]] == ["cc-cache"], (name, executor)
+    assert run_cli(["pipeline", "compile", "-o", str(out), "--image", "ghcr.io/customcrafter/customcrafter:latest"]) \
+        == 2
+    assert "--image" in capsys.readouterr().err
+    assert run_cli(["pipeline", "compile", "-o", str(out), "--gpu-scheduling", str(tmp_path / "missing.yaml")]) == 2
+    assert "--gpu-scheduling" in capsys.readouterr().err
+
+
+def test_compile_settings_image_is_not_ignored(tmp_path):
+    mirror = "registry.internal/customcrafter/customcrafter:0.1.0"
+    for path in local_run.compile_pipelines(tmp_path, CompileSettings(image=mirror)):
+        executors = _docs(path)[0]["deploymentSpec"]["executors"]
+        assert {e["container"]["image"] for e in executors.values()} == {mirror}, path.name
+
+
 def test_bad_train_gpus_name_the_option_or_variable_and_write_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "compiled"
     assert run_cli(["pipeline", "compile", "-o", str(out), "--train-gpus", "-2"]) == 2

@@ -30,16 +30,32 @@ def compile_cmd(
     output_dir: Path = typer.Option(COMPILED_DIR, "--output-dir", "--out", "-o", help="where the IR YAML files go"),
     train_gpus: int = typer.Option(None, "--train-gpus", min=0, help="GPUs of each train task (default 4, or "
                                                               "$CUSTOMCRAFTER_TRAIN_GPUS)"),
+    gpu_scheduling: Path = typer.Option(None, "--gpu-scheduling", help="YAML holding the customcrafter-gpu-"
+                                        "scheduling ConfigMap (an edited k8s/base/gpu-scheduling-configmap.yaml or "
+                                        "`kubectl kustomize` output): GPU node placement and model cache PVC "
+                                        "(default: the k8s/base one)"),
+    image: str = typer.Option(None, "--image", help="container image of every task (default: the project image "
+                                                    "of this version, e.g. a mirror of it)"),
 ) -> None:
     """Compile pipelines/*.py to IR YAML (customcrafter_pipeline.yaml, retrain_new_subjects.yaml)."""
     from dataclasses import replace
 
+    from customcrafter.orchestration.kfp_client import gpu_scheduling_from_configmap
     from customcrafter.orchestration.local_run import compile_pipelines
     from customcrafter.orchestration.settings import compile_settings
 
     settings = compile_settings()
     if train_gpus is not None:
         settings = replace(settings, train_gpus=train_gpus)
+    if image is not None:
+        if not image.strip() or image.strip().endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]:
+            raise UserError(f"--image: {image!r} is not a pinned image (NAME:TAG other than latest, or NAME@DIGEST)")
+        settings = replace(settings, image=image.strip())
+    if gpu_scheduling is not None:
+        try:
+            settings = replace(settings, gpu_scheduling=gpu_scheduling_from_configmap(gpu_scheduling))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--gpu-scheduling: {exc}") from None
     for path in compile_pipelines(output_dir, settings):
         typer.echo(f"compiled {path}")
 

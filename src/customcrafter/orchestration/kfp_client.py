@@ -6,7 +6,8 @@ Thin wrappers over ``kfp.Client`` so that ``customcrafter pipeline submit/schedu
 a file in the repository.
 
 The GPU placement settings mirror ``k8s/base/gpu-scheduling-configmap.yaml`` (a test keeps the two equal):
-pipelines call :func:`apply_gpu_scheduling` on their train/sample tasks.
+pipelines call :func:`apply_gpu_scheduling` on their train/sample/evaluate tasks, with
+``CompileSettings.gpu_scheduling`` (default: this mirror).
 """
 
 from __future__ import annotations

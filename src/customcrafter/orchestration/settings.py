@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from customcrafter import __version__ as _version
+
+if TYPE_CHECKING:
+    from customcrafter.orchestration.kfp_client import GpuScheduling
 
 __all__ = [
     "PROJECT_IMAGE", "DEFAULT_METHODS", "DEFAULT_SUBJECTS", "REGISTERED_METHOD", "DEFAULT_EXPERIMENT",
@@ -96,11 +100,14 @@ def preset_overrides(name: str) -> list[str]:
 class CompileSettings:
     """Compile-time knobs of the pipelines (a compiled YAML fixes them; recompile to change)."""
 
-    image: str = PROJECT_IMAGE
+    image: str = PROJECT_IMAGE  # every task's container image
     train_gpus: int = 4  # the paper trained on 4 GPUs
     sample_gpus: int = 1
     evaluate_gpus: int = 1
-    secrets: dict[str, dict[str, str]] = field(default_factory=lambda: dict(SECRETS))
+    secrets: dict[str, dict[str, str]] = field(default_factory=lambda: dict(SECRETS))  # required; + OPTIONAL_SECRETS
+    # GPU node placement and model cache (the customcrafter-gpu-scheduling ConfigMap, read with
+    # kfp_client.gpu_scheduling_from_configmap); None: kfp_client.DEFAULT_GPU_SCHEDULING, the k8s/base one
+    gpu_scheduling: GpuScheduling | None = None
 
 
 def compile_settings() -> CompileSettings:
