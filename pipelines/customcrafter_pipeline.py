@@ -47,8 +47,8 @@ TRAIN_RETRIES = 2
 
 
 def with_credentials(task: dsl.PipelineTask, settings: CompileSettings) -> dsl.PipelineTask:
-    """MLflow and S3 (MLflow artifacts, DVC remote) credentials from Kubernetes secrets; no caching (every step
-    writes to MLflow, so a cached step would leave the tracking server without its record)."""
+    """MLflow (required) and S3 (optional: a DVC remote in S3) credentials from Kubernetes secrets; no caching
+    (every step writes to MLflow, so a cached step would leave the tracking server without its record)."""
     for secret, keys in settings.secrets.items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
     for secret, keys in OPTIONAL_SECRETS.items():
