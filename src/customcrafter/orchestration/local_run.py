@@ -815,8 +815,9 @@ def _print_summary(result: LocalRunResult, base_model: str, echo) -> None:
     for report in result.reports:
         echo(f"evaluation report: {report}  (open in a browser)")
     for subject, text in sorted(result.registered.items()):
-        echo(f"registered: {text}  (load: models:/customcrafter-{subject}@champion with "
-             f"MLFLOW_TRACKING_URI={result.tracking_uri})")
+        echo(f"registered: {text}  (list: customcrafter models list --tracking-uri {result.tracking_uri}; "
+             f"sample: customcrafter sample --tracking-uri {result.tracking_uri} --subject-module "
+             f"models:/customcrafter-{subject}@champion --base-model {base_model} --prompt '...' --out video.mp4)")
     echo(f"MLflow: experiment {result.experiment!r} in {result.tracking_uri} -> "
          f"mlflow ui --backend-store-uri {result.tracking_uri}")
     echo(f"KFP local run folder: {result.run_dir}")
