@@ -417,3 +417,28 @@ def test_one_process_may_train_again_with_another_precision():
     second = _make_accelerator(TrainConfig(subject_dir="x", device="cpu", mixed_precision="bf16"))
     assert second.mixed_precision == "bf16"
     assert _make_accelerator(TrainConfig(subject_dir="x", device="cpu", mixed_precision="no")).mixed_precision == "no"
+
+
+@pytest.mark.parametrize("token", ["Dog", "DOG</w>"])
+def test_a_token_that_normalizes_to_a_vocab_entry_is_refused(token):
+    """'Dog' is not in CLIP's vocab, but the tokenizer lowercases it: added, it became 'dog' and took the class word
+    over in every caption ('a Dog dog' gave the new id twice, the class prompt 'a photo of a dog' once)."""
+    from importlib import resources
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from customcrafter.training.tokens import add_placeholder_token
+
+    folder = resources.files("customcrafter.models") / "tokenizer"
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77))
+    dog = tokenizer("a photo of a dog")["input_ids"]
+    with pytest.raises(ValueError, match=rf"token '{token}' \(the tokenizer reads it as '{token.lower()}'\) is "
+                                         "already in the tokenizer"):
+        add_placeholder_token(tokenizer, encoder, token, "dog")
+    assert len(tokenizer) == encoder.get_input_embeddings().weight.shape[0]  # nothing added
+    assert tokenizer("a photo of a dog")["input_ids"] == dog
+    # a token whose lowercase form is new is still fine (and is matched as the tokenizer reads it)
+    token_id = add_placeholder_token(tokenizer, encoder, "<New1>", "dog")
+    assert tokenizer("a <New1> dog")["input_ids"][2] == token_id

@@ -49,14 +49,25 @@ def initial_embedding(tokenizer, table: torch.Tensor, class_word: str, mode: str
     return table[torch.tensor(ids)].detach().mean(0).clone()
 
 
+def _normalized(tokenizer, text: str) -> str:
+    """``text`` as the tokenizer's normalizer sees it (unchanged for a tokenizer without one)."""
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    return normalizer.normalize_str(text) if normalizer is not None else text
+
+
 def add_placeholder_token(tokenizer, text_encoder, token: str, class_word: str, init_mode: str = "piece",
                           init_vector: torch.Tensor | None = None) -> int:
     """Add ``token`` to the tokenizer, grow the text encoder's table by one row, initialise it; return its id.
 
     The row comes from ``init_vector`` when given (loading a trained module), else from the class word.
     """
-    if token in tokenizer.get_vocab():
-        raise ValueError(f"token {token!r} is already in the tokenizer (pick another, e.g. '<new2>')")
+    vocab = tokenizer.get_vocab()
+    # the tokenizer stores and matches an added token as it normalizes text (CLIP: lowercased), so 'Dog' would
+    # become 'dog' and take over the class word in every prompt
+    for form in dict.fromkeys((token, _normalized(tokenizer, token))):
+        if form in vocab:
+            read_as = "" if form == token else f" (the tokenizer reads it as {form!r})"
+            raise ValueError(f"token {token!r}{read_as} is already in the tokenizer (pick another, e.g. '<new2>')")
     added = tokenizer.add_tokens([token])
     if added != 1:
         raise ValueError(f"token {token!r} could not be added to the tokenizer")
