@@ -294,3 +294,27 @@ def test_a_checkpoint_without_a_fingerprint_is_not_resumed(tmp_path, dreambooth_
     state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"step-2: checkpoint without a run fingerprint"):
         train(config)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(tmp_path, dreambooth_dir, monkeypatch, bad):
+    """A loss that is NaN or inf at step 2 used to train on to the end (inf at the last step even wrote the module),
+    writing checkpoints of NaN weights that a resume then continued from."""
+    from customcrafter.training import trainer
+
+    original, calls = trainer.epsilon_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * bad if calls["n"] == 2 else loss  # one branch per step (no prior preservation)
+
+    monkeypatch.setattr(trainer, "epsilon_loss", poisoned)
+    config = _config(tmp_path, dreambooth_dir, steps=6, checkpoint_every=3, prior_preservation=False, log_every=2)
+    with pytest.raises(FloatingPointError) as raised:
+        trainer.train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "subject_module").exists()
+    assert calls["n"] == 2  # stopped at the first flush after it
+    assert f"training loss is {bad} at step 2; " in str(raised.value)
+    assert "max_grad_norm" in str(raised.value)

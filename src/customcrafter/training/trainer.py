@@ -531,7 +531,13 @@ class _Log:
             return
         # The one host sync, every log_every steps: the mean over processes = the mean over the global batch.
         stacked = self.accelerator.reduce(torch.stack(self.pending).float(), reduction="mean")
+        first = len(self.losses) + 1  # the global step of the first pending loss
         self.losses.extend(stacked.cpu().tolist())
+        # checked here, before a checkpoint or the module is written (a flush precedes both) and on every process
+        bad = next(((first + i, v) for i, v in enumerate(self.losses[first - 1:]) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise FloatingPointError(f"training loss is {bad[1]} at step {bad[0]}; the weights are no longer "
+                                     "usable. Lower the learning rate, set max_grad_norm, or use fp32")
         now = time.perf_counter()
         self.step_seconds.append((now - self.since) / len(self.pending))
         self.since = now
@@ -772,8 +778,6 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
             handle.remove()
         restore_dropout(dropouts)
 
-    if losses and math.isnan(losses[-1]):
-        raise FloatingPointError("training loss became NaN; lower the learning rate or use fp32")
     if accelerator.is_main_process:
         if checkpointing:
             pipe.unet.disable_gradient_checkpointing()
