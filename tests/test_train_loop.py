@@ -318,3 +318,21 @@ def test_a_non_finite_loss_stops_training_before_a_checkpoint_keeps_it(tmp_path,
     assert calls["n"] == 2  # stopped at the first flush after it
     assert f"training loss is {bad} at step 2; " in str(raised.value)
     assert "max_grad_norm" in str(raised.value)
+
+
+def test_clearing_checkpoints_keeps_other_files_in_the_folder(tmp_path, dreambooth_dir, monkeypatch):
+    """`--output .` in a VideoCrafter checkout puts the run's checkpoints in ./checkpoints, beside the base model's
+    weights (checkpoints/base_512_v2/model.ckpt): the finished run (and resume=false) removed the whole folder."""
+    from customcrafter.training.trainer import train
+
+    weights = tmp_path / "run" / "checkpoints" / "base_512_v2" / "model.ckpt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    fields = dict(steps=4, checkpoint_every=2, prior_preservation=False)
+    _kill_at_step(monkeypatch, _config(tmp_path, dreambooth_dir, **fields), 3)
+    checkpoints = weights.parent.parent
+    (checkpoints / ".step-4.x1y2.tmp").mkdir()  # a checkpoint write killed half-way
+    assert (checkpoints / "step-2").is_dir()
+    train(_config(tmp_path, dreambooth_dir, resume=False, **fields))
+    assert weights.read_bytes() == b"weights"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["base_512_v2"]  # only the run's own entries went

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,14 @@ from safetensors.torch import load_file, save_file
 
 from customcrafter.utils import atomic_dir
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "capture_rng", "restore_rng",
-           "optimizer_to_tensors", "optimizer_from_tensors"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "remove_checkpoints",
+           "capture_rng", "restore_rng", "optimizer_to_tensors", "optimizer_from_tensors"]
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+#: what save_checkpoint leaves beside them when interrupted: atomic_dir's ``.step-N.<random>.tmp`` and ``.step-N.old``,
+#: and :func:`_remove`'s ``.step-N.removed-...``
+_STEP_LEFTOVER = re.compile(r"^\.step-\d+\.")
 
 
 @dataclass
@@ -119,9 +124,36 @@ def save_checkpoint(checkpoints_dir: Path, step: int, trainable: dict[str, torch
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "rng": rng_info,
                                                     "optimizer": optim_info, "extra": extra or {}}))
     for old in _checkpoint_dirs(checkpoints_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     logger.info("saved checkpoint %s", target)
     return target
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, renamed first so that no half-deleted ``step-N`` is ever found by a resume."""
+    doomed = path.with_name(f".{path.name}.removed-{os.getpid()}-{time.time_ns()}")
+    try:
+        path.rename(doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_checkpoints(checkpoints_dir: Path) -> int:
+    """Delete every checkpoint in ``checkpoints_dir`` (and what interrupted writes left); returns how many entries
+    went. Nothing else there is touched - the folder may be one the user keeps other files in (``--output .`` beside
+    a ``checkpoints/`` of model weights) - and the folder itself goes only if that leaves it empty."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return 0
+    doomed = [p for p in root.iterdir() if p.is_dir() and (_STEP_DIR.match(p.name) or _STEP_LEFTOVER.match(p.name))]
+    for path in doomed:
+        _remove(path)
+    try:
+        root.rmdir()
+    except OSError:  # other files are there
+        pass
+    return len(doomed)
 
 
 def _checkpoint_dirs(checkpoints_dir: Path) -> list[Path]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 from customcrafter.training.checkpointing import (
     latest_checkpoint,
     load_checkpoint,
+    remove_checkpoints,
     restore_rng,
     save_checkpoint,
 )
@@ -606,13 +605,9 @@ def _fingerprint_mismatch(path: Path, saved: dict | None, fingerprint: dict) -> 
 
 
 def _clear_checkpoints(checkpoints_dir: Path, why: str) -> None:
-    """Remove the checkpoints folder: renamed first, so no half-deleted ``step-N`` is ever found by a resume."""
-    if not checkpoints_dir.exists():
-        return
-    doomed = checkpoints_dir.with_name(f".{checkpoints_dir.name}-removed-{os.getpid()}-{time.time_ns()}")
-    checkpoints_dir.rename(doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-    logger.info("removed %s (%s)", checkpoints_dir, why)
+    """Remove the run's checkpoints from ``checkpoints_dir`` (only them: :func:`remove_checkpoints`)."""
+    if remove_checkpoints(checkpoints_dir):
+        logger.info("removed the checkpoints in %s (%s)", checkpoints_dir, why)
 
 
 def _resume(config: TrainConfig, method: SubjectMethod, dataset: SubjectDataset, total: int, fingerprint: dict):
