@@ -382,14 +382,18 @@ def test_class_images_generated_by_two_processes_at_once_keep_the_first_set(tmp_
     training run may be reading it) and both runs use it; nothing temporary is left."""
     from PIL import Image
 
-    from customcrafter.loading import base_model_signature, load_base_pipeline
-    from customcrafter.training.class_images import class_images_cache_key, resolve_class_images
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.training.class_images import (
+        class_images_cache_key,
+        class_images_model_id,
+        resolve_class_images,
+    )
     from customcrafter.training.config import TrainConfig
 
     config = TrainConfig(base_model="tiny", subject_dir="x", class_word="dog", num_class_images=2,
                          resolution=(64, 96), class_image_steps=2, class_images_cache_dir=str(tmp_path / "cache"))
     pipe = load_base_pipeline("tiny")
-    key = class_images_cache_key(base_model_signature(pipe), "a photo of a dog", 2, (64, 96), 2, config.seed)
+    key = class_images_cache_key(class_images_model_id(pipe), "a photo of a dog", 2, (64, 96), 2, config.seed)
     folder = tmp_path / "cache" / key
     real_call = type(pipe).__call__
 
@@ -442,3 +446,24 @@ def test_a_token_that_normalizes_to_a_vocab_entry_is_refused(token):
     # a token whose lowercase form is new is still fine (and is matched as the tokenizer reads it)
     token_id = add_placeholder_token(tokenizer, encoder, "<New1>", "dog")
     assert tokenizer("a <New1> dog")["input_ids"][2] == token_id
+
+
+def test_class_images_of_another_base_model_with_the_same_architecture_are_not_reused(tmp_path: Path):
+    """The cache key named the base model by base_model_signature, a hash of its configs: VideoCrafter1 and 2 (or a
+    fine-tune) share it, so the class images one had drawn were the other's prior."""
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.training.class_images import resolve_class_images
+    from customcrafter.training.config import TrainConfig
+
+    config = TrainConfig(base_model="tiny", subject_dir="x", class_word="dog", num_class_images=1,
+                         resolution=(64, 96), class_image_steps=1, class_images_cache_dir=str(tmp_path / "cache"))
+    base = load_base_pipeline("tiny")
+    first = resolve_class_images(config, base, "dog")
+    assert resolve_class_images(config, load_base_pipeline("tiny"), "dog") == first  # same weights: cached
+    tuned = load_base_pipeline("tiny")
+    with torch.no_grad():
+        for param in tuned.unet.parameters():
+            param.mul_(1.01)  # a "fine-tune": same configs, other weights
+    second = resolve_class_images(config, tuned, "dog")
+    assert second[0].parent != first[0].parent
+    assert len(list((tmp_path / "cache").iterdir())) == 2

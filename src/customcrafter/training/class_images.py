@@ -2,8 +2,8 @@
 
 The reference code's README retrieves 200 real images from LAION or samples SD-2.1-base; with neither available
 offline, we sample the base model itself (single frames) with the class prompt. The cache key covers everything
-that changes the images (base model signature, prompt, count, resolution, steps, seed), so a cache entry is never
-reused for a different request; entries are written atomically.
+that changes the images (the base model - its architecture and its weights -, prompt, count, resolution, steps,
+seed), so a cache entry is never reused for a different request; entries are written atomically.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from customcrafter.data.subjects import iter_image_files
 from customcrafter.utils import atomic_dir
 
-__all__ = ["class_images_cache_key", "default_cache_root", "generate_class_images", "resolve_class_images"]
+__all__ = ["class_images_cache_key", "class_images_model_id", "default_cache_root", "generate_class_images", "resolve_class_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +31,26 @@ def default_cache_root() -> Path:
     return default_cache_dir() / "class_images"
 
 
-def class_images_cache_key(signature: str, prompt: str, count: int, resolution: tuple[int, int], steps: int,
+@torch.no_grad()
+def class_images_model_id(pipe) -> str:
+    """Which base model draws the class images: ``base_model_signature`` (the configs, i.e. the architecture: the
+    same for VideoCrafter1 and 2, or a fine-tune) and a digest of the weights of the UNet, text encoder and VAE - a
+    strided sample of up to 64 values of every tensor, copied to the host at once (a fine-tune moves them all)."""
+    from customcrafter.loading import base_model_signature
+
+    samples = []
+    for component in (pipe.unet, pipe.text_encoder, pipe.vae):
+        for _, tensor in sorted(component.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            samples.append(flat[:: max(1, flat.numel() // 64)][:64].float().cpu())
+    weights = hashlib.sha256(torch.cat(samples).numpy().tobytes()).hexdigest()[:16]
+    return f"{base_model_signature(pipe)}-{weights}"
+
+
+def class_images_cache_key(model_id: str, prompt: str, count: int, resolution: tuple[int, int], steps: int,
                            seed: int) -> str:
-    payload = json.dumps({"signature": signature, "prompt": prompt, "count": count, "resolution": list(resolution),
+    """``model_id``: :func:`class_images_model_id` of the pipeline that draws them."""
+    payload = json.dumps({"model": model_id, "prompt": prompt, "count": count, "resolution": list(resolution),
                           "steps": steps, "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -132,10 +149,8 @@ def resolve_class_images(config, pipe, class_word: str, processes=None) -> list[
         _check_readable(images)  # before training starts, not at the step that first draws a broken one
         return images
 
-    from customcrafter.loading import base_model_signature
-
     prompt = config.class_prompt.format(class_word=class_word)
-    key = class_images_cache_key(base_model_signature(pipe), prompt, config.num_class_images,
+    key = class_images_cache_key(class_images_model_id(pipe), prompt, config.num_class_images,
                                  tuple(config.resolution), config.class_image_steps, config.seed)
     root = Path(config.class_images_cache_dir) if config.class_images_cache_dir else default_cache_root()
     folder = root / key
