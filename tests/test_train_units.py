@@ -467,3 +467,28 @@ def test_class_images_of_another_base_model_with_the_same_architecture_are_not_r
     second = resolve_class_images(config, tuned, "dog")
     assert second[0].parent != first[0].parent
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated_tensors", "state_without_rng"])
+def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path: Path, damage):
+    """A truncated safetensors file raised safetensors' own error ('Error while deserializing header: invalid header
+    length'), and a state.json without an entry a bare KeyError ('rng'): neither said which checkpoint or file."""
+    import json
+
+    from customcrafter.training.checkpointing import load_checkpoint, save_checkpoint
+
+    param = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.randn(3)
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 2, {"unet.w": param.detach()}, optimizer.state_dict(), random.Random(0), [1.0])
+    if damage == "truncated_tensors":
+        bad = path / "trainable.safetensors"
+        bad.write_bytes(bad.read_bytes()[:20])
+    else:
+        bad = path / "state.json"
+        state = json.loads(bad.read_text())
+        del state["rng"]
+        bad.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=rf"^{bad}: unreadable checkpoint \(.+\); delete {path} to restart"):
+        load_checkpoint(path)

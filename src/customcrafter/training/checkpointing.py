@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from customcrafter.utils import atomic_dir
@@ -172,14 +173,18 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
+    tensors, current = {}, path / "state.json"
     try:
-        info = json.loads((path / "state.json").read_text())
-        trainable = load_file(str(path / "trainable.safetensors"))
-        optim_tensors = load_file(str(path / "optimizer.safetensors"))
-        rng_tensors = load_file(str(path / "rng.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable checkpoint ({exc}); delete it to restart from the previous one") from exc
-    rng = {"tensors": rng_tensors, "info": info["rng"]}
-    return Checkpoint(step=int(info["step"]), trainable=trainable,
-                      optimizer=optimizer_from_tensors(optim_tensors, info["optimizer"]), rng=rng,
-                      losses=list(info["losses"]), extra=info.get("extra", {}))
+        info = json.loads(current.read_text())
+        for name in ("trainable", "optimizer", "rng"):
+            current = path / f"{name}.safetensors"
+            tensors[name] = load_file(str(current))
+        current = path / "state.json"  # its entries, read below
+        return Checkpoint(step=int(info["step"]), trainable=tensors["trainable"],
+                          optimizer=optimizer_from_tensors(tensors["optimizer"], info["optimizer"]),
+                          rng={"tensors": tensors["rng"], "info": info["rng"]},
+                          losses=list(info["losses"]), extra=info.get("extra", {}))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:  # truncated, or not this format
+        reason = f"no entry {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"{current}: unreadable checkpoint ({reason}); delete {path} to restart from the previous "
+                         "checkpoint") from exc
