@@ -336,3 +336,28 @@ def test_clearing_checkpoints_keeps_other_files_in_the_folder(tmp_path, dreamboo
     train(_config(tmp_path, dreambooth_dir, resume=False, **fields))
     assert weights.read_bytes() == b"weights"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["base_512_v2"]  # only the run's own entries went
+
+
+def test_a_killed_run_whose_class_images_changed_is_not_resumed(tmp_path, dreambooth_dir, monkeypatch):
+    """class_images_dir was fingerprinted by its path only: other images in the same folder were resumed from the
+    checkpoint trained on the first ones (and the sampler's draws no longer matched either set)."""
+    import shutil
+
+    from PIL import Image
+
+    from customcrafter.training.trainer import train
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 64), (i * 60, 10, 10)).save(folder / f"{i}.png")
+    fields = dict(steps=4, checkpoint_every=2, class_images_dir=str(folder), num_class_images=3)
+    _kill_at_step(monkeypatch, _config(tmp_path, dreambooth_dir, **fields), 3)
+    assert (tmp_path / "run" / "checkpoints" / "step-2").is_dir()
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    Image.new("RGB", (96, 64), (0, 200, 0)).save(folder / "1.png")
+    with pytest.raises(ValueError, match=r"step-2: checkpoint of another run: class_images \(checkpoint '"):
+        train(_config(tmp_path, dreambooth_dir, **fields))
+    # the same images in another folder are the same run
+    assert train(_config(tmp_path, dreambooth_dir, **{**fields, "class_images_dir": str(moved)})).steps == 4

@@ -114,6 +114,16 @@ class SubjectDataset:
         if config.prior_preservation and not self.class_image_paths:
             raise ValueError("prior_preservation is on but there are no class images")
 
+    def drawn_files(self) -> dict[str, list[Path]]:
+        """The files examples are drawn from besides the subject's images, by kind: class images and (examples_dir)
+        the materialised examples with their manifest - what a resumed run must find unchanged."""
+        files = {"class_images": list(self.class_image_paths)}
+        if self.examples is not None:
+            folder = Path(self.config.examples_dir)
+            files["examples"] = [folder / "examples.jsonl", *(folder / record[key] for record in self.examples
+                                                               for key in ("image", "mask"))]
+        return files
+
     def _read_examples_dir(self, folder: Path) -> list[dict]:
         manifest = folder / "examples.jsonl"
         if not manifest.is_file():

@@ -546,14 +546,15 @@ class _Log:
 # --- resuming ------------------------------------------------------------------------------------------------------
 #: TrainConfig fields that do not change what a run computes, so a checkpoint resumes across them: where it writes
 #: and how often it logs or checkpoints; the run's length (a step does not depend on how many follow); and what their
-#: descriptions give as speed only (same losses up to rounding). The subject, base model and batch split are
-#: fingerprinted resolved instead (:func:`run_fingerprint`).
+#: descriptions give as speed only (same losses up to rounding). The subject, base model, batch split, class images
+#: and materialised examples are fingerprinted resolved instead (:func:`run_fingerprint`: the files by content).
 _NOT_FINGERPRINTED = frozenset({
     "output_dir", "overwrite", "resume", "log_every", "checkpoint_every", "keep_checkpoints", "checkpoints_dir",
     "steps", "dreamvideo.adapter_steps",
     "device", "gradient_checkpointing", "compile", "compile_rewrites", "temporal_attention", "cuda_graphs",
     "cudnn_benchmark", "cache_image_moments", "class_images_cache_dir",
     "subject_dir", "class_word", "token", "kind", "base_model", "per_device_batch_size",
+    "class_images_dir", "examples_dir",
 })
 
 
@@ -569,10 +570,12 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def run_fingerprint(config: TrainConfig, subject, pipe, global_batch: int) -> dict:
+def run_fingerprint(config: TrainConfig, subject, pipe, global_batch: int,
+                    drawn_files: dict[str, list[Path]] | None = None) -> dict:
     """What a checkpoint must share with a run to be resumed by it (JSON): the resolved subject (its images by
     content, not where the folder is; name, class word, token, kind), the base model (as named and its signature), the global batch and every other
-    TrainConfig field but :data:`_NOT_FINGERPRINTED`."""
+    TrainConfig field but :data:`_NOT_FINGERPRINTED`; ``drawn_files`` (``SubjectDataset.drawn_files``: class images,
+    materialised examples) by content too, so a folder whose images changed is not resumed."""
     from customcrafter.data.subjects import files_digest
     from customcrafter.loading import base_model_signature
 
@@ -585,6 +588,7 @@ def run_fingerprint(config: TrainConfig, subject, pipe, global_batch: int) -> di
         "base_model": str(base.resolve()) if base.exists() else config.base_model,
         "base_model.signature": base_model_signature(pipe),
         "global_batch": global_batch,
+        **{kind: files_digest(paths)[:16] for kind, paths in (drawn_files or {}).items()},
         **fields,
     }))
 
@@ -702,7 +706,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     stages = method.stages(global_batch)
     total = sum(s.steps for s in stages)
     schedule = run_schedule(stages, processes, global_batch)
-    fingerprint = run_fingerprint(config, subject, pipe, global_batch)
+    fingerprint = run_fingerprint(config, subject, pipe, global_batch, dataset.drawn_files())
     start_step, losses, checkpoint = _resume(config, method, dataset, total, fingerprint)
     checkpoints_dir = config.resolved_checkpoints_dir()
     if not config.resume and accelerator.is_main_process:
