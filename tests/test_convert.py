@@ -165,3 +165,12 @@ def test_atomic_dir_without_overwrite_never_replaces_a_folder_that_appeared(tmp_
     with atomic_dir(target, overwrite=True) as tmp:  # overwrite replaces, as before
         (tmp / "a.txt").write_text("mine")
     assert (target / "a.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("model", ["/data/modles/videocrafter2", "./converted/vc2", "models/vc2/unet/"])
+def test_a_mistyped_local_path_is_reported_as_not_found_not_sent_to_the_hub(model, tmp_path, monkeypatch):
+    import customcrafter.loading as loading
+
+    monkeypatch.setattr(loading, "_download", lambda m: pytest.fail(f"{m} sent to the hub"))
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(model)}: no such file or folder"):
+        loading.resolve_base_model(model, cache_dir=tmp_path)

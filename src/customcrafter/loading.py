@@ -155,9 +155,25 @@ def resolve_base_model(model: str, cache_dir: str | Path | None = None) -> str |
         return converted_checkpoint_dir(_download(model), cache_dir)
     if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    if "/" in model and not path.exists():  # a hub id
+    if _is_repo_id(model):  # owner/name: a hub id (a local path of that form was not found above)
         return converted_checkpoint_dir(_download(model), cache_dir)
+    if "/" in model or os.sep in model:  # a local path with a typo, not a hub id: say so, not the hub's syntax rules
+        raise FileNotFoundError(f"{model}: no such file or folder (nor a hub id of the form owner/name)")
     raise FileNotFoundError(f"{model}: not 'tiny', a hub id, a checkpoint file or a converted folder")
+
+
+def _is_repo_id(model: str) -> bool:
+    """``owner/name`` as the hub accepts it (not ``/abs/path``, ``./rel``, ``a/b/c``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if model.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
 
 
 def load_base_pipeline(
