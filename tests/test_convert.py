@@ -174,3 +174,30 @@ def test_a_mistyped_local_path_is_reported_as_not_found_not_sent_to_the_hub(mode
     monkeypatch.setattr(loading, "_download", lambda m: pytest.fail(f"{m} sent to the hub"))
     with pytest.raises(FileNotFoundError, match=f"{re.escape(model)}: no such file or folder"):
         loading.resolve_base_model(model, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("error", "status", "expected"), [
+    ("RepositoryNotFoundError", 404, r"VideoCrafter/VideoCrafter2x: no such model repository on the hub"),
+    ("GatedRepoError", 403, r"VideoCrafter/VideoCrafter2x: a gated model repository.*HF_TOKEN"),
+    ("RemoteEntryNotFoundError", 404, r"VideoCrafter/VideoCrafter2x: the repository has no file 'model\.ckpt'"),
+    ("HfHubHTTPError", 401, r"could not download model\.ckpt from the hub: set HF_TOKEN"),
+])
+def test_hub_errors_are_one_line_naming_the_repo_and_the_fix(error, status, expected, tmp_path, monkeypatch, capsys):
+    """A typo in the repo id, a gated repo without a token, a missing file: the hub's multi-line HTTP messages
+    become one line that names the repo id and what to do."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.errors as hub_errors
+
+    from customcrafter.loading import resolve_base_model
+
+    def fail(repo_id, filename, **kwargs):
+        response = SimpleNamespace(status_code=status, headers={}, request=None)
+        raise getattr(hub_errors, error)(f"{status} Client Error.\n\nfor url: https://huggingface.co/{repo_id}",
+                                         response=response)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    with pytest.raises(OSError, match=expected) as exc:
+        resolve_base_model("VideoCrafter/VideoCrafter2x", cache_dir=tmp_path)
+    assert "\n" not in str(exc.value)

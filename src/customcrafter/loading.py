@@ -125,17 +125,42 @@ def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | Non
 def _download(model: str) -> Path:
     """``repo_id`` or ``repo_id:filename`` → local file via the hub cache; clear error when offline and not cached."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo_id, _, filename = model.partition(":")
+    filename = filename or DEFAULT_HUB_FILENAME
+    token_hint = "set HF_TOKEN or run `hf auth login`"
     try:
-        return Path(hf_hub_download(repo_id, filename or DEFAULT_HUB_FILENAME))
+        return Path(hf_hub_download(repo_id, filename))
     except LocalEntryNotFoundError as exc:
         raise FileNotFoundError(
             f"{model}: not in the local hub cache and the hub is unreachable (offline: HF_HUB_OFFLINE="
-            f"{os.environ.get('HF_HUB_OFFLINE', '0')}); download {filename or DEFAULT_HUB_FILENAME} once with network "
+            f"{os.environ.get('HF_HUB_OFFLINE', '0')}); download {filename} once with network "
             "access, or pass a local checkpoint/converted folder"
         ) from exc
+    # the hub's own messages span several lines and do not say which of our inputs was wrong
+    except GatedRepoError as exc:
+        raise PermissionError(f"{repo_id}: a gated model repository; accept its terms on the hub with an account "
+                              f"that has access, and {token_hint}") from exc
+    except RepositoryNotFoundError as exc:
+        raise FileNotFoundError(f"{repo_id}: no such model repository on the hub, and no local file or folder "
+                                f"{model!r} (a typo? a private repository needs a token: {token_hint})") from exc
+    except RevisionNotFoundError as exc:
+        raise FileNotFoundError(f"{repo_id}: revision not found on the hub") from exc
+    except EntryNotFoundError as exc:
+        raise FileNotFoundError(f"{repo_id}: the repository has no file {filename!r} (name it as "
+                                f"{repo_id}:<file>)") from exc
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        reason = f"{token_hint} (HTTP {status})" if status in (401, 403) else str(exc).splitlines()[0]
+        raise OSError(f"{model}: could not download {filename} from the hub: {reason}") from exc
 
 
 def resolve_base_model(model: str, cache_dir: str | Path | None = None) -> str | Path:
