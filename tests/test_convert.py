@@ -201,3 +201,38 @@ def test_hub_errors_are_one_line_naming_the_repo_and_the_fix(error, status, expe
     with pytest.raises(OSError, match=expected) as exc:
         resolve_base_model("VideoCrafter/VideoCrafter2x", cache_dir=tmp_path)
     assert "\n" not in str(exc.value)
+
+
+def test_a_folder_converted_by_an_older_converter_is_not_reused_from_the_cache(tmp_path, monkeypatch):
+    """The cache key covers the converter: after a converter change (CONVERTER_VERSION bumped) the checkpoint is
+    converted again instead of loading the folder the old mapping wrote."""
+    import customcrafter.convert as convert
+    from customcrafter.loading import converted_checkpoint_dir
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"weights")
+    written = []
+
+    def fake_convert(source, output, **kwargs):
+        written.append(output)
+        output.mkdir(parents=True)
+        (output / "model_index.json").write_text(json.dumps({"converter": convert.CONVERTER_VERSION}))
+
+    monkeypatch.setattr(convert, "convert_checkpoint", fake_convert)
+    first = converted_checkpoint_dir(checkpoint, cache_dir=tmp_path / "cache")
+    assert converted_checkpoint_dir(checkpoint, cache_dir=tmp_path / "cache") == first and len(written) == 1
+    monkeypatch.setattr(convert, "CONVERTER_VERSION", convert.CONVERTER_VERSION + 1)
+    second = converted_checkpoint_dir(checkpoint, cache_dir=tmp_path / "cache")
+    assert second != first and len(written) == 2
+    assert json.loads((second / "model_index.json").read_text()) == {"converter": convert.CONVERTER_VERSION}
+
+
+def test_converted_folder_records_the_converter_version_and_loads(fixtures_dir, tmp_path):
+    from customcrafter.convert import CONVERTER_VERSION
+    from customcrafter.pipeline import VideoCrafter2Pipeline
+
+    folder = convert_checkpoint(fixtures_dir / "tiny_lvdm_checkpoint.safetensors", tmp_path / "out",
+                                config=fixtures_dir / "tiny_lvdm_config.yaml", components=["unet", "vae"])
+    assert json.loads((folder / "model_index.json").read_text())["_customcrafter_converter"] == CONVERTER_VERSION
+    pipe = VideoCrafter2Pipeline.from_pretrained(folder)
+    assert pipe.unet is not None and pipe.text_encoder is None

@@ -38,6 +38,10 @@ from customcrafter.utils import atomic_dir
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+#: Bump whenever the folder written for the same checkpoint changes (a mapping fix, a new file, other defaults): it is
+#: part of the conversion cache's key (loading.converted_checkpoint_dir), so folders of an older converter are not
+#: reused, and it is recorded in model_index.json.
+CONVERTER_VERSION = 1
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.model."}
 #: LatentDiffusion's registered buffers (recomputed by the scheduler), and EMA bookkeeping: never converted.
 IGNORED_KEYS = {
@@ -432,7 +436,8 @@ def convert_checkpoint(
     check_state_dict({k: tuple(v.shape) for k, v in state_dict.items()}, plans, str(checkpoint))
     output = Path(output)
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        index = {"_class_name": "VideoCrafter2Pipeline", "_diffusers_version": _diffusers_version()}
+        index = {"_class_name": "VideoCrafter2Pipeline", "_diffusers_version": _diffusers_version(),
+                 "_customcrafter_converter": CONVERTER_VERSION}
         for name in COMPONENTS:
             if name in models:
                 logger.info("converting %s (%d tensors)", name, len(plans[name].sources))

@@ -6,7 +6,7 @@
 * a converted diffusers folder (``model_index.json``): ``VideoCrafter2Pipeline.from_pretrained``.
 * a local original checkpoint (``.ckpt``/``.safetensors``): converted once with ``customcrafter.convert`` and cached
   under ``cache_dir`` (default ``$CUSTOMCRAFTER_CACHE`` or ``~/.cache/customcrafter``), keyed by the file's path,
-  size and modification time.
+  size and modification time and the converter's version.
 * a hub id (``VideoCrafter/VideoCrafter2``, optionally ``repo_id:filename``): the file is fetched with
   ``huggingface_hub.hf_hub_download`` (honours ``HF_HUB_OFFLINE``/the hub cache), then as a local checkpoint.
 """
@@ -97,8 +97,12 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(path: Path) -> str:
+    """The file (path, size, modification time) and the converter's version: what the converted folder depends on."""
+    from customcrafter.convert import CONVERTER_VERSION
+
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    blob = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|converter {CONVERTER_VERSION}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path:
