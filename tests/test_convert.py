@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,42 @@ def test_converted_folder_records_the_converter_version_and_loads(fixtures_dir, 
     assert json.loads((folder / "model_index.json").read_text())["_customcrafter_converter"] == CONVERTER_VERSION
     pipe = VideoCrafter2Pipeline.from_pretrained(folder)
     assert pipe.unet is not None and pipe.text_encoder is None
+
+
+def test_disk_full_while_writing_names_the_output_and_leaves_nothing(fixtures_dir, tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as 'Error while serializing: I/O error: ...' without any file name."""
+    from safetensors import SafetensorError
+
+    from customcrafter.models.unet import VideoCrafter2UNet
+
+    def disk_full(self, folder, **kwargs):
+        (Path(folder)).mkdir(parents=True)
+        (Path(folder) / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(VideoCrafter2UNet, "save_pretrained", disk_full)
+    out = tmp_path / "out"
+    assert _cli(*_convert_args(fixtures_dir / "tiny_lvdm_checkpoint.safetensors", out, fixtures_dir)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out}: could not write the converted model" in err[0], err
+    assert "No space left on device" in err[0] and "GB free" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == []  # no folder, no temporary
+
+
+def test_a_read_only_cache_fails_before_loading_the_checkpoint_naming_the_cache(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    import customcrafter.convert as convert
+    from customcrafter.loading import converted_checkpoint_dir
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"weights")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(kwargs.get("dir")))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(convert, "load_original_state_dict", lambda path: pytest.fail("loaded before the check"))
+    with pytest.raises(OSError, match=r"cannot write into .* \(Read-only file system\).*CUSTOMCRAFTER_CACHE"):
+        converted_checkpoint_dir(checkpoint, cache_dir=tmp_path / "cache")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL
+from safetensors import SafetensorError
 
 from customcrafter.models.text import VIT_H_14_TEXT, build_text_encoder, load_tokenizer, openclip_text_config
 from customcrafter.models.unet import VideoCrafter2UNet
@@ -54,6 +56,10 @@ IGNORED_KEYS = {
 
 class ConversionError(ValueError):
     """The checkpoint or config does not fit: the message names the file, key or field."""
+
+
+class OutputWriteError(OSError):
+    """The converted folder could not be written (read-only or full disk, no permission): names the folder."""
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -430,11 +436,38 @@ def convert_checkpoint(
     if bad or not components:
         raise ConversionError(f"components {list(components)}: choose from {list(COMPONENTS)}")
     configs = read_configs(config, text_config)
+    output = Path(output)
+    _check_writable(output.parent, output)  # before minutes of loading, not after
     state_dict = load_original_state_dict(checkpoint)
     models = build_empty_models(configs, components)
     plans = make_plans(models, configs)
     check_state_dict({k: tuple(v.shape) for k, v in state_dict.items()}, plans, str(checkpoint))
-    output = Path(output)
+    size = sum(4 * torch.Size(src.shape).numel() for plan in plans.values() for src in plan.sources.values())
+    try:
+        _write_folder(output, overwrite, configs, models, plans, state_dict)
+    except FileExistsError:
+        raise
+    except (OSError, SafetensorError) as exc:  # disk full, read-only: safetensors' error names no file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OutputWriteError(f"{output}: could not write the converted model ({reason}); it needs about "
+                               f"{size / 1e9:.2f} GB free") from exc
+    logger.info("wrote %s", output)
+    return output
+
+
+def _check_writable(folder: Path, output: Path) -> None:
+    """A file can be created in ``folder`` (or in its nearest existing parent; nothing is left behind): a read-only
+    or foreign folder fails here, naming ``output``."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise OutputWriteError(f"{output}: cannot write into {existing} ({exc.strerror or exc})") from exc
+
+
+def _write_folder(output: Path, overwrite: bool, configs: ModelConfigs, models: dict[str, torch.nn.Module],
+                  plans: dict[str, Plan], state_dict: dict[str, torch.Tensor]) -> None:
     with atomic_dir(output, overwrite=overwrite) as tmp:
         index = {"_class_name": "VideoCrafter2Pipeline", "_diffusers_version": _diffusers_version(),
                  "_customcrafter_converter": CONVERTER_VERSION}
@@ -453,8 +486,6 @@ def convert_checkpoint(
         VideoCrafter2DDIMScheduler(**configs.scheduler).save_pretrained(tmp / "scheduler")
         index["scheduler"] = ["customcrafter.scheduler", "VideoCrafter2DDIMScheduler"]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    logger.info("wrote %s", output)
-    return output
 
 
 def _diffusers_version() -> str:

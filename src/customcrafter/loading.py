@@ -107,12 +107,13 @@ def _cache_key(path: Path) -> str:
 
 def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Convert an original checkpoint once; return the cached diffusers folder."""
-    from customcrafter.convert import convert_checkpoint
+    from customcrafter.convert import OutputWriteError, convert_checkpoint
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
-    target = Path(cache_dir or default_cache_dir()) / "converted" / f"{checkpoint.stem}-{_cache_key(checkpoint)}"
+    root = Path(cache_dir or default_cache_dir())
+    target = root / "converted" / f"{checkpoint.stem}-{_cache_key(checkpoint)}"
     if (target / "model_index.json").is_file():
         logger.info("using converted %s from the cache: %s", checkpoint, target)
         return target
@@ -123,6 +124,10 @@ def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | Non
         if not (target / "model_index.json").is_file():
             raise
         logger.info("another process converted %s meanwhile; using its folder %s", checkpoint, target)
+    except OutputWriteError as exc:
+        raise OutputWriteError(f"{exc}; the conversion cache is {root}: set CUSTOMCRAFTER_CACHE (or cache_dir) to a "
+                               "writable folder with room, or convert once with `customcrafter convert` and pass "
+                               "the folder") from exc
     return target
 
 
