@@ -276,3 +276,33 @@ def test_a_read_only_cache_fails_before_loading_the_checkpoint_naming_the_cache(
     monkeypatch.setattr(convert, "load_original_state_dict", lambda path: pytest.fail("loaded before the check"))
     with pytest.raises(OSError, match=r"cannot write into .* \(Read-only file system\).*CUSTOMCRAFTER_CACHE"):
         converted_checkpoint_dir(checkpoint, cache_dir=tmp_path / "cache")
+
+
+class _TrainingHyperParameters:  # a class of the training code (a Lightning checkpoint's hyper-parameters)
+    def __init__(self):
+        self.lr = 1e-5
+
+
+def test_a_lightning_training_checkpoint_converts_without_running_its_objects(fixtures_dir, tiny_ckpt, tmp_path):
+    """Beside state_dict a training .ckpt pickles objects of its training code; weights_only refuses the whole file
+    ('not a readable PyTorch checkpoint (Weights only load failed. ...)'). They are skipped, never constructed."""
+    import argparse
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tiny_ckpt, "hyper_parameters": argparse.Namespace(lr=1e-5), "global_step": 3,
+                "callbacks": {"ModelCheckpoint": _TrainingHyperParameters()}}, ckpt)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(ckpt, weights_only=True)  # what a plain weights-only load does
+    main(_convert_args(ckpt, tmp_path / "from_ckpt", fixtures_dir, components="unet"))
+    a = load_file(str(tmp_path / "from_ckpt" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a and all(torch.isfinite(v).all() for v in a.values())
+
+
+def test_a_checkpoint_with_non_tensor_state_dict_values_names_them(tmp_path, capsys):
+    import argparse
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.x": argparse.Namespace()}}, ckpt)
+    assert _cli("convert", "--checkpoint", str(ckpt), "--output", str(tmp_path / "out"), "--components", "unet") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no state_dict of tensors inside" in err[0] and "\x1b" not in err[0], err

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import tempfile
 from collections.abc import Callable
@@ -354,17 +355,53 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
             raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = _load_weights_only(path, mmap=True)
     except Exception:  # noqa: BLE001 - retry without mmap (old zip layouts), then report
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _load_weights_only(path, mmap=False)
         except Exception as exc:  # noqa: BLE001
-            raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+            message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's weights-only message has bold escapes
+            unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
+            reason = unpickler[1] if unpickler else message.splitlines()[0]
+            raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ConversionError(f"{path}: no state_dict of tensors inside")
     return data
+
+
+class _NotLoaded:
+    """Stands in for an object of a training checkpoint other than tensors (hyper-parameters, callback or optimiser
+    state of a Lightning ``.ckpt``): built from nothing, runs no code of the file, and is never used."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _load_weights_only(path: Path, mmap: bool) -> object:
+    """``torch.load(weights_only=True)``; a class it does not allow (outside ``torch``) is read as a
+    :class:`_NotLoaded` instead of failing the whole file: only the ``state_dict`` of tensors is used."""
+    stand_ins: list[str] = []
+    while True:
+        with torch.serialization.safe_globals([(_NotLoaded, name) for name in stand_ins]):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError as exc:
+                found = re.search(r"Unsupported global: GLOBAL ([\w.]+) was not", str(exc))
+                if not found or found[1] in stand_ins or found[1].startswith("torch.") or len(stand_ins) >= 100:
+                    raise
+                stand_ins.append(found[1])
+                continue
+        if stand_ins:
+            logger.info("%s: skipped objects other than tensors (%s)", path, ", ".join(stand_ins))
+        return data
 
 
 def build_empty_models(configs: ModelConfigs, components: tuple[str, ...]) -> dict[str, torch.nn.Module]:
