@@ -208,3 +208,25 @@ def test_a_module_that_fails_to_load_leaves_the_pipeline_as_it_was(method, train
     assert not getattr(pipe.unet, "peft_config", {})
     assert not any(len(getattr(m, "identity_adapters", ())) for m in pipe.unet.modules())
     np.testing.assert_array_equal(sample_video(pipe, "a dog", seed=0, config=SMALL), base_video)
+
+
+def test_module_from_another_base_of_the_same_architecture_warns_naming_both(trained_module, tmp_path, caplog):
+    """The signature covers the architecture only: a module trained on another checkpoint of the same shapes (a
+    fine-tune) loads, with a warning naming both bases; the same base loads silently."""
+    import logging
+    import shutil
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.subject_module import load_subject_module
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_module, other)
+    meta = json.loads((other / "module.json").read_text())
+    meta.update(base_model_id="/models/videocrafter2_finetune.ckpt")
+    (other / "module.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="customcrafter.subject_module"):
+        load_subject_module(load_base_pipeline("tiny"), trained_module)
+        assert not caplog.records
+        load_subject_module(load_base_pipeline("tiny"), other)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "'/models/videocrafter2_finetune.ckpt', loaded onto 'tiny'" in caplog.records[0].getMessage()

@@ -161,6 +161,10 @@ def load_subject_module(pipe, module_dir: str | Path, adapter_name: str | None =
             f"{module_dir}: trained on base model {meta.get('base_model_id')!r} (signature "
             f"{meta['base_model_signature'][:12]}), but the pipeline is {getattr(pipe, 'base_model_id', '?')!r} "
             f"(signature {signature[:12]}); load the module onto the base it was trained on")
+    trained_on, base = meta.get("base_model_id"), getattr(pipe, "base_model_id", None)
+    if trained_on and base and str(trained_on) != str(base):  # same architecture: the signature cannot tell weights
+        logger.warning("%s: trained on base model %r, loaded onto %r (same architecture); unless both are the same "
+                       "weights, the subject will not come out as trained", module_dir, trained_on, base)
     cls = method_class(meta["method"])
     rows = load_file(str(module_dir / "token_embeddings.safetensors"))
     saved_token = meta["token"]
