@@ -306,3 +306,23 @@ def test_a_checkpoint_with_non_tensor_state_dict_values_names_them(tmp_path, cap
     assert _cli("convert", "--checkpoint", str(ckpt), "--output", str(tmp_path / "out"), "--components", "unet") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no state_dict of tensors inside" in err[0] and "\x1b" not in err[0], err
+
+
+@pytest.mark.parametrize("case", ["safetensors_named_ckpt", "pickle_named_safetensors"])
+def test_the_format_is_read_from_the_file_not_its_name(case, fixtures_dir, tiny_ckpt, tmp_path):
+    """A safetensors file saved as model.ckpt failed as 'not a readable PyTorch checkpoint ()'; a torch.save file
+    named .safetensors as 'not a readable safetensors file (... header too large)'."""
+    import shutil
+
+    if case == "safetensors_named_ckpt":
+        ckpt = tmp_path / "model.ckpt"
+        shutil.copy(fixtures_dir / "tiny_lvdm_checkpoint.safetensors", ckpt)
+    else:
+        ckpt = tmp_path / "model.safetensors"
+        torch.save({"state_dict": tiny_ckpt}, ckpt)
+    main(_convert_args(ckpt, tmp_path / "out", fixtures_dir, components="unet"))
+    ours = load_file(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"))
+    reference = convert_checkpoint(fixtures_dir / "tiny_lvdm_checkpoint.safetensors", tmp_path / "reference",
+                                   config=fixtures_dir / "tiny_lvdm_config.yaml", components=["unet"])
+    expected = load_file(str(reference / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in ours)

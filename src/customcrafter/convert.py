@@ -343,11 +343,15 @@ def read_configs(config: str | Path | None = None, text_config: str | Path | Non
 
 # --------------------------------------------------------------------------------------------------------- conversion
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """``.safetensors`` or a legacy pickle (``torch.load(weights_only=True)``, its ``state_dict`` if nested)."""
+    """safetensors or a legacy pickle (``torch.load(weights_only=True)``, its ``state_dict`` if nested), told apart by
+    the file's first bytes rather than its name (a safetensors file saved as ``model.ckpt`` and the reverse happen)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch's zip layout, or a bare pickle
+    if head[8:9] == b"{" or (path.suffix == ".safetensors" and not pickled):  # 8-byte header size, JSON header
         from safetensors.torch import load_file
 
         try:
@@ -362,7 +366,8 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001
             message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's weights-only message has bold escapes
             unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
-            reason = unpickler[1] if unpickler else message.splitlines()[0]
+            reason = unpickler[1] if unpickler else next((line for line in message.splitlines() if line.strip()),
+                                                         type(exc).__name__)
             raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
@@ -392,7 +397,11 @@ def _load_weights_only(path: Path, mmap: bool) -> object:
     while True:
         with torch.serialization.safe_globals([(_NotLoaded, name) for name in stand_ins]):
             try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                if mmap:  # needs the path
+                    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                else:  # a file object: torch.load sends a path named *.safetensors to safetensors, whatever it holds
+                    with open(path, "rb") as fh:
+                        data = torch.load(fh, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 found = re.search(r"Unsupported global: GLOBAL ([\w.]+) was not", str(exc))
                 if not found or found[1] in stand_ins or found[1].startswith("torch.") or len(stand_ins) >= 100:
