@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,22 @@ def test_module_from_another_base_of_the_same_architecture_warns_naming_both(tra
         load_subject_module(load_base_pipeline("tiny"), other)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "'/models/videocrafter2_finetune.ckpt', loaded onto 'tiny'" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "token_embeddings.safetensors"])
+def test_a_damaged_weight_file_is_an_error_naming_it(damaged, trained_module, tmp_path):
+    """An interrupted copy or download of a module: safetensors' own error ('incomplete metadata, file not fully
+    covered') names no file. The error names it, and nothing is loaded."""
+    import shutil
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.subject_module import load_subject_module
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_module, broken)
+    data = (broken / damaged).read_bytes()
+    (broken / damaged).write_bytes(data[: len(data) - 64])
+    pipe = load_base_pipeline("tiny")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(broken / damaged))}: not a readable safetensors file"):
+        load_subject_module(pipe, broken)
+    assert "<new1>" not in pipe.tokenizer.get_vocab() and not getattr(pipe.unet, "peft_config", {})

@@ -166,6 +166,7 @@ def load_subject_module(pipe, module_dir: str | Path, adapter_name: str | None =
         logger.warning("%s: trained on base model %r, loaded onto %r (same architecture); unless both are the same "
                        "weights, the subject will not come out as trained", module_dir, trained_on, base)
     cls = method_class(meta["method"])
+    _check_weight_files(module_dir, meta)
     rows = load_file(str(module_dir / "token_embeddings.safetensors"))
     saved_token = meta["token"]
     if saved_token not in rows:
@@ -190,6 +191,25 @@ def load_subject_module(pipe, module_dir: str | Path, adapter_name: str | None =
     if cls.uses_lora:
         _activate_lora_adapters(pipe, {name: weight})
     return loaded
+
+
+def _check_weight_files(module_dir: Path, meta: dict) -> None:
+    """Every safetensors file of the module is there and whole (its header read; an interrupted copy fails here), before
+    anything is loaded: safetensors' own errors name no file."""
+    from safetensors import safe_open
+
+    weights = meta.get("weights")
+    files = weights.get("files", []) if isinstance(weights, dict) else []
+    for name in ["token_embeddings.safetensors", *(f for f in files if str(f).endswith(".safetensors"))]:
+        path = module_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from the subject module")
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad file
+            raise ValueError(f"{path}: not a readable safetensors file ({exc}); the module folder is damaged "
+                             "(an interrupted copy or download?)") from None
 
 
 def _activate_lora_adapters(pipe, new_weights: dict[str, float]) -> None:
