@@ -250,3 +250,16 @@ def test_a_damaged_weight_file_is_an_error_naming_it(damaged, trained_module, tm
     with pytest.raises(ValueError, match=rf"{re.escape(str(broken / damaged))}: not a readable safetensors file"):
         load_subject_module(pipe, broken)
     assert "<new1>" not in pipe.tokenizer.get_vocab() and not getattr(pipe.unet, "peft_config", {})
+
+
+def test_a_module_of_a_newer_format_is_refused_naming_the_versions(tmp_path):
+    from customcrafter.subject_module import FORMAT_VERSION, read_module_meta
+
+    meta = {"format_version": FORMAT_VERSION + 1, "method": "customcrafter", "base_model_signature": "0" * 16,
+            "token": "<new1>", "class_word": "cat", "fps": 16}
+    (tmp_path / "module.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"module\.json: format_version {FORMAT_VERSION + 1} is newer"):
+        read_module_meta(tmp_path)
+    meta["format_version"] = FORMAT_VERSION
+    (tmp_path / "module.json").write_text(json.dumps(meta))
+    assert read_module_meta(tmp_path)["token"] == "<new1>"

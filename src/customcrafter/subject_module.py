@@ -81,6 +81,10 @@ def read_module_meta(module_dir: str | Path) -> dict:
     for key in ("method", "base_model_signature", "token", "class_word", "fps"):
         if key not in meta:
             raise ValueError(f"{module_dir / MODULE_FILE}: missing {key!r}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{module_dir / MODULE_FILE}: format_version {version!r} is newer than this customcrafter "
+                         f"reads ({FORMAT_VERSION}); upgrade customcrafter to load this module")
     return meta
 
 
