@@ -186,28 +186,6 @@ def test_sample_commands_refuse_a_bad_registry_uri_before_loading(command, two_v
     assert not (tmp_path / "cache").exists()  # nothing downloaded for any of them
 
 
-def test_sample_warns_when_the_registered_base_model_differs(two_versions, tmp_path, capsys, monkeypatch):
-    import customcrafter.loading as loading
-
-    asked = []
-
-    def stop(model, device=None, **kwargs):
-        asked.append(model)
-        raise KeyboardInterrupt  # stands in for loading a real model
-
-    monkeypatch.setattr(loading, "load_base_pipeline", stop)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", two_versions)
-    argv = ["sample", "--prompt", "<new1> dog", "--out", str(tmp_path / "v.mp4"), "--device", "cpu",
-            "--subject-module", "models:/customcrafter-dog@champion"]
-    assert run_cli([*argv, "--base-model", "models/videocrafter2"]) == 130
-    err = capsys.readouterr().err
-    assert "warning: models:/customcrafter-dog@champion was trained on base model 'tiny', but --base-model is " \
-           "'models/videocrafter2'" in err
-    assert asked == ["models/videocrafter2"]  # warned, not refused
-    assert run_cli([*argv, "--base-model", "tiny"]) == 130
-    assert "warning" not in capsys.readouterr().err
-
-
 @pytest.fixture
 def registered_trained_module(uri, tmp_path, dreambooth_dir):  # noqa: F811
     """A one-step CustomCrafter module of the DreamBooth dog on the tiny base model, registered as champion."""

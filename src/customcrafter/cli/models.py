@@ -63,11 +63,11 @@ def _registry_failure(exc: Exception, tracking_uri: str) -> str:
     return display_uri(tracking_uri, f"could not read the registry at {tracking_uri}: {first[:300]}")
 
 
-def resolve_module_option(value: str | Path, tracking_uri: str | None, base_model: str) -> Path:
+def resolve_module_option(value: str | Path, tracking_uri: str | None) -> Path:
     """A ``--subject-module`` value as a local folder: a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI is
     resolved through the registry (its subject module downloaded once into the cache); anything else is a path.
-    Errors are UserErrors naming ``--subject-module`` and the URI; a registered base model id other than
-    ``--base-model`` is warned about on stderr (a converted local copy of the same checkpoint is legitimate)."""
+    Errors are UserErrors naming ``--subject-module`` and the URI. (A module trained on another base model than
+    ``--base-model`` is warned about when it loads, by ``load_subject_module``, wherever the module comes from.)"""
     from customcrafter.orchestration.registry import (
         RegistryLookupError,
         is_registry_uri,
@@ -88,10 +88,6 @@ def resolve_module_option(value: str | Path, tracking_uri: str | None, base_mode
     version = resolved.version
     aliases = f" ({', '.join(version.aliases)})" if version.aliases else ""
     typer.echo(f"{value}: {version.name} v{version.version}{aliases} -> {resolved.path}", err=True)
-    if version.base_model_id and version.base_model_id != base_model:
-        typer.echo(f"warning: {value} was trained on base model {version.base_model_id!r}, but --base-model is "
-                   f"{base_model!r}; sampling with {base_model!r} (fine if it is the same checkpoint, e.g. a "
-                   "converted local copy)", err=True)
     return resolved.path
 
 

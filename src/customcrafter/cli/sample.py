@@ -93,7 +93,7 @@ def sample_command(
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     # everything checkable is checked before minutes of loading the base model
-    module_dirs = [resolve_module_option(value, tracking_uri, base_model) for value in subject_modules or []]
+    module_dirs = [resolve_module_option(value, tracking_uri) for value in subject_modules or []]
     metas = [read_module_meta(module_dir) for module_dir in module_dirs]
     if dwvss and not any(meta.get("uses_lora") for meta in metas):
         raise UserError("--dwvss: DWVSS schedules a CustomCrafter (LoRA) module's scale; none of the given "
@@ -161,7 +161,7 @@ def sample_eval_set_command(
     if kind is not None and kind not in ("live", "object"):
         raise UserError(f"--kind {kind!r}: must be 'live' or 'object'")
     # everything checkable is checked before minutes of loading the base model
-    module_dir = resolve_module_option(subject_module, tracking_uri, base_model) if subject_module else None
+    module_dir = resolve_module_option(subject_module, tracking_uri) if subject_module else None
     try:
         meta = read_module_meta(module_dir) if module_dir else {}
     except (FileNotFoundError, ValueError) as exc:
