@@ -44,7 +44,7 @@ from customcrafter.training.checkpointing import (
 from customcrafter.training.config import TrainConfig
 from customcrafter.training.dataset import SubjectDataset, resolve_subject
 from customcrafter.training.methods import SPATIAL_BLOCK_RE, Stage, SubjectMethod, make_method
-from customcrafter.utils import file_in_the_way
+from customcrafter.utils import atomic_write_bytes, file_in_the_way
 
 __all__ = ["TrainResult", "train", "DiffusionLoss", "use_cuda_graphs", "ExampleDropout", "detach_start_token_kv",
            "epsilon_loss", "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout",
@@ -783,7 +783,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         unsplice(pipe.text_encoder)
         save_subject_module(module_dir, method=method, pipe=pipe, subject=subject, config=config,
                             token_id=token_id, schedule=schedule)
-        (Path(config.output_dir) / "losses.json").write_text(json.dumps(losses))
+        atomic_write_bytes(Path(config.output_dir) / "losses.json", json.dumps(losses).encode())  # never half-written
         _clear_checkpoints(checkpoints_dir, "the run finished and its module is written")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
