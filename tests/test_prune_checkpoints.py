@@ -109,7 +109,7 @@ def test_a_folder_that_cannot_be_removed_is_reported_and_the_others_still_go(cac
             raise PermissionError(13, "Permission denied", str(path))
         return rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints.shutil, "rmtree", refusing)
+    monkeypatch.setattr(shutil, "rmtree", refusing)  # wherever the removal calls it
     jobs = {p.path.name: p.error for p in prune_checkpoints(cache, timedelta(days=7))}
     assert jobs.keys() == {"failed-1", "failed-2", "finished"} and "Permission denied" in jobs["failed-1"]
     assert jobs["failed-2"] is None and jobs["finished"] is None

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_tree(path: str | Path, tag: str, ignore_errors: bool = False) -> bool:
+    """Delete the folder ``path``, renamed first to a hidden ``.<name>.<tag>-<pid>-<ns>`` beside it, so that nobody
+    (a resuming run, another pod) ever meets half a folder at ``path``. False when ``path`` was already gone; other
+    errors are raised unless ``ignore_errors`` (the renamed leftover then stays)."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.{tag}-{os.getpid()}-{time.time_ns()}")
+    try:
+        path.rename(doomed)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(doomed, ignore_errors=ignore_errors)
+    return True
 
 
 def file_in_the_way(folder: str | Path) -> Path | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -78,6 +77,7 @@ def prune_checkpoints(cache_dir: str | Path | None, older_than: timedelta, dry_r
     be removed is returned with its ``error`` (a half-removed one stays under a hidden name, which the next prune
     takes) and the others are still pruned."""
     from customcrafter.loading import default_cache_dir
+    from customcrafter.utils import remove_tree
 
     if older_than <= timedelta(0):
         raise ValueError(f"older_than must be above zero, got {older_than}")
@@ -95,13 +95,10 @@ def prune_checkpoints(cache_dir: str | Path | None, older_than: timedelta, dry_r
         error = None
         if not dry_run:
             # renamed first: a pod resuming meanwhile starts afresh instead of meeting half a folder
-            doomed = job.with_name(f".{job.name}-pruned-{os.getpid()}-{time.time_ns()}")
             try:
-                job.rename(doomed)
-                shutil.rmtree(doomed)
+                if not remove_tree(job, "pruned"):  # gone meanwhile (another prune took it)
+                    continue
                 logger.info("removed %s (%d bytes)", job, size)
-            except FileNotFoundError:  # gone meanwhile (another prune took it)
-                continue
             except OSError as exc:  # one folder that cannot go must not keep the others: report it, go on
                 logger.warning("could not remove %s: %s", job, exc)
                 error = str(exc)

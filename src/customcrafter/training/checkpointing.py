@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from customcrafter.utils import atomic_dir
+from customcrafter.utils import atomic_dir, remove_tree
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "remove_checkpoints",
            "capture_rng", "restore_rng", "optimizer_to_tensors", "optimizer_from_tensors"]
@@ -132,12 +129,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, trainable: dict[str, torch
 
 def _remove(path: Path) -> None:
     """Delete a checkpoint folder, renamed first so that no half-deleted ``step-N`` is ever found by a resume."""
-    doomed = path.with_name(f".{path.name}.removed-{os.getpid()}-{time.time_ns()}")
-    try:
-        path.rename(doomed)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_tree(path, "removed", ignore_errors=True)
 
 
 def remove_checkpoints(checkpoints_dir: Path) -> int:

@@ -35,14 +35,15 @@ def default_cache_root() -> Path:
 def class_images_model_id(pipe) -> str:
     """Which base model draws the class images: ``base_model_signature`` (the configs, i.e. the architecture: the
     same for VideoCrafter1 and 2, or a fine-tune) and a digest of the weights of the UNet, text encoder and VAE - a
-    strided sample of up to 64 values of every tensor, copied to the host at once (a fine-tune moves them all)."""
+    strided sample of up to 64 values of every tensor (a fine-tune moves them all), copied to the host once per
+    component."""
     from customcrafter.loading import base_model_signature
 
     samples = []
     for component in (pipe.unet, pipe.text_encoder, pipe.vae):
-        for _, tensor in sorted(component.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            samples.append(flat[:: max(1, flat.numel() // 64)][:64].float().cpu())
+        strided = [tensor.detach().reshape(-1)[:: max(1, tensor.numel() // 64)][:64].float()
+                   for _, tensor in sorted(component.state_dict().items())]
+        samples.append(torch.cat(strided).cpu())
     weights = hashlib.sha256(torch.cat(samples).numpy().tobytes()).hexdigest()[:16]
     return f"{base_model_signature(pipe)}-{weights}"
 
