@@ -97,15 +97,23 @@ def test_submit_and_schedule_reject_values_of_the_wrong_type(stub, package):
     assert stub.requests == []
 
 
-def test_submit_hints_at_subjects_for_the_subject_shorthand(stub, tmp_path):
-    @dsl.pipeline(name="subjects-pipeline")
-    def subjects_pipeline(subjects: list = ["dog"]):  # noqa: B006 (KFP reads defaults from the signature)
-        _echo(subject="x")
+# the production pipeline's two list parameters; KFP reads their defaults from the signature, hence B006
+@dsl.pipeline(name="list-params-pipeline")
+def _list_params_pipeline(subjects: list = ["dog"], methods: list = ["customcrafter"]):  # noqa: B006
+    _echo(subject="x")
 
-    path = tmp_path / "subjects_pipeline.yaml"
-    compiler.Compiler().compile(subjects_pipeline, str(path))
-    with pytest.raises(ValueError, match=r"no parameter 'subject' .*subjects=\[\"dog\"\].*its parameters: subjects"):
-        submit_run(stub.url, path, {"subject": "dog"})
+
+@pytest.fixture(scope="module")
+def list_package(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("kfp") / "list_params_pipeline.yaml"
+    compiler.Compiler().compile(_list_params_pipeline, str(path))
+    return path
+
+
+def test_submit_hints_at_subjects_for_the_subject_shorthand(stub, list_package):
+    with pytest.raises(ValueError, match=r"no parameter 'subject' .*subjects=\[\"dog\"\].*its parameters: methods, "
+                                         r"subjects"):
+        submit_run(stub.url, list_package, {"subject": "dog"})
     assert stub.requests == []
 
 
@@ -225,13 +233,8 @@ def test_gpu_scheduling_mirrors_configmap_and_compiles_into_platform_spec(tmp_pa
     assert k8s["pvcMount"][0]["mountPath"] == "/cache"
 
 
-def test_submit_and_schedule_check_the_methods_argument(stub, tmp_path):
-    @dsl.pipeline(name="methods-pipeline")
-    def methods_pipeline(methods: list = ["customcrafter"]):  # noqa: B006 (KFP reads defaults from the signature)
-        _echo(subject="x")
-
-    path = tmp_path / "methods_pipeline.yaml"
-    compiler.Compiler().compile(methods_pipeline, str(path))
+def test_submit_and_schedule_check_the_methods_argument(stub, list_package):
+    path = list_package
     with pytest.raises(ValueError, match=r"^arguments: methods: unknown method 'dreamvidoe' \(allowed: customcrafter"):
         submit_run(stub.url, path, {"methods": ["customcrafter", "dreamvidoe"]})
     with pytest.raises(ValueError, match=r"^arguments: methods: 'dreamvideo' given more than once"):
