@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,77 @@ def test_atomic_dir_without_overwrite_never_replaces_a_folder_that_appeared(tmp_
     with atomic_dir(target, overwrite=True) as tmp:  # overwrite replaces, as before
         (tmp / "a.txt").write_text("mine")
     assert (target / "a.txt").read_text() == "mine"
+
+
+#: a reader in its own process (no GIL shared with the writer): opens ``<target>/data`` as fast as it can until
+#: ``<target>.stop`` appears; prints how often there was no such file, and any content that was not whole
+_READER = """
+import os, sys
+target = sys.argv[1]
+data, stop = os.path.join(target, "data"), target + ".stop"
+missing, reads, torn = 0, 0, []
+while not os.path.exists(stop):
+    try:
+        with open(data) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        missing += 1
+        continue
+    reads += 1
+    if len(set(text.split())) != 1 or len(text.split()) != 1000:
+        torn.append(text[:40])
+print(missing, reads, len(torn))
+"""
+
+
+def _overwrite_while_reading(tmp_path, overwrites: int) -> tuple[int, int, int]:
+    import subprocess
+
+    from customcrafter.utils import atomic_dir
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "data").write_text("0 " * 1000)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        for generation in range(1, overwrites + 1):
+            with atomic_dir(target, overwrite=True) as tmp:
+                (tmp / "data").write_text(f"{generation} " * 1000)
+    finally:
+        Path(f"{target}.stop").touch()
+        missing, reads, torn = map(int, reader.communicate(timeout=60)[0].split())
+    assert (target / "data").read_text() == f"{overwrites} " * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.stop"]  # no temporary or old folder left
+    return missing, reads, torn
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_atomic_dir_overwrite_always_leaves_a_whole_folder_at_target(tmp_path):
+    """Overwriting renamed the old folder aside and then the new one in: a reader between the two renames found no
+    folder at all (a resuming run would start from scratch, a loader fail). On Linux the two are swapped in one
+    step, so every read finds one generation's whole file."""
+    missing, reads, torn = _overwrite_while_reading(tmp_path, 400)
+    assert reads > 0 and (missing, torn) == (0, 0)
+
+
+@pytest.mark.parametrize("unavailable", ["no renameat2", "filesystem refuses"])
+def test_atomic_dir_overwrite_falls_back_to_renames_without_the_exchange(tmp_path, monkeypatch, unavailable):
+    """Where there is no renameat2 (not Linux, an old libc) or the filesystem refuses the exchange (EINVAL), the
+    old folder is renamed aside and the new one in, as before: the overwrite still happens and leaves nothing."""
+    import ctypes
+    import errno
+
+    import customcrafter.utils as utils
+
+    def refuses(*args):
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(utils, "_renameat2", lambda: None if unavailable == "no renameat2" else refuses)
+    _overwrite_while_reading(tmp_path, 5)
+    with utils.atomic_dir(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "data").write_text("last")
+    assert (tmp_path / "out" / "data").read_text() == "last"
 
 
 @pytest.mark.parametrize("model", ["/data/modles/videocrafter2", "./converted/vc2", "models/vc2/unet/"])

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,12 +29,49 @@ def created_mode(kind: str) -> int:
     return (0o777 if kind == "dir" else 0o666) & ~mask
 
 
+#: renameat2(2): ``AT_FDCWD`` and the flag that swaps two existing paths in one step (Linux 3.15+, glibc 2.28+)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+#: errors of a system or filesystem without the exchange (not a problem with the paths): fall back to two renames
+_NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's ``renameat2``, or None where there is none (not Linux, or a libc older than glibc 2.28)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the existing paths ``a`` and ``b`` atomically; False (nothing done) where the system or the filesystem
+    cannot, so the caller falls back to renames. Other errors (a path gone, permissions) raise ``OSError``."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, f"{a} <-> {b}: could not swap ({os.strerror(code)})")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it is renamed to ``target``.
 
-    On any exception the temporary folder is removed and ``target`` is left as it was. Without ``overwrite``, a
-    ``target`` that another process wrote meanwhile is kept: ``FileExistsError``, and this folder is dropped.
+    An existing ``target`` (``overwrite``) is swapped with it in one step where the system can (Linux:
+    :func:`_exchange`), so a reader always finds the old folder or the new one there, never none; elsewhere it is
+    renamed aside first. On any exception the temporary folder is removed and ``target`` is left as it was.
+    Without ``overwrite``, a ``target`` that another process wrote meanwhile is kept: ``FileExistsError``, and this
+    folder is dropped.
     """
     target = Path(target)
     if target.exists() and not overwrite:
@@ -43,7 +84,9 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         if target.exists() and not overwrite:
             raise FileExistsError(appeared)
-        if target.exists():
+        if target.exists() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds what target held
+        elif target.exists():  # no atomic exchange here: for a moment there is no folder at target
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
