@@ -448,6 +448,91 @@ def test_a_token_that_normalizes_to_a_vocab_entry_is_refused(token):
     assert tokenizer("a <New1> dog")["input_ids"][2] == token_id
 
 
+def _no_base_model_loading(monkeypatch) -> None:
+    """Loading (or resolving: downloading, converting) the base model fails the test."""
+    import customcrafter.loading as loading
+
+    def loaded(*args, **kwargs):
+        pytest.fail("the base model was loaded before the token was checked")
+
+    for name in ("load_base_pipeline", "build_tiny_pipeline", "resolve_base_model", "_download"):
+        monkeypatch.setattr(loading, name, loaded)
+
+
+def _folder_with_token(folder: Path, token: str) -> Path:
+    """A converted-folder stand-in whose tokenizer already holds ``token`` (e.g. saved from a pipeline with a subject
+    module loaded): no weights, so only the tokenizer can be read from it."""
+    from customcrafter.models.text import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tokenizer.add_tokens([token])
+    tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def test_a_token_the_base_tokenizer_has_is_refused_before_the_base_model_loads(tmp_path, dreambooth_dir,
+                                                                               monkeypatch, capsys):
+    """A placeholder token already in the base model's tokenizer was refused only when it was added, after the
+    multi-GB base model had loaded (and the class images were drawn with it): minutes for a clash that the
+    tokenizer alone decides. ('Dog'-like tokens never get that far: the subject's token pattern refuses them.)"""
+    from cli_runner import run_cli
+
+    base = _folder_with_token(tmp_path / "converted", "<new1>")
+    _no_base_model_loading(monkeypatch)
+    code = run_cli(["train", "--subject", str(dreambooth_dir / "dog"), "--class-word", "dog", "--token", "<new1>",
+                    "--base-model", str(base), "--output", str(tmp_path / "run")])
+    assert code == 2
+    assert "token '<new1>' is already in the tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_token_taken_on_a_given_pipeline_is_refused_before_class_images_are_drawn(tmp_path, dreambooth_dir,
+                                                                                    monkeypatch):
+    """train(config, pipe=...) twice on one pipeline (a notebook): the second run's token is taken; it drew its
+    class images with the base model first, then failed."""
+    import customcrafter.training.class_images as class_images
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.training.trainer import train
+
+    pipe = load_base_pipeline("tiny")
+    pipe.tokenizer.add_tokens(["<new1>"])
+    monkeypatch.setattr(class_images, "resolve_class_images", lambda *a, **k: pytest.fail("class images drawn"))
+    config = TrainConfig(base_model="tiny", subject_dir=str(dreambooth_dir / "dog"), class_word="dog",
+                         output_dir=str(tmp_path / "run"), prior_preservation=True)
+    with pytest.raises(ValueError, match="token '<new1>' is already in the tokenizer"):
+        train(config, pipe=pipe)
+
+
+def test_the_multi_gpu_launcher_checks_the_token_before_converting_the_base_model(tmp_path, dreambooth_dir,
+                                                                                  monkeypatch):
+    from customcrafter.orchestration.local_run import run_training
+
+    base = _folder_with_token(tmp_path / "converted", "<new1>")
+    _no_base_model_loading(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = TrainConfig(subject_dir=str(dreambooth_dir / "dog"), class_word="dog", base_model=str(base),
+                         output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="token '<new1>' is already in the tokenizer"):
+        run_training(config)
+
+
+def test_the_base_tokenizer_is_read_without_weights(tmp_path, monkeypatch):
+    """A converted folder's own tokenizer/ is the one checked; a hub id or checkpoint (converted with the packaged
+    tokenizer) is neither downloaded nor converted for it."""
+    from customcrafter.loading import load_base_tokenizer
+    from customcrafter.models.text import load_tokenizer
+    from customcrafter.training.tokens import check_new_token
+
+    folder = _folder_with_token(tmp_path / "converted", "<new1>")
+    _no_base_model_loading(monkeypatch)
+    with pytest.raises(ValueError, match="token '<new1>' is already in the tokenizer"):
+        check_new_token(load_base_tokenizer(str(folder)), "<new1>")
+    for model in ("VideoCrafter/VideoCrafter2", str(tmp_path / "model.ckpt"), "tiny"):
+        check_new_token(load_base_tokenizer(model), "<new1>")  # the packaged tokenizer: <new1> is free
+        assert load_base_tokenizer(model).get_vocab() == load_tokenizer().get_vocab()
+
+
 def test_class_images_of_another_base_model_with_the_same_architecture_are_not_reused(tmp_path: Path):
     """The cache key named the base model by base_model_signature, a hash of its configs: VideoCrafter1 and 2 (or a
     fine-tune) share it, so the class images one had drawn were the other's prior."""

@@ -210,6 +210,18 @@ def _is_repo_id(model: str) -> bool:
     return True
 
 
+def load_base_tokenizer(model: str = "tiny"):
+    """The tokenizer ``load_base_pipeline(model)`` will have, without loading (or downloading, or converting) any
+    weights: a converted folder's ``tokenizer/``, else the packaged one (what conversion writes into every folder).
+    For checks that need the tokenizer alone before minutes of loading (training's placeholder token)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(model) / "tokenizer"
+    if model != "tiny" and (Path(model) / "model_index.json").is_file() and folder.is_dir():
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return load_tokenizer()
+
+
 def load_base_pipeline(
     model: str = "tiny",
     *,

@@ -366,13 +366,14 @@ def run_training(config):
     visible. Returns the :class:`~customcrafter.training.trainer.TrainResult` of the main process."""
     import torch
 
-    from customcrafter.training.trainer import TrainResult, train
+    from customcrafter.training.trainer import TrainResult, check_token_before_loading, train
 
     gpus = torch.cuda.device_count()
     if gpus <= 1:
         return train(config)
     from customcrafter.loading import resolve_base_model
 
+    check_token_before_loading(config)  # before the download and conversion below, and the processes' loading
     resolve_base_model(config.base_model)  # download and convert here, once: each process then finds it cached
     with tempfile.TemporaryDirectory(prefix="cc-train-") as tmp:
         config_path, result_path = Path(tmp) / "config.json", Path(tmp) / "result.json"

@@ -15,8 +15,8 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["add_placeholder_token", "initial_embedding", "SplicedTokenEmbedding", "splice_new_rows", "unsplice",
-           "token_rows", "set_token_rows"]
+__all__ = ["add_placeholder_token", "check_new_token", "initial_embedding", "SplicedTokenEmbedding",
+           "splice_new_rows", "unsplice", "token_rows", "set_token_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,9 @@ def _normalized(tokenizer, text: str) -> str:
     return normalizer.normalize_str(text) if normalizer is not None else text
 
 
-def add_placeholder_token(tokenizer, text_encoder, token: str, class_word: str, init_mode: str = "piece",
-                          init_vector: torch.Tensor | None = None) -> int:
-    """Add ``token`` to the tokenizer, grow the text encoder's table by one row, initialise it; return its id.
-
-    The row comes from ``init_vector`` when given (loading a trained module), else from the class word.
-    """
+def check_new_token(tokenizer, token: str) -> None:
+    """A ``ValueError`` when ``token`` is, or reads as, a word the tokenizer already has. Needs the tokenizer alone,
+    so training checks it before loading the base model (minutes), not only when the token is added."""
     vocab = tokenizer.get_vocab()
     # the tokenizer stores and matches an added token as it normalizes text (CLIP: lowercased), so 'Dog' would
     # become 'dog' and take over the class word in every prompt
@@ -68,6 +65,15 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, class_word: str, 
         if form in vocab:
             read_as = "" if form == token else f" (the tokenizer reads it as {form!r})"
             raise ValueError(f"token {token!r}{read_as} is already in the tokenizer (pick another, e.g. '<new2>')")
+
+
+def add_placeholder_token(tokenizer, text_encoder, token: str, class_word: str, init_mode: str = "piece",
+                          init_vector: torch.Tensor | None = None) -> int:
+    """Add ``token`` to the tokenizer, grow the text encoder's table by one row, initialise it; return its id.
+
+    The row comes from ``init_vector`` when given (loading a trained module), else from the class word.
+    """
+    check_new_token(tokenizer, token)
     added = tokenizer.add_tokens([token])
     if added != 1:
         raise ValueError(f"token {token!r} could not be added to the tokenizer")

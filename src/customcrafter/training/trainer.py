@@ -637,6 +637,20 @@ def _optimizer(params: list[nn.Parameter], stage: Stage, config: TrainConfig) ->
                              weight_decay=stage.weight_decay, fused=fused)
 
 
+def check_token_before_loading(config: TrainConfig, pipe=None):
+    """The resolved subject, once its placeholder token is known to be new to the base model's tokenizer (read
+    without its weights: :func:`~customcrafter.loading.load_base_tokenizer`): a token the tokenizer already holds
+    (a folder saved with a module's token, a pipeline that has one) is refused in seconds, not after the base model
+    has loaded. (Malformed tokens such as 'Dog', which CLIP reads as 'dog', are refused by resolve_subject.)"""
+    from customcrafter.loading import load_base_tokenizer
+    from customcrafter.training.tokens import check_new_token
+
+    subject = resolve_subject(config.subject_dir, config.class_word, config.token, config.kind)
+    tokenizer = pipe.tokenizer if pipe is not None else load_base_tokenizer(config.base_model)
+    check_new_token(tokenizer, subject.token)
+    return subject
+
+
 # --- the loop -----------------------------------------------------------------------------------------------------
 def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     """Train a subject module; returns where it was written, the per-step losses and the step count.
@@ -659,7 +673,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     if (module_dir / MODULE_FILE).is_file() and not config.overwrite:  # before minutes of loading and training
         raise FileExistsError(f"{module_dir}: a finished subject module is there (overwrite=false); pass another "
                               "output folder, or --force / overwrite=true to replace it")
-    subject = resolve_subject(config.subject_dir, config.class_word, config.token, config.kind)
+    subject = check_token_before_loading(config, pipe)
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
     if pipe is None:
