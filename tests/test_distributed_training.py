@@ -77,7 +77,7 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     assert "global batch 2 = 1 per process x 2 process(es)" in launched.stderr
     assert "class images of 'a photo of a dog' with the base model" in launched.stderr \
         and "(2 process(es))" in launched.stderr
-    ddp_losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    ddp_losses = json.loads((tmp_path / "ddp" / "subject_module" / "losses.json").read_text())
     schedule = json.loads((tmp_path / "ddp" / "subject_module" / "module.json").read_text())["train_schedule"]
     assert (schedule["processes"], schedule["global_batch"]) == (2, 2)
 

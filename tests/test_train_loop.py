@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,29 @@ def test_only_lora_and_the_token_row_change(tmp_path, dreambooth_dir):
 
     saved = load_file(str(result.module_dir / "token_embeddings.safetensors"))["<new1>"]
     assert torch.equal(saved, table[-1].float())
-    assert (Path(tmp_path / "run" / "losses.json")).is_file()
+    assert json.loads((result.module_dir / "losses.json").read_text()) == result.losses
+
+
+def test_the_losses_are_always_the_modules_own(tmp_path, dreambooth_dir, monkeypatch):
+    """losses.json was written beside the module folder after it: a run killed between the two left its new module
+    beside the previous run's losses. They are now written in the module's one atomic folder write."""
+    import customcrafter.subject_module as subject_module
+    from customcrafter.training.trainer import train
+
+    first = train(_config(tmp_path, dreambooth_dir, steps=4, prior_preservation=False))
+    real_save = subject_module.save_subject_module
+
+    def killed_once_the_module_is_written(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(subject_module, "save_subject_module", killed_once_the_module_is_written)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, dreambooth_dir, steps=2, prior_preservation=False, overwrite=True))
+    module = first.module_dir
+    steps = json.loads((module / "module.json").read_text())["train_config"]["steps"]
+    assert steps == 2 and len(json.loads((module / "losses.json").read_text())) == 2
+    assert not (tmp_path / "run" / "losses.json").exists()  # no other run's losses beside the module
 
 
 def _fixed_denoising_loss(pipe, images: list[Path], caption: str, size: tuple[int, int]) -> float:

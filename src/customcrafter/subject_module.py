@@ -6,6 +6,7 @@ Folder layout (every method)::
                                 fps, dwvss defaults (CustomCrafter), the resolved training config
     token_embeddings.safetensors  {token: embedding row}
     tokenizer_added.json        {"tokens": ["<new1>"], "init": ...}
+    losses.json                 the training loss of every step (written by the trainer, in the same atomic write)
     + the method's weights:
       customcrafter      adapter_config.json + adapter_model.safetensors (stock peft layout; keys
                          "base_model.model.<module>.lora_A.weight")
@@ -30,11 +31,13 @@ from safetensors.torch import load_file, save_file
 from customcrafter.utils import atomic_dir
 
 __all__ = ["LoadedModule", "save_subject_module", "load_subject_module", "read_module_meta", "loaded_modules",
-           "resolve_module_dir", "MODULE_FILE", "FORMAT_VERSION"]
+           "resolve_module_dir", "MODULE_FILE", "LOSSES_FILE", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 MODULE_FILE = "module.json"
+#: The per-step training losses, inside the module folder (so they are always the module's own).
+LOSSES_FILE = "losses.json"
 FORMAT_VERSION = 1
 #: Where the trainer writes the module inside its output folder (checkpoints sit beside it).
 MODULE_SUBDIR = "subject_module"
@@ -89,8 +92,9 @@ def read_module_meta(module_dir: str | Path) -> dict:
 
 
 def save_subject_module(module_dir: str | Path, *, method, pipe, subject, config, token_id: int,
-                        schedule: dict | None = None) -> Path:
-    """Write the module atomically (a half-written module never exists)."""
+                        schedule: dict | None = None, losses: list[float] | None = None) -> Path:
+    """Write the module atomically (a half-written module never exists). ``losses`` (the per-step training losses)
+    go into the same folder write as ``losses.json``: a separate file beside it could be another run's."""
     from customcrafter.dwvss import DWVSSConfig
     from customcrafter.loading import base_model_signature
     from customcrafter.training.tokens import RARE_INIT_TOKEN, token_rows
@@ -119,6 +123,8 @@ def save_subject_module(module_dir: str | Path, *, method, pipe, subject, config
             "train_config": config.model_dump(mode="json"),
             "train_schedule": schedule or {},  # processes, global batch, each stage's steps and resolved lr
         }
+        if losses is not None:
+            (tmp / LOSSES_FILE).write_text(json.dumps(losses))
         (tmp / MODULE_FILE).write_text(json.dumps(meta, indent=2))
     logger.info("wrote subject module %s (%s)", module_dir, config.method)
     return module_dir

@@ -44,7 +44,7 @@ from customcrafter.training.checkpointing import (
 from customcrafter.training.config import TrainConfig
 from customcrafter.training.dataset import SubjectDataset, resolve_subject
 from customcrafter.training.methods import SPATIAL_BLOCK_RE, Stage, SubjectMethod, make_method
-from customcrafter.utils import atomic_write_bytes, file_in_the_way
+from customcrafter.utils import file_in_the_way
 
 __all__ = ["TrainResult", "train", "DiffusionLoss", "use_cuda_graphs", "ExampleDropout", "detach_start_token_kv",
            "epsilon_loss", "example_seed", "draw_example_noise", "install_example_dropout", "restore_dropout",
@@ -661,7 +661,7 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from customcrafter.loading import load_base_pipeline
-    from customcrafter.subject_module import MODULE_FILE, MODULE_SUBDIR, save_subject_module
+    from customcrafter.subject_module import LOSSES_FILE, MODULE_FILE, MODULE_SUBDIR, save_subject_module
     from customcrafter.training.class_images import resolve_class_images
     from customcrafter.training.tokens import add_placeholder_token, unsplice
 
@@ -795,9 +795,11 @@ def train(config: TrainConfig, *, pipe=None) -> TrainResult:
         if checkpointing:
             pipe.unet.disable_gradient_checkpointing()
         unsplice(pipe.text_encoder)
+        # the losses are written inside the module's one atomic folder write, so they are always that module's; a
+        # losses.json beside it (written there before) would now describe an older module: gone first
+        (Path(config.output_dir) / LOSSES_FILE).unlink(missing_ok=True)
         save_subject_module(module_dir, method=method, pipe=pipe, subject=subject, config=config,
-                            token_id=token_id, schedule=schedule)
-        atomic_write_bytes(Path(config.output_dir) / "losses.json", json.dumps(losses).encode())  # never half-written
+                            token_id=token_id, schedule=schedule, losses=losses)
         _clear_checkpoints(checkpoints_dir, "the run finished and its module is written")
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
