@@ -242,6 +242,27 @@ def test_pyfunc_loads_base_and_module_and_returns_videos(uri, module_dir, monkey
     assert [v.shape for v in videos] == [(2, 8, 8, 3)] * 2
 
 
+def test_the_pyfunc_model_is_imported_logged_and_loaded_without_a_type_hint_warning(tmp_path, module_dir):
+    """MLflow printed 'Add type hints to the `predict` method ...' whenever the model's module was imported (every
+    registration, every process loading a registered model: unpickling imports it). In a fresh process, as a user
+    meets it: import and register (log_model), with every warning shown."""
+    script = textwrap.dedent(f"""
+        import warnings
+        warnings.simplefilter("always")
+        import customcrafter.orchestration.pyfunc
+        from customcrafter.orchestration.registry import register_subject_model
+        uri = {f"sqlite:///{tmp_path / 'fresh.db'}"!r}
+        register_subject_model(uri, "dog", {str(module_dir)!r}, "tiny", {GOOD!r}, {TAGS!r})
+        print("done")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "src"),
+                                                                    os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)  # MLflow's default artifact root is ./mlruns
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-3000:]
+    assert "type hint" not in done.stderr.lower(), done.stderr[-3000:]
+
+
 def _real_model_code_missing() -> str | None:
     checks = [("customcrafter.sampling", "sample_video"), ("customcrafter.loading", "load_base_pipeline"),
               ("customcrafter.subject_module", "load_subject_module"),

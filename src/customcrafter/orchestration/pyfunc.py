@@ -16,6 +16,8 @@ import math
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
+import pandas as pd
 
 __all__ = ["CustomCrafterVideoModel", "SUBJECT_MODULE_ARTIFACT", "SAMPLING_COLUMNS", "input_signature"]
 
@@ -71,7 +73,10 @@ class CustomCrafterVideoModel(mlflow.pyfunc.PythonModel):
         load_subject_module(self.pipe, module_dir)
         optimize_pipeline(self.pipe, speed)  # after the module: DWVSS fuses LoRA scales into the optimised weights
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    # model_input's type hint: MLflow warns on a PythonModel whose predict has none. A DataFrame hint is one it accepts
+    # without inferring a schema or validating against it: the registered signature (input_signature) stays the one
+    # the input is checked against, as before.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[np.ndarray]:
         """``model_input``: a DataFrame with ``prompt`` and optional :data:`SAMPLING_COLUMNS` per row.
 
         Returns a list with one video per row, as ``customcrafter.sampling.sample_video`` gives it
