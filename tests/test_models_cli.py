@@ -217,3 +217,57 @@ def test_sample_a_registered_champion_on_the_tiny_model(registered_trained_modul
     assert run_cli(["sample", "--base-model", "tiny", "--tracking-uri", uri, "--subject-module",
                     "models:/customcrafter-dog/1", "--prompt", "<new1> dog", "--steps", "2", "--set", "num_frames=2",
                     "--set", "height=64", "--set", "width=96", "--device", "cpu", "--out", str(out), "--force"]) == 0
+
+
+def test_an_evaluation_set_records_the_registered_version_and_refuses_another(registered_trained_module, tmp_path,
+                                                                              capsys, monkeypatch, dreambooth_dir):
+    """The manifest of `sample-eval-set --subject-module models:/...` did not say which registered model and version
+    its videos came from, and a rerun into the folder from another version kept the old videos under the new
+    module's name. It records name, version, the alias used and the run; another version is refused before
+    loading, the same version named another way resumes."""
+    import customcrafter.loading as loading
+    from customcrafter.sampling import evaluation_set_rows
+
+    uri, module = registered_trained_module  # noqa: F811
+    out = tmp_path / "set"
+    command = ["sample-eval-set", "--base-model", "tiny", "--tracking-uri", uri, "--subject",
+               str(dreambooth_dir / "dog"), "--out", str(out), "--prompt-limit", "1", "--seed", "0", "--steps", "2",
+               "--set", "num_frames=2", "--set", "height=64", "--set", "width=96", "--device", "cpu"]
+    assert run_cli([*command, "--subject-module", "models:/customcrafter-dog@champion"]) == 0
+    run_id = MlflowClient(uri).get_model_version("customcrafter-dog", "1").run_id
+    (row,) = evaluation_set_rows(out)
+    assert row["subject_module"] == {"uri": "models:/customcrafter-dog@champion", "name": "customcrafter-dog",
+                                     "version": 1, "alias": "champion", "run_id": run_id}
+    capsys.readouterr()
+
+    second = register_subject_model(uri, "dog", module, "tiny", GOOD, {**TAGS, "data_revision": "rev2"})
+    real_load = loading.load_base_pipeline
+    monkeypatch.setattr(loading, "load_base_pipeline", lambda *a, **k: pytest.fail("loaded before the check"))
+    assert run_cli([*command, "--subject-module", f"models:/customcrafter-dog/{second.version}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: --subject-module models:/customcrafter-dog/{second.version}: {out}: its videos (dog/p00_s0.mp4, "
+            f"...) were sampled with registered model customcrafter-dog v1 (run {run_id}), this run with "
+            f"customcrafter-dog v{second.version}") in err
+    assert run_cli([*command, "--subject-module", str(module)]) == 2  # a folder: its origin is not the recorded one
+    assert "this run with a subject module folder" in capsys.readouterr().err
+    assert evaluation_set_rows(out) == [row]  # the manifest untouched
+
+    monkeypatch.setattr(loading, "load_base_pipeline", real_load)
+    assert run_cli([*command, "--subject-module", "models:/customcrafter-dog/1"]) == 0  # the same version
+    (again,) = evaluation_set_rows(out)
+    assert again["subject_module"] == {**row["subject_module"], "uri": "models:/customcrafter-dog/1", "alias": None}
+
+
+def test_videos_of_unrecorded_origin_leave_the_origin_unrecorded(tmp_path):
+    """Kept videos sampled from a module folder or before origins were recorded: their origin is unknown, so the
+    new manifest does not label them with this run's registered version (as an unrecorded dtype stays unrecorded)."""
+    from customcrafter.sampling import resumed_module_origin
+
+    origin = {"uri": "models:/customcrafter-dog/1", "name": "customcrafter-dog", "version": 1, "alias": None,
+              "run_id": "r1"}
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"video": "dog/p00_s0.mp4"}) + "\n")
+    assert resumed_module_origin(tmp_path, origin) == origin  # its video is not on disk: nothing kept
+    (tmp_path / "dog" / "p00_s0.mp4").write_bytes(b"video")
+    assert resumed_module_origin(tmp_path, origin) is None
+    assert resumed_module_origin(tmp_path, None) is None

@@ -160,14 +160,44 @@ def _resumed_settings(out_dir: Path, settings: dict) -> dict:
     return {name: value for name, value in settings.items() if name in recorded}
 
 
+#: what identifies a registered module's weights in a manifest's ``subject_module`` (its URI and alias only say how
+#: it was named: models:/NAME@champion and models:/NAME/3 may be the same version)
+MODULE_ORIGIN_IDENTITY = ("name", "version", "run_id")
+
+
+def resumed_module_origin(out_dir: str | Path, origin: dict | None) -> dict | None:
+    """The registered model (``subject_module``: name, version, alias, run id, URI) the folder's new manifest records,
+    None for a module folder. A rerun keeps the videos on disk: refuse if the folder's manifest says they came from
+    another registered version (or from one, while this run samples a module folder). Videos whose origin was not
+    recorded (a module folder, an older manifest) leave it unrecorded: theirs is unknown."""
+    out_dir = Path(out_dir)
+    identity = {name: origin.get(name) for name in MODULE_ORIGIN_IDENTITY} if origin else None
+    recorded = origin
+    for row in evaluation_set_rows(out_dir):
+        held, video = row.get("subject_module"), row.get("video")
+        if not (isinstance(video, str) and (out_dir / video).is_file()):
+            continue
+        if not isinstance(held, dict):
+            recorded = None
+            continue
+        if identity is None or {name: held.get(name) for name in MODULE_ORIGIN_IDENTITY} != identity:
+            this = f"{origin['name']} v{origin['version']}" if origin else "a subject module folder"
+            raise ValueError(f"{out_dir}: its videos ({video}, ...) were sampled with registered model "
+                             f"{held.get('name')} v{held.get('version')} (run {held.get('run_id')}), this run with "
+                             f"{this}; a rerun only samples missing videos, so delete the folder to sample afresh, "
+                             "or rerun with the same subject module")
+    return recorded
+
+
 def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str | Path, out_dir: str | Path,
                           seeds: list[int], prompt_limit: int | None = None, config: SampleConfig | None = None,
                           kind: str | None = None, class_word: str | None = None,
-                          token: str | None = None) -> Path:
+                          token: str | None = None, module_origin: dict | None = None) -> Path:
     """Sample every evaluation prompt × seed; write ``out_dir/<subject>/pNN_sS.mp4`` and ``out_dir/manifest.jsonl``.
 
     Rows follow docs/ARCHITECTURE.md "Method outputs". Resumable: a video already on disk is not sampled again.
-    Class word, kind and token come from the loaded module / subject.yaml unless given.
+    Class word, kind and token come from the loaded module / subject.yaml unless given. ``module_origin``: the
+    registered model the module was resolved from (see :func:`resumed_module_origin`), recorded in every row.
     """
     from customcrafter.evaluation.prompts import evaluation_prompts, format_prompt
     from customcrafter.training.dataset import resolve_subject
@@ -187,6 +217,7 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
     if config.fps is None and not modules:  # the base model as the motion reference: conditioned like the modules
         config = config.model_copy(update={"fps": EVALUATION_BASE_FPS})
     settings = _resumed_settings(out_dir, _sampling_settings(pipe, config))
+    origin = resumed_module_origin(out_dir, module_origin)
     rows = []
     (out_dir / subject).mkdir(parents=True, exist_ok=True)
     for prompt in prompts:
@@ -203,7 +234,8 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
             rows.append({"method": method, "subject": subject, "subject_dir": str(subject_dir),
                          "class_word": class_word, "token": token, "kind": info.kind, "prompt": text,
                          "prompt_template": prompt.template, "prompt_type": prompt.type,
-                         "prompt_index": prompt.index, "seed": seed, "video": relative, "sampling": settings})
+                         "prompt_index": prompt.index, "seed": seed, "video": relative, "sampling": settings,
+                         **({"subject_module": origin} if origin else {})})
     manifest = out_dir / "manifest.jsonl"
     atomic_write_bytes(manifest, "".join(json.dumps(r) + "\n" for r in rows).encode())
     logger.info("wrote %d videos of %s (%s) to %s", len(rows), subject, method, out_dir)

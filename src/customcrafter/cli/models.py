@@ -68,14 +68,22 @@ def resolve_module_option(value: str | Path, tracking_uri: str | None) -> Path:
     resolved through the registry (its subject module downloaded once into the cache); anything else is a path.
     Errors are UserErrors naming ``--subject-module`` and the URI. (A module trained on another base model than
     ``--base-model`` is warned about when it loads, by ``load_subject_module``, wherever the module comes from.)"""
+    return resolve_module_origin(value, tracking_uri)[0]
+
+
+def resolve_module_origin(value: str | Path, tracking_uri: str | None) -> tuple[Path, dict | None]:
+    """:func:`resolve_module_option`, plus where a registered module came from (None for a folder): the URI as
+    given, the model name, version, the alias if the URI used one, and the run that logged the version - what an
+    evaluation set records, so its videos can be traced to (and a rerun checked against) one registered version."""
     from customcrafter.orchestration.registry import (
         RegistryLookupError,
         is_registry_uri,
+        parse_registry_uri,
         resolve_registered_module,
     )
 
     if not is_registry_uri(value):
-        return Path(value)
+        return Path(value), None
     option = f"--subject-module {value}"
     uri = tracking_uri_or_error(tracking_uri, option)
     try:
@@ -88,7 +96,9 @@ def resolve_module_option(value: str | Path, tracking_uri: str | None) -> Path:
     version = resolved.version
     aliases = f" ({', '.join(version.aliases)})" if version.aliases else ""
     typer.echo(f"{value}: {version.name} v{version.version}{aliases} -> {resolved.path}", err=True)
-    return resolved.path
+    origin = {"uri": str(value), "name": version.name, "version": version.version,
+              "alias": parse_registry_uri(str(value))[1], "run_id": version.run_id}
+    return resolved.path, origin
 
 
 def _metric_names(versions) -> list[str]:

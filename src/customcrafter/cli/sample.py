@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from customcrafter.cli import UserError, app
-from customcrafter.cli.models import resolve_module_option
+from customcrafter.cli.models import resolve_module_option, resolve_module_origin
 
 # the options both commands share, declared once
 BaseModelOption = Annotated[str, typer.Option("--base-model", help="'tiny', hub id, checkpoint or folder.")]
@@ -150,7 +150,12 @@ def sample_eval_set_command(
     from customcrafter.data.subjects import find_subject_dir
     from customcrafter.loading import load_base_pipeline
     from customcrafter.performance import optimize_pipeline
-    from customcrafter.sampling import SampleConfig, evaluation_set_rows, sample_evaluation_set
+    from customcrafter.sampling import (
+        SampleConfig,
+        evaluation_set_rows,
+        resumed_module_origin,
+        sample_evaluation_set,
+    )
     from customcrafter.subject_module import load_subject_module, read_module_meta
     from customcrafter.training.dataset import resolve_subject
     from customcrafter.utils import file_in_the_way
@@ -161,7 +166,7 @@ def sample_eval_set_command(
     if kind is not None and kind not in ("live", "object"):
         raise UserError(f"--kind {kind!r}: must be 'live' or 'object'")
     # everything checkable is checked before minutes of loading the base model
-    module_dir = resolve_module_option(subject_module, tracking_uri) if subject_module else None
+    module_dir, origin = resolve_module_origin(subject_module, tracking_uri) if subject_module else (None, None)
     try:
         meta = read_module_meta(module_dir) if module_dir else {}
     except (FileNotFoundError, ValueError) as exc:
@@ -186,6 +191,10 @@ def sample_eval_set_command(
     if held - {f"{method}/{info.name}"}:
         raise UserError(f"--out {out}: holds the evaluation set of {', '.join(sorted(held))} (method/subject), "
                         f"not {method}/{info.name}; use one folder per subject and method")
+    try:  # also checked by sample_evaluation_set, after minutes of loading
+        resumed_module_origin(out, origin)
+    except ValueError as exc:
+        raise UserError(f"--subject-module {subject_module}: {exc}") from None
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     speed, target = _speed_and_device(compile_mode, dtype, device)
     pipe = load_base_pipeline(base_model, device=target)
@@ -196,7 +205,7 @@ def sample_eval_set_command(
     # so an interrupted run leaves whole videos, no new manifest (nothing half-written to score) and a rerun resumes
     manifest = sample_evaluation_set(pipe, method=method, subject=info.name, subject_dir=subject_dir, out_dir=out,
                                      seeds=seeds, prompt_limit=prompt_limit, config=sample_config,
-                                     kind=info.kind, class_word=info.class_word)
+                                     kind=info.kind, class_word=info.class_word, module_origin=origin)
     rows = sum(1 for line in manifest.read_text().splitlines() if line.strip())
     typer.echo(f"wrote {rows} videos of {info.name} ({method}) to {out}; score them with: customcrafter evaluate "
                f"--method-outputs {out} [more folders] --out EVAL_DIR")
