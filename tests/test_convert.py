@@ -300,6 +300,32 @@ def test_a_folder_converted_by_an_older_converter_is_not_reused_from_the_cache(t
     assert json.loads((second / "model_index.json").read_text()) == {"converter": convert.CONVERTER_VERSION}
 
 
+@pytest.mark.parametrize("how", ["cp -p", "rsync -t"])
+def test_a_checkpoint_replaced_with_the_same_size_and_mtime_gets_a_new_cache_key(how, tmp_path):
+    """``cp -p`` (written in place) and ``rsync -t`` (a copy renamed into place) keep size and modification time:
+    the old key (path, size, mtime) reused the conversion of the file they replaced."""
+    import os
+
+    from customcrafter.loading import _cache_key
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"old weights")
+    before, key = checkpoint.stat(), _cache_key(checkpoint)
+    if how == "cp -p":
+        checkpoint.write_bytes(b"new weights")
+        os.utime(checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
+        while checkpoint.stat().st_ctime_ns == before.st_ctime_ns:  # a coarse clock: until the ctime tick moves on
+            os.utime(checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:
+        copy = tmp_path / ".model.ckpt.rsync"
+        copy.write_bytes(b"new weights")
+        os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        copy.replace(checkpoint)
+    after = checkpoint.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert _cache_key(checkpoint) != key
+
+
 def test_converted_folder_records_the_converter_version_and_loads(fixtures_dir, tmp_path):
     from customcrafter.convert import CONVERTER_VERSION
     from customcrafter.pipeline import VideoCrafter2Pipeline

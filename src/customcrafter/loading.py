@@ -6,7 +6,7 @@
 * a converted diffusers folder (``model_index.json``): ``VideoCrafter2Pipeline.from_pretrained``.
 * a local original checkpoint (``.ckpt``/``.safetensors``): converted once with ``customcrafter.convert`` and cached
   under ``cache_dir`` (default ``$CUSTOMCRAFTER_CACHE`` or ``~/.cache/customcrafter``), keyed by the file's path,
-  size and modification time and the converter's version.
+  size, modification and status-change times, inode and the converter's version.
 * a hub id (``VideoCrafter/VideoCrafter2``, optionally ``repo_id:filename``): the file is fetched with
   ``huggingface_hub.hf_hub_download`` (honours ``HF_HUB_OFFLINE``/the hub cache), then as a local checkpoint.
 """
@@ -97,11 +97,18 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(path: Path) -> str:
-    """The file (path, size, modification time) and the converter's version: what the converted folder depends on."""
+    """The file and the converter's version: what the converted folder depends on.
+
+    The file is its path, size and modification time, and also its inode and status-change time: ``cp -p`` or
+    ``rsync -t`` give a replacement of the same size the old modification time, but a write in place changes the
+    ctime (which no user can set back) and a copy renamed into place has a new inode. Hashing the content would be
+    exact but reads GBs on every load.
+    """
     from customcrafter.convert import CONVERTER_VERSION
 
     stat = path.stat()
-    blob = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|converter {CONVERTER_VERSION}"
+    blob = (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+            f"|converter {CONVERTER_VERSION}")
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
