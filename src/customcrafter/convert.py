@@ -483,7 +483,7 @@ def convert_checkpoint(
         raise ConversionError(f"components {list(components)}: choose from {list(COMPONENTS)}")
     configs = read_configs(config, text_config)
     output = Path(output)
-    _check_writable(output.parent, output)  # before minutes of loading, not after
+    check_writable(output.parent, output)  # before minutes of loading, not after
     state_dict = load_original_state_dict(checkpoint)
     models = build_empty_models(configs, components)
     plans = make_plans(models, configs)
@@ -501,7 +501,7 @@ def convert_checkpoint(
     return output
 
 
-def _check_writable(folder: Path, output: Path) -> None:
+def check_writable(folder: Path, output: Path) -> None:
     """A file can be created in ``folder`` (or in its nearest existing parent; nothing is left behind): a read-only
     or foreign folder fails here, naming ``output``."""
     existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)

@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from customcrafter.models.unet import VideoCrafter2UNet
 from customcrafter.models.vae import vae_config
 from customcrafter.pipeline import VideoCrafter2Pipeline
 from customcrafter.scheduler import VideoCrafter2DDIMScheduler
+from customcrafter.utils import LOCK_HEARTBEAT_S, LOCK_STALE_AFTER_S, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +115,17 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Convert an original checkpoint once; return the cached diffusers folder."""
-    from customcrafter.convert import OutputWriteError, convert_checkpoint
+def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | None = None, *,
+                             lock_heartbeat: float = LOCK_HEARTBEAT_S,
+                             lock_stale_after: float = LOCK_STALE_AFTER_S) -> Path:
+    """Convert an original checkpoint once; return the cached diffusers folder.
+
+    Processes and pods sharing the cache (a ReadWriteMany volume) convert under a lock file beside the folder
+    (``utils.file_lock``): one converts, the others wait and then use its folder. A lock whose holder was killed is
+    taken over after ``lock_stale_after`` seconds without its heartbeat, and the temporary folders of killed
+    conversions (GBs each) are removed before converting.
+    """
+    from customcrafter.convert import OutputWriteError, check_writable
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -124,18 +135,35 @@ def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | Non
     if (target / "model_index.json").is_file():
         logger.info("using converted %s from the cache: %s", checkpoint, target)
         return target
-    logger.info("converting %s (once; cached at %s)", checkpoint, target)
     try:
-        convert_checkpoint(checkpoint, target)
-    except FileExistsError:  # pods sharing the cache volume converted the same checkpoint at once: one wins
-        if not (target / "model_index.json").is_file():
-            raise
-        logger.info("another process converted %s meanwhile; using its folder %s", checkpoint, target)
+        check_writable(target.parent, target)  # a read-only cache fails here, before the lock file
+        with file_lock(target.with_name(f".{target.name}.lock"), lock_heartbeat, lock_stale_after):
+            _convert_locked(checkpoint, target)
     except OutputWriteError as exc:
         raise OutputWriteError(f"{exc}; the conversion cache is {root}: set CUSTOMCRAFTER_CACHE (or cache_dir) to a "
                                "writable folder with room, or convert once with `customcrafter convert` and pass "
                                "the folder") from exc
     return target
+
+
+def _convert_locked(checkpoint: Path, target: Path) -> None:
+    """With the target's lock held: use the folder a process that held it before wrote, or remove what killed
+    conversions left (atomic_dir's ``.<name>.*.tmp``; no live one writes while we hold the lock) and convert."""
+    from customcrafter.convert import convert_checkpoint
+
+    if (target / "model_index.json").is_file():
+        logger.info("another process converted %s meanwhile; using its folder %s", checkpoint, target)
+        return
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        logger.info("removing %s, left by a conversion that was killed", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    logger.info("converting %s (once; cached at %s)", checkpoint, target)
+    try:
+        convert_checkpoint(checkpoint, target)
+    except FileExistsError:  # written by a process that took no lock (an older version sharing the volume)
+        if not (target / "model_index.json").is_file():
+            raise
+        logger.info("another process converted %s meanwhile; using its folder %s", checkpoint, target)
 
 
 def _download(model: str) -> Path:

@@ -1,4 +1,4 @@
-"""Small helpers used across stages: atomic writes, device choice, logging set-up."""
+"""Small helpers used across stages: atomic writes, a lock file shared across hosts, device choice, logging set-up."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import functools
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +118,115 @@ def remove_tree(path: str | Path, tag: str, ignore_errors: bool = False) -> bool
         return False
     shutil.rmtree(doomed, ignore_errors=ignore_errors)
     return True
+
+
+#: file_lock's defaults: the holder refreshes its lock file every LOCK_HEARTBEAT_S seconds; a lock not refreshed for
+#: LOCK_STALE_AFTER_S seconds (well above NFS's attribute caching and a loaded host's hiccups) was left by a killed
+#: holder and is taken over.
+LOCK_HEARTBEAT_S = 10.0
+LOCK_STALE_AFTER_S = 120.0
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, heartbeat: float = LOCK_HEARTBEAT_S, stale_after: float = LOCK_STALE_AFTER_S,
+              poll: float = 1.0) -> Iterator[None]:
+    """Hold the lock file ``path`` against other processes and hosts sharing its folder (a ReadWriteMany volume,
+    maybe NFS); wait while another holds it, logging who.
+
+    A file created with ``O_EXCL`` rather than ``fcntl``/``flock``: exclusive create is atomic on local file systems
+    and NFSv3+, while byte-range locks on NFS need lockd or v4 leases that some volume drivers lack, and a lock of a
+    node that vanished is held until the server's lease runs out. A file does not vanish with its holder, so the
+    holder rewrites it (host, pid, start time, a beat counter) every ``heartbeat`` seconds from a daemon thread; a
+    waiter that reads the same content for ``stale_after`` seconds of its own clock (no comparison of clocks across
+    hosts; reading reopens the file, and NFS's close-to-open consistency shows the latest write) takes the lock over:
+    its holder was killed (SIGKILL, pod eviction, a lost node). A holder that stalls for longer loses the lock.
+    """
+    path = Path(path)
+    if stale_after <= 2 * heartbeat:
+        raise ValueError(f"{path}: stale_after ({stale_after} s) must be well above heartbeat ({heartbeat} s)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, who = _acquire_lock(path, stale_after, poll)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, fd, who, heartbeat, stop), name=f"lock {path.name}",
+                            daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(path), os.fstat(fd)):  # still ours: not taken over
+                os.unlink(path)
+        os.close(fd)
+
+
+def _acquire_lock(path: Path, stale_after: float, poll: float) -> tuple[int, str]:
+    """Create ``path`` exclusively (its open descriptor, and who holds it); meanwhile wait, and take over a lock
+    whose content has not changed for ``stale_after`` seconds."""
+    seen, since, holder = None, 0.0, None
+    me = f"host={socket.gethostname()} pid={os.getpid()} since={time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, created_mode("file"))
+        except FileExistsError:
+            pass
+        else:
+            _write_lock(fd, me, 0)
+            return fd, me
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:  # released meanwhile
+            continue
+        if content != seen:
+            seen, since = content, time.monotonic()
+            who = content.decode(errors="replace").split(" beat=")[0].strip() or "a process that just started"
+            if who != holder:
+                holder = who
+                logger.info("%s: waiting for the lock held by %s", path, who)
+        elif time.monotonic() - since >= stale_after:
+            logger.warning("%s: the lock of %s was not refreshed for %.0f s: its holder was killed; taking it over",
+                           path, holder, stale_after)
+            _remove_stale_lock(path, content)
+            seen = None
+            continue
+        time.sleep(poll)
+
+
+def _remove_stale_lock(path: Path, stale: bytes) -> None:
+    """Remove ``path`` if it still holds ``stale``. Renamed aside first, then read: another waiter may have taken the
+    lock over between our read and the rename; its fresh lock is put back."""
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{time.time_ns()}")
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return
+    if aside.read_bytes() == stale:
+        aside.unlink()
+    else:
+        aside.rename(path)
+
+
+def _write_lock(fd: int, who: str, beat: int) -> None:
+    data = f"{who} beat={beat} at={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+    os.fsync(fd)  # an NFS client writes back on close or fsync; the descriptor stays open
+
+
+def _heartbeat(path: Path, fd: int, who: str, interval: float, stop: threading.Event) -> None:
+    """Rewrite the lock every ``interval`` seconds until ``stop``, warning once if it was taken over."""
+    beat, warned = 0, False
+    while not stop.wait(interval):
+        beat += 1
+        try:
+            _write_lock(fd, who, beat)
+            lost = not os.path.samestat(os.stat(path), os.fstat(fd))
+        except OSError:  # the volume hiccuped, or a waiter has the file aside for a moment: the next beat tells
+            continue
+        if lost and not warned:
+            warned = True
+            logger.warning("%s: this process's lock was taken over (held longer than its heartbeat showed?)", path)
 
 
 def file_in_the_way(folder: str | Path) -> Path | None:
