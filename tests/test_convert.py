@@ -424,3 +424,88 @@ def test_the_format_is_read_from_the_file_not_its_name(case, fixtures_dir, tiny_
                                    config=fixtures_dir / "tiny_lvdm_config.yaml", components=["unet"])
     expected = load_file(str(reference / "unet" / "diffusion_pytorch_model.safetensors"))
     assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in ours)
+
+
+@pytest.fixture
+def ema_ckpt(tiny_ckpt, tmp_path) -> Path:
+    """The tiny checkpoint as LVDM training with EMA saves it: LitEma's copies of the UNet weights (here the weights
+    negated, exactly, to tell them apart) under their names without dots, and its bookkeeping."""
+    from customcrafter.convert import ema_key
+
+    sd = dict(tiny_ckpt)
+    sd.update({ema_key(k): -v for k, v in tiny_ckpt.items() if k.startswith("model.diffusion_model.")})
+    sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
+    path = tmp_path / "ema.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_a_checkpoint_with_ema_weights_converts_the_trained_or_the_averaged_unet(fixtures_dir, ema_ckpt, tmp_path,
+                                                                                  caplog):
+    """LitEma's `model_ema.*` keys failed the conversion as unexpected keys."""
+    import logging
+
+    from customcrafter.convert import ema_key
+
+    assert ema_key("model.diffusion_model.out.2.weight") == "model_ema.diffusion_modelout2weight"
+    reference = convert_checkpoint(fixtures_dir / "tiny_lvdm_checkpoint.safetensors", tmp_path / "reference",
+                                   config=fixtures_dir / "tiny_lvdm_config.yaml", components=["unet", "vae"])
+    caplog.set_level(logging.INFO)
+    main(_convert_args(ema_ckpt, tmp_path / "trained", fixtures_dir))
+    main([*_convert_args(ema_ckpt, tmp_path / "averaged", fixtures_dir), "--ema"])
+    expected, trained, averaged = (_unet_weights(f) for f in (reference, tmp_path / "trained", tmp_path / "averaged"))
+    assert trained.keys() == averaged.keys() == expected.keys()
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    assert all(torch.equal(averaged[k], -expected[k]) for k in expected)
+    assert any(not torch.equal(averaged[k], trained[k]) for k in expected)
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert load_file(str(tmp_path / "averaged" / vae)).keys() == load_file(str(reference / vae)).keys()
+    assert f"skipped {len(expected)} EMA weight(s)" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["incomplete", "no_ema_weights", "no_unet"])
+def test_ema_conversion_errors_name_what_is_missing(case, fixtures_dir, ema_ckpt, tiny_ckpt, tmp_path, capsys):
+    from customcrafter.convert import ema_key
+
+    ckpt, components = ema_ckpt, "unet,vae"
+    missing = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    expected = f"the EMA weights lack 1 UNet parameter(s): {missing} (looked for as model_ema."
+    if case == "incomplete":
+        sd = load_file(str(ema_ckpt))
+        del sd[ema_key(missing)]
+        save_file(sd, str(ckpt))
+    elif case == "no_ema_weights":
+        ckpt, expected = fixtures_dir / "tiny_lvdm_checkpoint.safetensors", "no EMA weights (model_ema.*)"
+    else:
+        components, expected = "vae", "EMA weights are the UNet's; --ema needs unet"
+    assert _cli(*_convert_args(ckpt, tmp_path / "out", fixtures_dir, components), "--ema") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_ema_choice_is_part_of_the_conversion_cache_key(tmp_path, monkeypatch):
+    import customcrafter.convert as convert
+    from customcrafter.loading import resolve_base_model
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"weights")
+    conversions = []
+
+    def fake_convert(source, output, ema=False, **kwargs):
+        conversions.append(ema)
+        output.mkdir(parents=True)
+        (output / "model_index.json").write_text(json.dumps({"ema": ema}))
+
+    monkeypatch.setattr(convert, "convert_checkpoint", fake_convert)
+    trained = resolve_base_model(str(checkpoint), cache_dir=tmp_path)
+    averaged = resolve_base_model(str(checkpoint), cache_dir=tmp_path, ema=True)
+    assert resolve_base_model(str(checkpoint), cache_dir=tmp_path, ema=True) == averaged  # cached
+    assert trained != averaged and conversions == [False, True]
+    assert json.loads((averaged / "model_index.json").read_text()) == {"ema": True}
+    with pytest.raises(ValueError, match="tiny: ema chooses the weights when a checkpoint is converted"):
+        resolve_base_model("tiny", ema=True)

@@ -284,7 +284,8 @@ def test_multi_gpu_training_converts_the_base_model_once_before_launching(tmp_pa
 
     events = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(loading, "converted_checkpoint_dir", lambda path, cache_dir=None: events.append("convert"))
+    monkeypatch.setattr(loading, "converted_checkpoint_dir",
+                        lambda path, cache_dir=None, **kwargs: events.append("convert"))
 
     def launch(cmd, check):
         events.append(("launch", cmd[cmd.index("--num_processes") + 1]))

@@ -9,6 +9,10 @@ Original prefixes: ``model.diffusion_model.`` (UNet), ``first_stage_model.`` (VA
 (OpenCLIP text tower). Keys that are consumed but not needed: OpenCLIP's last block (VideoCrafter2 uses the
 penultimate layer), ``text_projection``, ``logit_scale``, and LatentDiffusion's noise-schedule buffers.
 
+EMA (``ema``): training with EMA (LitEma) also saves the averaged UNet weights as ``model_ema.<name without dots>``
+plus ``model_ema.decay``/``num_updates``. By default they are skipped (an info log counts them); with ``ema`` they
+replace the trained UNet weights, and every UNet parameter must have its averaged copy.
+
 Partial conversion (``components``): only the selected components are converted; ``tokenizer/`` (packaged) and
 ``scheduler/`` are always written. ``model_index.json`` lists a component that was not converted as ``[null, null]``:
 ``VideoCrafter2Pipeline.from_pretrained(folder)`` then loads it as None (``text_encoder`` and ``vae`` are optional
@@ -46,13 +50,16 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 #: reused, and it is recorded in model_index.json.
 CONVERTER_VERSION = 1
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.model."}
-#: LatentDiffusion's registered buffers (recomputed by the scheduler), and EMA bookkeeping: never converted.
+#: LatentDiffusion's registered buffers (recomputed by the scheduler): never converted.
 IGNORED_KEYS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "scale_arr", "logvar",
-    "scale_factor", "model_ema.decay", "model_ema.num_updates",
+    "scale_factor",
 }
+#: Checkpoints of training with EMA (LitEma) hold the averaged UNet weights under this prefix, with its bookkeeping.
+EMA_PREFIX = "model_ema."
+EMA_BOOKKEEPING = {"model_ema.decay", "model_ema.num_updates"}
 
 
 class ConversionError(ValueError):
@@ -459,6 +466,38 @@ def check_state_dict(shapes: dict[str, tuple[int, ...]], plans: dict[str, Plan],
         raise ConversionError(f"{source}: unexpected key(s) outside {sorted(PREFIXES.values())}: {_list(unknown)}")
 
 
+def ema_key(original: str) -> str:
+    """LitEma's name for the averaged copy of the UNet weight ``original`` (``model.diffusion_model.out.2.weight``):
+    LitEma averages LatentDiffusion's ``model`` and registers each parameter as a buffer named without its dots
+    (buffer names cannot hold them): ``model_ema.diffusion_modelout2weight``."""
+    return EMA_PREFIX + original.removeprefix("model.").replace(".", "")
+
+
+def select_weights(state_dict: dict[str, torch.Tensor], plans: dict[str, Plan], ema: bool,
+                   source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """``state_dict`` without the EMA keys, its UNet weights replaced by their averaged copies if ``ema``."""
+    ema_keys = {k for k in state_dict if k.startswith(EMA_PREFIX)}
+    averaged = ema_keys - EMA_BOOKKEEPING
+    weights = {k: v for k, v in state_dict.items() if k not in ema_keys}
+    if not ema:
+        if averaged:
+            logger.info("%s: skipped %d EMA weight(s) (model_ema.*); converting the trained weights (--ema converts "
+                        "the averaged ones)", source, len(averaged))
+        return weights
+    if not averaged:
+        raise ConversionError(f"{source}: no EMA weights (model_ema.*) in the checkpoint; convert without --ema")
+    wanted = {src.key: ema_key(src.key) for src in plans["unet"].sources.values()}
+    missing = sorted(k for k, e in wanted.items() if e not in state_dict)
+    if missing:
+        raise ConversionError(f"{source}: the EMA weights lack {len(missing)} UNet parameter(s): {_list(missing)} "
+                              "(looked for as model_ema.<name without dots>); convert without --ema")
+    extra = sorted(averaged - set(wanted.values()))
+    if extra:
+        raise ConversionError(f"{source}: unexpected EMA key(s): {_list(extra)}")
+    logger.info("%s: converting the UNet's EMA weights (%d tensors)", source, len(wanted))
+    return weights | {k: state_dict[e] for k, e in wanted.items()}
+
+
 def _materialise(model: torch.nn.Module, plan: Plan, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     converted = {k: src.transform(state_dict[src.key]).to(torch.float32).contiguous() for k, src in plan.sources.items()}
     missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
@@ -475,18 +514,26 @@ def convert_checkpoint(
     text_config: str | Path | None = None,
     components: tuple[str, ...] | list[str] = COMPONENTS,
     overwrite: bool = False,
+    ema: bool = False,
 ) -> Path:
-    """Convert ``checkpoint`` into a diffusers folder at ``output`` (written atomically: all or nothing)."""
+    """Convert ``checkpoint`` into a diffusers folder at ``output`` (written atomically: all or nothing).
+
+    A checkpoint of training with EMA holds the UNet twice; ``ema`` converts the averaged copy (``model_ema.*``)
+    instead of the trained weights (``model.*``). The VAE and text encoder are not averaged.
+    """
     components = tuple(components)
     bad = [c for c in components if c not in COMPONENTS]
     if bad or not components:
         raise ConversionError(f"components {list(components)}: choose from {list(COMPONENTS)}")
+    if ema and "unet" not in components:
+        raise ConversionError(f"components {list(components)}: EMA weights are the UNet's; --ema needs unet")
     configs = read_configs(config, text_config)
     output = Path(output)
     check_writable(output.parent, output)  # before minutes of loading, not after
     state_dict = load_original_state_dict(checkpoint)
     models = build_empty_models(configs, components)
     plans = make_plans(models, configs)
+    state_dict = select_weights(state_dict, plans, ema, str(checkpoint))
     check_state_dict({k: tuple(v.shape) for k, v in state_dict.items()}, plans, str(checkpoint))
     size = sum(4 * torch.Size(src.shape).numel() for plan in plans.values() for src in plan.sources.values())
     try:

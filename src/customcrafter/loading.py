@@ -6,7 +6,8 @@
 * a converted diffusers folder (``model_index.json``): ``VideoCrafter2Pipeline.from_pretrained``.
 * a local original checkpoint (``.ckpt``/``.safetensors``): converted once with ``customcrafter.convert`` and cached
   under ``cache_dir`` (default ``$CUSTOMCRAFTER_CACHE`` or ``~/.cache/customcrafter``), keyed by the file's path,
-  size, modification and status-change times, inode and the converter's version.
+  size, modification and status-change times, inode and the converter's version. ``ema=True`` converts
+  the UNet's EMA weights of a checkpoint trained with EMA instead (a separate cache entry).
 * a hub id (``VideoCrafter/VideoCrafter2``, optionally ``repo_id:filename``): the file is fetched with
   ``huggingface_hub.hf_hub_download`` (honours ``HF_HUB_OFFLINE``/the hub cache), then as a local checkpoint.
 """
@@ -99,8 +100,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CUSTOMCRAFTER_CACHE") or Path.home() / ".cache" / "customcrafter")
 
 
-def _cache_key(path: Path) -> str:
-    """The file and the converter's version: what the converted folder depends on.
+def _cache_key(path: Path, ema: bool = False) -> str:
+    """The file, the weights chosen (EMA or not) and the converter's version: what the converted folder depends on.
 
     The file is its path, size and modification time, and also its inode and status-change time: ``cp -p`` or
     ``rsync -t`` give a replacement of the same size the old modification time, but a write in place changes the
@@ -111,14 +112,14 @@ def _cache_key(path: Path) -> str:
 
     stat = path.stat()
     blob = (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
-            f"|converter {CONVERTER_VERSION}")
+            f"|ema={ema}|converter {CONVERTER_VERSION}")
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | None = None, *,
+def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | None = None, *, ema: bool = False,
                              lock_heartbeat: float = LOCK_HEARTBEAT_S,
                              lock_stale_after: float = LOCK_STALE_AFTER_S) -> Path:
-    """Convert an original checkpoint once; return the cached diffusers folder.
+    """Convert an original checkpoint once (its UNet's EMA weights if ``ema``); return the cached diffusers folder.
 
     Processes and pods sharing the cache (a ReadWriteMany volume) convert under a lock file beside the folder
     (``utils.file_lock``): one converts, the others wait and then use its folder. A lock whose holder was killed is
@@ -131,14 +132,15 @@ def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | Non
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
     root = Path(cache_dir or default_cache_dir())
-    target = root / "converted" / f"{checkpoint.stem}-{_cache_key(checkpoint)}"
+    name = f"{checkpoint.stem}{'-ema' if ema else ''}-{_cache_key(checkpoint, ema)}"
+    target = root / "converted" / name
     if (target / "model_index.json").is_file():
         logger.info("using converted %s from the cache: %s", checkpoint, target)
         return target
     try:
         check_writable(target.parent, target)  # a read-only cache fails here, before the lock file
         with file_lock(target.with_name(f".{target.name}.lock"), lock_heartbeat, lock_stale_after):
-            _convert_locked(checkpoint, target)
+            _convert_locked(checkpoint, target, ema)
     except OutputWriteError as exc:
         raise OutputWriteError(f"{exc}; the conversion cache is {root}: set CUSTOMCRAFTER_CACHE (or cache_dir) to a "
                                "writable folder with room, or convert once with `customcrafter convert` and pass "
@@ -146,7 +148,7 @@ def converted_checkpoint_dir(checkpoint: str | Path, cache_dir: str | Path | Non
     return target
 
 
-def _convert_locked(checkpoint: Path, target: Path) -> None:
+def _convert_locked(checkpoint: Path, target: Path, ema: bool) -> None:
     """With the target's lock held: use the folder a process that held it before wrote, or remove what killed
     conversions left (atomic_dir's ``.<name>.*.tmp``; no live one writes while we hold the lock) and convert."""
     from customcrafter.convert import convert_checkpoint
@@ -159,7 +161,7 @@ def _convert_locked(checkpoint: Path, target: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     logger.info("converting %s (once; cached at %s)", checkpoint, target)
     try:
-        convert_checkpoint(checkpoint, target)
+        convert_checkpoint(checkpoint, target, ema=ema)
     except FileExistsError:  # written by a process that took no lock (an older version sharing the volume)
         if not (target / "model_index.json").is_file():
             raise
@@ -207,11 +209,14 @@ def _download(model: str) -> Path:
         raise OSError(f"{model}: could not download {filename} from the hub: {reason}") from exc
 
 
-def resolve_base_model(model: str, cache_dir: str | Path | None = None) -> str | Path:
+def resolve_base_model(model: str, cache_dir: str | Path | None = None, *, ema: bool = False) -> str | Path:
     """``"tiny"``, or the converted diffusers folder that ``model`` names or becomes (a hub file is downloaded and a
-    checkpoint converted, once: both are cached). Training launchers call it before starting their processes, so
-    that one process converts rather than each of them."""
+    checkpoint converted, once: both are cached; ``ema``: its UNet's EMA weights). Training launchers call it before
+    starting their processes, so that one process converts rather than each of them."""
     path = Path(model)
+    if ema and (model == "tiny" or path.is_dir()):
+        raise ValueError(f"{model}: ema chooses the weights when a checkpoint is converted; this is not a checkpoint "
+                         "(convert the original with `customcrafter convert --ema` and pass that folder)")
     if model == "tiny":
         return model
     if path.is_dir():
@@ -219,13 +224,13 @@ def resolve_base_model(model: str, cache_dir: str | Path | None = None) -> str |
             raise FileNotFoundError(f"{path}: not a converted model folder (no model_index.json)")
         return path
     if path.is_file():
-        return converted_checkpoint_dir(path, cache_dir)
+        return converted_checkpoint_dir(path, cache_dir, ema=ema)
     if ":" in model and "/" in model.partition(":")[0]:  # repo_id:filename (its .ckpt suffix is not a local file)
-        return converted_checkpoint_dir(_download(model), cache_dir)
+        return converted_checkpoint_dir(_download(model), cache_dir, ema=ema)
     if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth"):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if _is_repo_id(model):  # owner/name: a hub id (a local path of that form was not found above)
-        return converted_checkpoint_dir(_download(model), cache_dir)
+        return converted_checkpoint_dir(_download(model), cache_dir, ema=ema)
     if "/" in model or os.sep in model:  # a local path with a typo, not a hub id: say so, not the hub's syntax rules
         raise FileNotFoundError(f"{model}: no such file or folder (nor a hub id of the form owner/name)")
     raise FileNotFoundError(f"{model}: not 'tiny', a hub id, a checkpoint file or a converted folder")
@@ -263,9 +268,11 @@ def load_base_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
+    ema: bool = False,
 ) -> VideoCrafter2Pipeline:
-    """Load the base model (see the module docstring for what ``model`` may be) on ``device`` (None: CPU)."""
-    source = resolve_base_model(model, cache_dir)
+    """Load the base model (see the module docstring for what ``model`` may be) on ``device`` (None: CPU); ``ema``:
+    a checkpoint's UNet EMA weights."""
+    source = resolve_base_model(model, cache_dir, ema=ema)
     pipe = build_tiny_pipeline() if source == "tiny" else VideoCrafter2Pipeline.from_pretrained(source)
     pipe.base_model_id = model
     # Inference weights: frozen, eval mode. (Also numerics: on CPU, F.linear folds 3D inputs differently when the

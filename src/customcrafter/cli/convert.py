@@ -20,6 +20,8 @@ def convert(
     components: str = typer.Option("unet,vae,text_encoder", "--components",
                                    help="Comma-separated subset of unet,vae,text_encoder."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
+    ema: bool = typer.Option(False, "--ema/--no-ema", help="Convert the UNet's EMA weights (model_ema.*) of a "
+                             "checkpoint trained with EMA instead of the trained ones (default; EMA keys skipped)."),
 ) -> None:
     """Convert a checkpoint; loads with VideoCrafter2Pipeline.from_pretrained / load_base_pipeline(folder)."""
     from customcrafter.convert import convert_checkpoint
@@ -28,5 +30,5 @@ def convert(
     if output.exists() and not force:
         raise UserError(f"{output}: already exists (use --force to replace it)")
     convert_checkpoint(checkpoint, output, config=config, text_config=text_config, components=chosen,
-                       overwrite=force)
+                       overwrite=force, ema=ema)
     typer.echo(f"wrote {output}")
