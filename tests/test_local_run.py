@@ -295,7 +295,8 @@ def test_multi_gpu_training_converts_the_base_model_once_before_launching(tmp_pa
     monkeypatch.setattr(subprocess, "run", launch)
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"weights")
-    result = local_run.run_training(TrainConfig(base_model=str(checkpoint), subject_dir="x"))
+    subject = str(REPO_ROOT / "data" / "subjects" / "dog")  # read for its token before the launch
+    result = local_run.run_training(TrainConfig(base_model=str(checkpoint), subject_dir=subject))
     assert events == ["convert", ("launch", "2")] and result.losses == [1.0]
 
 
