@@ -180,6 +180,19 @@ def test_fetch_subject_leaves_a_bad_class_word_to_data_validation(tmp_path, capl
     assert any("class_word" in line for line in result.problems["bad_word"])
 
 
+@pytest.mark.parametrize("subject", ["../../outside", "/abs/outside", "dog/../../outside", ""])
+def test_fetch_subject_refuses_a_subject_that_is_not_a_name(tmp_path, subject):
+    """The subject (a run parameter on a cluster) names ``subjects/<name>`` in the source and in the task's output:
+    ``../..`` must not copy a folder outside the data into one outside the output."""
+    (tmp_path / "repo" / "data" / "subjects" / "dog").mkdir(parents=True)
+    (tmp_path / "repo" / "outside").mkdir()
+    (tmp_path / "repo" / "outside" / "key.txt").write_text("not data")
+    out = tmp_path / "work" / "task"
+    with pytest.raises(ValueError, match=r"subject: .* is not a subject name"):
+        local_run.fetch_subject(str(tmp_path / "repo"), "", subject, out)
+    assert not (tmp_path / "work" / "outside").exists() and not out.exists()
+
+
 def test_evaluation_of_a_method_whose_training_run_never_reached_mlflow_gets_its_own_run(tmp_path, monkeypatch):
     """With the server away when training opened its run, the train step passes no run id on: evaluation must
     still reach MLflow (it skipped the method before), in a run of its own, tagged as such."""

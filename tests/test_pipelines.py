@@ -250,6 +250,10 @@ def test_pipeline_arguments_parse_cli_parameters():
     with pytest.raises(ValueError,
                        match=r"train\.max_train_steps.*no field 'max_train_steps'.*valid fields:.*steps"):
         local_run.pipeline_arguments(["config_overrides={\"train.max_train_steps\": 400}"])
+    # a subject is a folder name on the pods: nothing that leaves data/subjects/ is submitted
+    for bad in ("subject=../../x", "subjects=dog,../cat", 'subjects=["dog", "/etc"]'):
+        with pytest.raises(ValueError, match=r"is not a subject name"):
+            local_run.pipeline_arguments([bad])
     # the run section is run-local's own: a cluster run would ignore it, so submitting it is an error
     with pytest.raises(ValueError, match=r"run\.seeds=\[0\].*local run's.*--param seeds="):
         local_run.pipeline_arguments(["config_overrides={\"run.seeds\": [0], \"train.steps\": 4}"])

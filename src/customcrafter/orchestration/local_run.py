@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -163,6 +164,19 @@ def _local_data_root(source: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no data/subjects or subjects folder (run `dvc pull` in the repository)")
 
 
+def check_subject_name(subject: Any, argument: str = "subject") -> str:
+    """``subject`` when it is a subject name (``data.subjects.NAME_PATTERN``); else a ValueError naming
+    ``argument``. The name becomes the folder ``subjects/<name>`` of the source and of the task's output, and
+    reaches the cluster as a run parameter: ``../x`` would copy a folder outside the data into one outside the
+    output (on a pod that mounts the shared model cache)."""
+    from customcrafter.data.subjects import NAME_PATTERN
+
+    if not isinstance(subject, str) or not re.fullmatch(NAME_PATTERN, subject):
+        raise ValueError(f"{argument}: {subject!r} is not a subject name (lower-case letters, digits, '_' or '-', "
+                         "starting with a letter or digit, at most 64 characters)")
+    return subject
+
+
 def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: str | Path) -> Path:
     """Copy one subject (and its class-prior images, when present) into ``out_dir`` in the data-root layout
     (``subjects/<name>/``, ``class_images/<class>/``); return ``out_dir``.
@@ -171,6 +185,7 @@ def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: s
     only) or a git repository URL whose data come from its DVC remote at ``data_revision`` (S3 credentials from
     the environment: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``).
     """
+    check_subject_name(subject)
     out = Path(out_dir)
     target = out / "subjects" / subject
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -596,6 +611,9 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
             value = json.dumps([v.strip() for v in value.split(",") if v.strip()])
         if key == "methods":
             check_methods(_parse_value(value), argument=f"--param {item!r}")
+        if key == "subjects" and isinstance(_parse_value(value), list):  # not a list: the KFP client says so
+            for name in _parse_value(value):
+                check_subject_name(name, argument=f"--param {item!r}")
         if key == "config_overrides":
             args[key] = normalise_overrides(value if value.lstrip()[:1] in "{" else
                                             _parse_value(value) if value.lstrip().startswith("[") else [value])
