@@ -279,3 +279,20 @@ def test_a_process_killed_right_after_creating_a_run_does_not_create_it_twice(sq
     assert replay_spool(sqlite_uri, spool, experiment) == 0
     run = _only_run(sqlite_uri, experiment)
     assert run.data.params == {"steps": "5"} and run.info.status == "FINISHED"
+
+
+def test_logs_never_show_the_password_of_the_tracking_uri(tmp_path, caplog):
+    """A tracking URI with credentials (https://user:secret@host) is masked in what the tracker logs: the outage
+    warnings (MLflow's own message quotes the URL) and a rejection, even when its message is cut short."""
+    uri = "http://alice:s3cretPW@127.0.0.1:9"  # nothing listens: an outage at once
+    tracker = Tracker(uri, "exp", spool_path=tmp_path / "s.jsonl", max_retries=0, backoff_s=0, http_timeout_s=1,
+                      close_timeout_s=0.2)
+    with caplog.at_level("INFO", logger="customcrafter.orchestration.tracking"):
+        with tracker.start_run("pipeline"):
+            tracker.log_metric("loss", 1.0)
+        assert tracker.close() > 0
+        cut = f"{'x' * 282}http://alice:s3cretPW@127.0.0.1:9/api"  # the 300-character cut falls in the password
+        tracker._reject({"op": "log_batch", "key": "k"}, MlflowException(cut, INVALID_PARAMETER_VALUE))
+    assert "unreachable" in caplog.text and "rejected log_batch" in caplog.text
+    assert "http://alice:***@127.0.0.1:9" in caplog.text
+    assert "s3cr" not in caplog.text

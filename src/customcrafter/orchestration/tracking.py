@@ -35,6 +35,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from customcrafter.orchestration.registry import display_uri
+
 __all__ = ["Tracker", "RunHandle", "flatten_params", "replay_spool", "is_transient_error"]
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,8 @@ class Tracker:
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, http_timeout_s)))
         self.tracking_uri = tracking_uri
+        # what the logs show: a password in the URI (https://user:secret@host) as *** (pod logs are widely read)
+        self.shown_uri = display_uri(tracking_uri)
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.max_retries = max_retries
@@ -243,7 +247,7 @@ class Tracker:
         left = self.flush(timeout_s=self.close_timeout_s)
         if left:
             logger.error("MLflow at %s unreachable: %d operations kept in %s (replay with "
-                         "customcrafter.orchestration.tracking.replay_spool)", self.tracking_uri, left, self.spool_path)
+                         "customcrafter.orchestration.tracking.replay_spool)", self.shown_uri, left, self.spool_path)
         return left
 
     def __enter__(self) -> Tracker:
@@ -277,8 +281,8 @@ class Tracker:
                 if attempt < self.max_retries:
                     time.sleep(self.backoff_s * 2 ** attempt)
                 else:
-                    logger.warning("MLflow at %s unreachable (%s); buffering to %s", self.tracking_uri,
-                                   _short(exc), self.spool_path)
+                    logger.warning("MLflow at %s unreachable (%s); buffering to %s", self.shown_uri,
+                                   self._short(exc), self.spool_path)
         self._go_offline()
         self._buffer(op)
 
@@ -305,7 +309,7 @@ class Tracker:
                 self._rewrite_spool()
         if self._offline_since is not None:
             logger.info("MLflow at %s reachable again after %.1f s; flushed %d buffered operations",
-                        self.tracking_uri, time.monotonic() - self._offline_since, sent)
+                        self.shown_uri, time.monotonic() - self._offline_since, sent)
         self._offline_since = None
 
     def _go_offline(self) -> None:
@@ -341,7 +345,11 @@ class Tracker:
 
     def _reject(self, op: dict[str, Any], exc: Exception) -> None:
         # The server answered and said no (bad value, ...): retrying cannot help; training goes on.
-        logger.error("MLflow rejected %s for run %s: %s", op["op"], op.get("key"), _short(exc))
+        logger.error("MLflow rejected %s for run %s: %s", op["op"], op.get("key"), self._short(exc))
+
+    def _short(self, exc: BaseException) -> str:
+        """:func:`_short` with the password of the tracking URI masked (MLflow's messages quote the URL)."""
+        return _short(exc, self.tracking_uri)
 
     def _experiment(self) -> str:
         if self._experiment_id is None:
@@ -382,8 +390,11 @@ class Tracker:
             raise ValueError(f"unknown tracking operation {kind!r}")
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+def _short(exc: BaseException, uri: str = "") -> str:
+    """The first line of ``exc``, at most 300 characters; the password of ``uri`` masked first (a cut could leave
+    part of it)."""
+    text = display_uri(uri, str(exc))
+    text = text.splitlines()[0] if text else type(exc).__name__
     return text[:300]
 
 
