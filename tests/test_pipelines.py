@@ -254,6 +254,15 @@ def test_pipeline_arguments_parse_cli_parameters():
     for bad in ("subject=../../x", "subjects=dog,../cat", 'subjects=["dog", "/etc"]'):
         with pytest.raises(ValueError, match=r"is not a subject name"):
             local_run.pipeline_arguments([bad])
+    # credentials in a URL would be stored by KFP and shown to its users: refused, and not repeated in the message
+    for bad in ("mlflow_tracking_uri=https://bob:hunter2@mlflow.example", "data_source=https://hunter2@git.example/r",
+                "data_source= https://x-access-token:hunter2@github.com/o/r.git"):
+        with pytest.raises(ValueError, match=r"carries credentials") as caught:
+            local_run.pipeline_arguments([bad])
+        assert "hunter2" not in str(caught.value)
+    assert local_run.pipeline_arguments(["data_source=ssh://git@github.com/o/r.git",
+                                         "mlflow_tracking_uri=http://mlflow:5000"]) == {
+        "data_source": "ssh://git@github.com/o/r.git", "mlflow_tracking_uri": "http://mlflow:5000"}
     # the run section is run-local's own: a cluster run would ignore it, so submitting it is an error
     with pytest.raises(ValueError, match=r"run\.seeds=\[0\].*local run's.*--param seeds="):
         local_run.pipeline_arguments(["config_overrides={\"run.seeds\": [0], \"train.steps\": 4}"])

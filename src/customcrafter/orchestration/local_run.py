@@ -623,8 +623,28 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
                                  "is the local run's; on a cluster pass the pipeline parameters of the same names "
                                  "(e.g. --param seeds=[0,1] --param prompt_limit=2)")
             continue
-        args[key] = _parse_value(value)
+        args[key] = _refuse_credentials(key, _parse_value(value))
     return args
+
+
+def _refuse_credentials(key: str, value: Any) -> Any:
+    """``value``, unless it is a URL carrying credentials (``https://user:secret@host``, or a token as the user
+    of an http(s) URL): KFP stores run parameters and shows them to every user of its namespace, and the steps log
+    them. The message does not repeat the value."""
+    import urllib.parse
+
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    try:
+        parts = urllib.parse.urlsplit(value.strip())
+        secret = parts.password or (parts.scheme in ("http", "https") and parts.username)
+    except ValueError:  # not a URL
+        return value
+    if secret:
+        raise ValueError(f"--param {key}: the URL carries credentials; a run parameter is stored by KFP and shown "
+                         "to every user of its namespace. Give the URL without them: the pods get credentials from "
+                         "Kubernetes Secrets (k8s/secrets; mlflow-client for MLflow)")
+    return value
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "train-worker":
