@@ -132,7 +132,7 @@ def test_broken_symlink_is_named_not_a_crash(tmp_path):
 
 @pytest.mark.parametrize("name", ["..", "../escape", "a/b", "/abs", ".hidden", "", "UPPER", "x" * 80])
 def test_unsafe_names_rejected(tmp_path, name):
-    _assert_rejected(_good_folder(tmp_path / "photos"), tmp_path, None, "not allowed", name=name)
+    _assert_rejected(_good_folder(tmp_path / "photos"), tmp_path, None, "not a subject name", name=name)
 
 
 def test_bad_settings_rejected(tmp_path):

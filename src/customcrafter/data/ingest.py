@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ from customcrafter.data.dvc_ops import dvc_add, find_dvc_root
 from customcrafter.data.images import ImageLimits, ImageRejected, normalise_image, open_checked
 from customcrafter.data.subjects import (
     IMAGE_SUFFIXES,
-    NAME_PATTERN,
     SUBJECT_FILE,
     SubjectMeta,
+    check_subject_name,
     is_ignored_file,
     iter_image_files,
     sha256_file,
@@ -39,7 +38,7 @@ from customcrafter.utils import atomic_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IngestError", "IngestResult", "ingest_subject", "check_subject_name", "infer_kind"]
+__all__ = ["IngestError", "IngestResult", "ingest_subject", "infer_kind"]
 
 #: Extensions of image formats we know but do not accept: rejected with a hint instead of silently skipped.
 UNSUPPORTED_IMAGE_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".gif", ".bmp", ".raw", ".cr2", ".nef", ".dng"})
@@ -68,11 +67,6 @@ class IngestResult:
     replaced: bool = False
 
 
-def check_subject_name(name: str) -> None:
-    """Refuse names that could escape ``data/subjects`` or be hidden (``..``, ``/``, absolute, ``.x``)."""
-    if not re.fullmatch(NAME_PATTERN, name or ""):
-        raise IngestError([f"subject name {name!r}: not allowed (use lower-case letters, digits, '_' or '-', "
-                           "starting with a letter or digit; no '/', '..', or leading '.')"])
 
 
 def infer_kind(class_word: str) -> str:
@@ -139,7 +133,10 @@ def ingest_subject(photos_dir: str | Path, name: str, class_word: str, *, kind: 
     """
     limits = limits or ImageLimits()
     photos_dir, data_root = Path(photos_dir), Path(data_root)
-    check_subject_name(name)
+    try:
+        check_subject_name(name, "subject name")
+    except ValueError as exc:
+        raise IngestError([str(exc)]) from None
     if not photos_dir.is_dir():
         raise IngestError([f"{photos_dir}: photos folder not found"])
     try:

@@ -49,6 +49,7 @@ __all__ = [
     "SUBJECT_FILE",
     "IMAGE_SUFFIXES",
     "NAME_PATTERN",
+    "check_subject_name",
     "TOKEN_PATTERN",
     "CLASS_WORD_PATTERN",
 ]
@@ -64,6 +65,16 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 TOKEN_PATTERN = r"^<[a-z0-9_]+>$"
 #: A class word goes into prompts ("<new1> dog"): letters first, then letters, digits, spaces, "-" or "'".
 CLASS_WORD_PATTERN = r"^[A-Za-z][A-Za-z0-9 '\-]{0,63}$"
+
+
+def check_subject_name(value: object, argument: str = "subject") -> str:
+    """``value`` when it is a subject name (:data:`NAME_PATTERN`); else a ValueError naming ``argument``. A name
+    becomes the folder ``subjects/<name>`` wherever subjects are read, copied or written, and reaches the cluster
+    as a run parameter: ``..``, ``/`` or a leading ``.`` would escape the data or the output."""
+    if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError(f"{argument}: {value!r} is not a subject name (lower-case letters, digits, '_' or '-', "
+                         "starting with a letter or digit, at most 64 characters; no '/', '..' or leading '.')")
+    return value
 
 
 class SubjectDataError(ValueError):
@@ -84,10 +95,7 @@ class SubjectMeta(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.fullmatch(NAME_PATTERN, value):
-            raise ValueError(f"{value!r} is not a safe subject name (lower-case letters, digits, '_' or '-', "
-                             "starting with a letter or digit, at most 64 characters)")
-        return value
+        return check_subject_name(value, "name")
 
     @field_validator("class_word")
     @classmethod

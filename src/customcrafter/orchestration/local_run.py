@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from customcrafter.config import StrictModel
+from customcrafter.data.subjects import check_subject_name
 from customcrafter.orchestration.settings import (
     COMPILED_DIR,
     PIPELINE_FILES,
@@ -162,19 +162,6 @@ def _local_data_root(source: str | Path) -> Path:
         if (root / "subjects").is_dir():
             return root
     raise FileNotFoundError(f"{path}: no data/subjects or subjects folder (run `dvc pull` in the repository)")
-
-
-def check_subject_name(subject: Any, argument: str = "subject") -> str:
-    """``subject`` when it is a subject name (``data.subjects.NAME_PATTERN``); else a ValueError naming
-    ``argument``. The name becomes the folder ``subjects/<name>`` of the source and of the task's output, and
-    reaches the cluster as a run parameter: ``../x`` would copy a folder outside the data into one outside the
-    output (on a pod that mounts the shared model cache)."""
-    from customcrafter.data.subjects import NAME_PATTERN
-
-    if not isinstance(subject, str) or not re.fullmatch(NAME_PATTERN, subject):
-        raise ValueError(f"{argument}: {subject!r} is not a subject name (lower-case letters, digits, '_' or '-', "
-                         "starting with a letter or digit, at most 64 characters)")
-    return subject
 
 
 def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: str | Path) -> Path:
