@@ -36,7 +36,7 @@ def fake_convert(source, output, **kwargs):
         if mode == "hang":
             print("converting", flush=True)
             time.sleep(600)
-        time.sleep(1.0)  # minutes in real life: the other process arrives meanwhile
+        time.sleep(3.0)  # minutes in real life: the other process arrives meanwhile (margin for a loaded CI host)
         (tmp / "model_index.json").write_text("{}")
 
 convert.convert_checkpoint = fake_convert
