@@ -303,27 +303,39 @@ def test_a_folder_converted_by_an_older_converter_is_not_reused_from_the_cache(t
 @pytest.mark.parametrize("how", ["cp -p", "rsync -t"])
 def test_a_checkpoint_replaced_with_the_same_size_and_mtime_gets_a_new_cache_key(how, tmp_path):
     """``cp -p`` (written in place) and ``rsync -t`` (a copy renamed into place) keep size and modification time:
-    the old key (path, size, mtime) reused the conversion of the file they replaced."""
+    the old key (path, size, mtime) reused the conversion of the file they replaced. The two files share their
+    first and last chunks, as two checkpoints of one architecture share the header; their weights differ."""
+    import os
+
+    from customcrafter.loading import KEY_SAMPLE_BYTES, KEY_SAMPLE_CHUNKS, _cache_key
+
+    checkpoint, size = tmp_path / "model.ckpt", 4 * KEY_SAMPLE_CHUNKS * KEY_SAMPLE_BYTES
+    old = bytes(size)
+    new = old[:KEY_SAMPLE_BYTES] + b"\x01" * (size - 2 * KEY_SAMPLE_BYTES) + old[-KEY_SAMPLE_BYTES:]
+    checkpoint.write_bytes(old)
+    before, key = checkpoint.stat(), _cache_key(checkpoint)
+    target = checkpoint if how == "cp -p" else tmp_path / ".model.ckpt.rsync"
+    target.write_bytes(new)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    target.replace(checkpoint)
+    after = checkpoint.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert _cache_key(checkpoint) != key
+
+
+def test_metadata_changes_keep_the_cache_key(tmp_path):
+    """A chmod, a hard link (DVC's cache links files) or a volume's ownership pass changes the ctime, not the
+    weights: the converted folder (GBs, minutes) stays valid."""
     import os
 
     from customcrafter.loading import _cache_key
 
     checkpoint = tmp_path / "model.ckpt"
-    checkpoint.write_bytes(b"old weights")
-    before, key = checkpoint.stat(), _cache_key(checkpoint)
-    if how == "cp -p":
-        checkpoint.write_bytes(b"new weights")
-        os.utime(checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
-        while checkpoint.stat().st_ctime_ns == before.st_ctime_ns:  # a coarse clock: until the ctime tick moves on
-            os.utime(checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
-    else:
-        copy = tmp_path / ".model.ckpt.rsync"
-        copy.write_bytes(b"new weights")
-        os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
-        copy.replace(checkpoint)
-    after = checkpoint.stat()
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    assert _cache_key(checkpoint) != key
+    checkpoint.write_bytes(os.urandom(3 * 1024 * 1024))
+    key = _cache_key(checkpoint)
+    checkpoint.chmod(0o600)
+    os.link(checkpoint, tmp_path / "linked.ckpt")
+    assert _cache_key(checkpoint) == key
 
 
 def test_converted_folder_records_the_converter_version_and_loads(fixtures_dir, tmp_path):

@@ -6,7 +6,7 @@
 * a converted diffusers folder (``model_index.json``): ``VideoCrafter2Pipeline.from_pretrained``.
 * a local original checkpoint (``.ckpt``/``.safetensors``): converted once with ``customcrafter.convert`` and cached
   under ``cache_dir`` (default ``$CUSTOMCRAFTER_CACHE`` or ``~/.cache/customcrafter``), keyed by the file's path,
-  size, modification and status-change times, inode and the converter's version. ``ema=True`` converts
+  size, modification time, a digest of chunks spread over its content, and the converter's version. ``ema=True`` converts
   the UNet's EMA weights of a checkpoint trained with EMA instead (a separate cache entry).
 * a hub id (``VideoCrafter/VideoCrafter2``, optionally ``repo_id:filename``): the file is fetched with
   ``huggingface_hub.hf_hub_download`` (honours ``HF_HUB_OFFLINE``/the hub cache), then as a local checkpoint.
@@ -100,18 +100,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CUSTOMCRAFTER_CACHE") or Path.home() / ".cache" / "customcrafter")
 
 
+#: the conversion cache key reads this many evenly spaced chunks of the checkpoint (first and last included)
+KEY_SAMPLE_CHUNKS, KEY_SAMPLE_BYTES = 16, 64 * 1024
+
+
+def _content_sample(path: Path) -> str:
+    """A digest of ``KEY_SAMPLE_CHUNKS`` chunks of ``path`` spread over the whole file: ~1 MiB read, not GBs."""
+    size, digest = path.stat().st_size, hashlib.sha256()
+    step = max(size - KEY_SAMPLE_BYTES, 0) / max(KEY_SAMPLE_CHUNKS - 1, 1)
+    with path.open("rb") as fh:
+        for offset in sorted({round(i * step) for i in range(KEY_SAMPLE_CHUNKS)}):
+            fh.seek(offset)
+            digest.update(fh.read(KEY_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def _cache_key(path: Path, ema: bool = False) -> str:
     """The file, the weights chosen (EMA or not) and the converter's version: what the converted folder depends on.
 
-    The file is its path, size and modification time, and also its inode and status-change time: ``cp -p`` or
-    ``rsync -t`` give a replacement of the same size the old modification time, but a write in place changes the
-    ctime (which no user can set back) and a copy renamed into place has a new inode. Hashing the content would be
-    exact but reads GBs on every load.
+    The file is its path, size and modification time, and a digest of chunks spread over its content: ``cp -p`` or
+    ``rsync -t`` give a replacement of the same size the old modification time, but two checkpoints differ
+    everywhere. Not the inode or ctime: a ``chmod``, a hard link (DVC's cache) or a volume's ownership pass changes
+    those and would convert GBs again for nothing; and not a hash of the whole file, which reads GBs on every load.
     """
     from customcrafter.convert import CONVERTER_VERSION
 
     stat = path.stat()
-    blob = (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+    blob = (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_content_sample(path)}"
             f"|ema={ema}|converter {CONVERTER_VERSION}")
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
