@@ -30,6 +30,7 @@ from customcrafter.orchestration.kfp_client import DEFAULT_GPU_SCHEDULING, apply
 from customcrafter.orchestration.settings import (
     CLUSTER_TRACKING_URI,
     COMPILED_DIR,
+    DATA_REPO_SECRETS,
     DEFAULT_EXPERIMENT,
     DEFAULT_METHODS,
     OPTIONAL_SECRETS,
@@ -57,6 +58,14 @@ def with_credentials(task: dsl.PipelineTask, settings: CompileSettings) -> dsl.P
     return task
 
 
+def with_data_repo_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The git credentials of a private data repository (optional: a public one needs none), for the tasks that
+    clone ``data_source`` only; the step gives them to git from the environment, never in a URL or an argument."""
+    for secret, keys in DATA_REPO_SECRETS.items():
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
+    return task
+
+
 def build_subject_pipeline(settings: CompileSettings):
     """The per-subject pipeline, with the image, GPU counts, GPU placement and secrets of ``settings``."""
     scheduling = settings.gpu_scheduling or DEFAULT_GPU_SCHEDULING
@@ -80,6 +89,7 @@ def build_subject_pipeline(settings: CompileSettings):
                                  mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name,
                                  pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         with_credentials(validate.set_display_name("validate").set_container_image(settings.image), settings)
+        with_data_repo_credentials(validate)
         # The local runner resolves a condition only on a task's single unnamed output, hence `-> bool`.
         with dsl.If(validate.outputs["Output"] == True, name="data-valid"):  # noqa: E712 (KFP condition)
             augment = augment_data(subject_data=validate.outputs["subject_data"], subject=subject,

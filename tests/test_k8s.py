@@ -19,7 +19,7 @@ K8S = REPO / "k8s"
 K8S_VERSION = "1.32.0"  # the API version we target (kubectl on the CI image is 1.32)
 OVERLAYS = ["base", "overlays/local", "overlays/production"]
 DEPLOYABLE = OVERLAYS[1:]
-SECRET_NAMES = {"mlflow-auth", "mlflow-client", "mlflow-s3", "mlflow-postgres", "customcrafter-hf"}
+SECRET_NAMES = {"mlflow-auth", "mlflow-client", "mlflow-s3", "mlflow-postgres", "customcrafter-hf", "git-credentials"}
 
 
 @cache
@@ -102,6 +102,17 @@ def test_secret_templates_carry_no_values_and_cover_every_reference():
             for source in c.get("envFrom", []):
                 if "secretRef" in source:
                     assert source["secretRef"]["name"] in keys
+
+
+def test_secret_templates_cover_every_secret_the_pipelines_read():
+    """Each Secret and key the pipeline tasks get as env (settings: required, optional, the data repository's git
+    credentials) has its template, so `kubectl create -k k8s/secrets` and docs/OPERATIONS.md name them all."""
+    from customcrafter.orchestration.settings import DATA_REPO_SECRETS, OPTIONAL_SECRETS, SECRETS
+
+    templates = {s["metadata"]["name"]: set(s["stringData"]) for s in by_kind(render("secrets"), "Secret")}
+    for name, keys in {**SECRETS, **OPTIONAL_SECRETS, **DATA_REPO_SECRETS}.items():
+        assert set(keys) <= templates.get(name, set()), f"{name}: {sorted(keys)} have no template"
+    assert set(DATA_REPO_SECRETS["git-credentials"]) == {"GIT_TOKEN", "GIT_USERNAME"}
 
 
 @pytest.mark.parametrize("path", OVERLAYS)

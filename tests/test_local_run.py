@@ -6,6 +6,8 @@ One sample subject, two methods, the tiny preset: a few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -191,6 +193,99 @@ def test_fetch_subject_refuses_a_subject_that_is_not_a_name(tmp_path, subject):
     with pytest.raises(ValueError, match=r"subject: .* is not a subject name"):
         local_run.fetch_subject(str(tmp_path / "repo"), "", subject, out)
     assert not (tmp_path / "work" / "outside").exists() and not out.exists()
+
+
+@pytest.fixture
+def git_without_config(tmp_path, monkeypatch):
+    """git and scmrepo with no user/system config (a credential helper there would answer first), no askpass and
+    no token of the caller; scmrepo's cached GIT_ASKPASS is forgotten before and after."""
+    from scmrepo.git.credentials import memory_helper
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    for name in ("GIT_ASKPASS", "SSH_ASKPASS", "GIT_TERMINAL_PROMPT", "GIT_CONFIG_COUNT", local_run.GIT_TOKEN_ENV,
+                 local_run.GIT_USERNAME_ENV):
+        monkeypatch.delenv(name, raising=False)
+    memory_helper.__dict__.pop("askpass", None)
+    yield
+    memory_helper.__dict__.pop("askpass", None)
+
+
+def _git_credential_fill() -> subprocess.CompletedProcess:
+    """What git does before it sends credentials to an https remote (here example.com; nothing is contacted)."""
+    return subprocess.run(["git", "credential", "fill"], input="protocol=https\nhost=example.com\n\n",
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_a_private_data_repository_token_reaches_git_and_dvc_from_the_environment(git_without_config, monkeypatch):
+    """With GIT_TOKEN (the optional git-credentials Secret) git and scmrepo (DVC's in-process git) get the token
+    through an askpass that reads it from the environment: the script holds no token, and git never prompts."""
+    from scmrepo.git.credentials import Credential
+
+    token = f"tok-{os.urandom(8).hex()}"
+    monkeypatch.setenv(local_run.GIT_TOKEN_ENV, token)
+    with local_run._data_repo_git():
+        assert os.environ["GIT_TERMINAL_PROMPT"] == "0"
+        askpass = Path(os.environ["GIT_ASKPASS"])
+        assert token not in askpass.read_text() and askpass.stat().st_mode & 0o077 == 0
+        filled = _git_credential_fill()
+        assert filled.returncode == 0, filled.stderr
+        assert f"username=x-access-token\npassword={token}\n" in filled.stdout
+        credential = Credential(url="https://example.com/org/data.git").fill()
+        assert (credential.username, credential.password) == ("x-access-token", token)
+        monkeypatch.setenv(local_run.GIT_USERNAME_ENV, "bob")
+        assert f"username=bob\npassword={token}\n" in _git_credential_fill().stdout
+    assert "GIT_ASKPASS" not in os.environ and "GIT_TERMINAL_PROMPT" not in os.environ  # restored
+    # without a token: no askpass of ours, and git fails at once instead of waiting for a terminal
+    monkeypatch.delenv(local_run.GIT_TOKEN_ENV)
+    with local_run._data_repo_git():
+        assert "GIT_ASKPASS" not in os.environ
+        filled = _git_credential_fill()
+    assert filled.returncode != 0 and "terminal prompts disabled" in filled.stderr
+
+
+def test_fetch_subject_from_a_private_git_repository_keeps_the_token_off_argv_urls_files_and_logs(
+        git_without_config, tmp_path, monkeypatch, caplog):
+    """fetch_subject and the data version (validate, plan) clone ``data_source`` with DVC: git, called there, gets
+    the token from GIT_TOKEN; no argument, URL, fetched file or log line carries it."""
+    import dvc.api
+    from dvc.repo import Repo
+
+    token = f"tok-{os.urandom(8).hex()}"
+    monkeypatch.setenv(local_run.GIT_TOKEN_ENV, token)
+    source = "https://github.com/org/private-data.git"
+    calls: list[tuple] = []
+    run = subprocess.run
+
+    def recording_run(argv, *args, **kwargs):
+        calls.append(("subprocess", argv, args, {k: v for k, v in kwargs.items() if k != "env"}))
+        return run(argv, *args, **kwargs)
+
+    def as_git_would(*args, **kwargs):
+        """DVC's clone: git asks for credentials (the real git program, its output as a fetched file)."""
+        calls.append(("dvc", args, kwargs))
+        filled = _git_credential_fill()
+        assert filled.returncode == 0 and f"password={token}" in filled.stdout, filled.stderr
+        if "out" in kwargs:
+            Path(kwargs["out"]).mkdir(parents=True, exist_ok=True)
+            (Path(kwargs["out"]) / "fetched.txt").write_text(f"fetched {args} by {os.environ.get('GIT_ASKPASS')}")
+        return "outs:\n- md5: abc.dir\n"
+
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    monkeypatch.setattr(Repo, "get", staticmethod(as_git_would))
+    monkeypatch.setattr(dvc.api, "read", as_git_would)
+    out = tmp_path / "task"
+    with caplog.at_level("DEBUG"):
+        local_run.fetch_subject(source, "main", "dog", out)
+        version = local_run._data_version(source, "main")
+    assert version == {"dvc_md5": "abc.dir", "git_revision": "main"}
+    assert [c[1][0] for c in calls if c[0] == "dvc"] == [source, "data.dvc"]
+    assert any(c[0] == "subprocess" and c[1][:2] == ["git", "credential"] for c in calls)
+    assert token not in repr(calls)
+    assert (out / "subjects" / "dog" / "fetched.txt").is_file()
+    assert not any(token in p.read_text() for p in out.rglob("*") if p.is_file())
+    assert token not in caplog.text
 
 
 def test_evaluation_of_a_method_whose_training_run_never_reached_mlflow_gets_its_own_run(tmp_path, monkeypatch):

@@ -127,6 +127,24 @@ def test_platform_spec_has_gpu_cache_secrets_and_shm(compiled):
     assert retrain["exec-train-subject"]["pvcMount"] == train["pvcMount"]
 
 
+def test_only_the_tasks_cloning_the_data_repository_get_its_optional_git_credentials(compiled):
+    """A private data repository's token (the git-credentials Secret) reaches validate and plan, which clone
+    ``data_source``, as optional env (a public repository needs no Secret); no other task gets it."""
+    cloning = {("customcrafter_pipeline.yaml", "exec-validate-data"),
+               ("retrain_new_subjects.yaml", "exec-validate-data"),
+               ("retrain_new_subjects.yaml", "exec-plan-retraining")}
+    for name, docs in compiled.items():
+        for executor, config in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+            git = [s for s in config.get("secretAsEnv", []) if s["secretName"] == "git-credentials"]
+            if (name, executor) not in cloning:
+                assert not git, f"{name}: {executor} gets the data repository's git credentials"
+                continue
+            (secret,) = git
+            assert secret["optional"] is True
+            assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
+                ("GIT_TOKEN", local_run.GIT_TOKEN_ENV), ("GIT_USERNAME", local_run.GIT_USERNAME_ENV)}
+
+
 def test_pipeline_pods_require_no_secret_the_base_deployment_treats_as_optional(compiled):
     """Without S3 (base/local overlays: the MLflow server's mlflow-s3 is optional, clients upload through it) the
     pipeline pods must still start: a required secretAsEnv that does not exist keeps a pod in
@@ -260,6 +278,9 @@ def test_pipeline_arguments_parse_cli_parameters():
         with pytest.raises(ValueError, match=r"carries credentials") as caught:
             local_run.pipeline_arguments([bad])
         assert "hunter2" not in str(caught.value)
+        # ... and the message names the Secret that carries them instead
+        secret = r"Secret git-credentials \(key GIT_TOKEN" if "data_source" in bad else r"Secret mlflow-client"
+        assert caught.match(secret)
     assert local_run.pipeline_arguments(["data_source=ssh://git@github.com/o/r.git",
                                          "mlflow_tracking_uri=http://mlflow:5000"]) == {
         "data_source": "ssh://git@github.com/o/r.git", "mlflow_tracking_uri": "http://mlflow:5000"}

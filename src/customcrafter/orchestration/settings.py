@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROJECT_IMAGE", "DEFAULT_METHODS", "DEFAULT_SUBJECTS", "REGISTERED_METHOD", "DEFAULT_EXPERIMENT",
-    "CLUSTER_TRACKING_URI", "PIPELINE_SERVICE_ACCOUNT", "SHM_SIZE", "SECRETS", "OPTIONAL_SECRETS", "PRESETS",
+    "CLUSTER_TRACKING_URI", "PIPELINE_SERVICE_ACCOUNT", "SHM_SIZE", "SECRETS", "OPTIONAL_SECRETS",
+    "DATA_REPO_SECRETS", "PRESETS",
     "COMPILED_DIR", "PIPELINE_FILES", "CompileSettings",
     "compile_settings", "preset_overrides",
 ]
@@ -53,6 +54,12 @@ OPTIONAL_SECRETS: dict[str, dict[str, str]] = {
     "mlflow-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
                   "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"},
     "customcrafter-hf": {"HF_TOKEN": "HF_TOKEN"},
+}
+# Optional too, and only in the pods that clone the data repository (validate, plan): the git credentials of a
+# private data repository (``data_source``). A token in the URL is refused (KFP shows run parameters to everyone in
+# the namespace); local_run._data_repo_git hands these to git from the environment. GIT_USERNAME may be left out.
+DATA_REPO_SECRETS: dict[str, dict[str, str]] = {
+    "git-credentials": {"GIT_TOKEN": "GIT_TOKEN", "GIT_USERNAME": "GIT_USERNAME"},
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
