@@ -16,7 +16,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from customcrafter.orchestration import local_run  # noqa: E402
+from customcrafter.orchestration import git_credentials, local_run  # noqa: E402
 
 METRICS = ("clip_t", "clip_i", "dino_i", "temporal_consistency", "motion", "dynamic_degree")
 
@@ -204,8 +204,8 @@ def git_without_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    for name in ("GIT_ASKPASS", "SSH_ASKPASS", "GIT_TERMINAL_PROMPT", "GIT_CONFIG_COUNT", local_run.GIT_TOKEN_ENV,
-                 local_run.GIT_USERNAME_ENV):
+    for name in ("GIT_ASKPASS", "SSH_ASKPASS", "GIT_TERMINAL_PROMPT", "GIT_CONFIG_COUNT", git_credentials.GIT_TOKEN_ENV,
+                 git_credentials.GIT_USERNAME_ENV):
         monkeypatch.delenv(name, raising=False)
     memory_helper.__dict__.pop("askpass", None)
     yield
@@ -224,8 +224,8 @@ def test_a_private_data_repository_token_reaches_git_and_dvc_from_the_environmen
     from scmrepo.git.credentials import Credential
 
     token = f"tok-{os.urandom(8).hex()}"
-    monkeypatch.setenv(local_run.GIT_TOKEN_ENV, token)
-    with local_run._data_repo_git():
+    monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, token)
+    with git_credentials.data_repo_git():
         assert os.environ["GIT_TERMINAL_PROMPT"] == "0"
         askpass = Path(os.environ["GIT_ASKPASS"])
         assert token not in askpass.read_text() and askpass.stat().st_mode & 0o077 == 0
@@ -234,12 +234,12 @@ def test_a_private_data_repository_token_reaches_git_and_dvc_from_the_environmen
         assert f"username=x-access-token\npassword={token}\n" in filled.stdout
         credential = Credential(url="https://example.com/org/data.git").fill()
         assert (credential.username, credential.password) == ("x-access-token", token)
-        monkeypatch.setenv(local_run.GIT_USERNAME_ENV, "bob")
+        monkeypatch.setenv(git_credentials.GIT_USERNAME_ENV, "bob")
         assert f"username=bob\npassword={token}\n" in _git_credential_fill().stdout
     assert "GIT_ASKPASS" not in os.environ and "GIT_TERMINAL_PROMPT" not in os.environ  # restored
     # without a token: no askpass of ours, and git fails at once instead of waiting for a terminal
-    monkeypatch.delenv(local_run.GIT_TOKEN_ENV)
-    with local_run._data_repo_git():
+    monkeypatch.delenv(git_credentials.GIT_TOKEN_ENV)
+    with git_credentials.data_repo_git():
         assert "GIT_ASKPASS" not in os.environ
         filled = _git_credential_fill()
     assert filled.returncode != 0 and "terminal prompts disabled" in filled.stderr
@@ -253,7 +253,7 @@ def test_fetch_subject_from_a_private_git_repository_keeps_the_token_off_argv_ur
     from dvc.repo import Repo
 
     token = f"tok-{os.urandom(8).hex()}"
-    monkeypatch.setenv(local_run.GIT_TOKEN_ENV, token)
+    monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, token)
     source = "https://github.com/org/private-data.git"
     calls: list[tuple] = []
     run = subprocess.run

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO_ROOT))  # components/ and pipelines/ live at the rep
 from cli_runner import run_cli  # noqa: E402
 from kfp_stub import KfpStub  # noqa: E402
 
-from customcrafter.orchestration import local_run  # noqa: E402
+from customcrafter.orchestration import git_credentials, local_run  # noqa: E402
 from customcrafter.orchestration.settings import COMPILED_DIR, PIPELINE_FILES, PROJECT_IMAGE, CompileSettings  # noqa: E402
 
 VOLATILE = {"sdkVersion"}
@@ -142,7 +142,7 @@ def test_only_the_tasks_cloning_the_data_repository_get_its_optional_git_credent
             (secret,) = git
             assert secret["optional"] is True
             assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
-                ("GIT_TOKEN", local_run.GIT_TOKEN_ENV), ("GIT_USERNAME", local_run.GIT_USERNAME_ENV)}
+                ("GIT_TOKEN", git_credentials.GIT_TOKEN_ENV), ("GIT_USERNAME", git_credentials.GIT_USERNAME_ENV)}
 
 
 def test_pipeline_pods_require_no_secret_the_base_deployment_treats_as_optional(compiled):

@@ -16,8 +16,6 @@ the CustomCrafter run.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import logging
 import os
@@ -36,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from customcrafter.config import StrictModel
 from customcrafter.data.subjects import check_subject_name
+from customcrafter.orchestration.git_credentials import data_repo_git
 from customcrafter.orchestration.settings import (
     COMPILED_DIR,
     PIPELINE_FILES,
@@ -157,68 +156,6 @@ def _is_remote(source: str) -> bool:
     return "://" in source or source.startswith("git@")
 
 
-# The git credentials of a private data repository: env vars of the optional git-credentials Secret
-# (settings.DATA_REPO_SECRETS). Without GIT_USERNAME the user is x-access-token (GitHub; GitLab takes any name).
-GIT_TOKEN_ENV, GIT_USERNAME_ENV = "GIT_TOKEN", "GIT_USERNAME"
-_ASKPASS_SCRIPT = f"""#!/bin/sh
-# git askpass of customcrafter: answers git's prompts from the environment when git calls it; holds no credential
-case "$1" in
-  Username*) printf '%s\\n' "${{{GIT_USERNAME_ENV}:-x-access-token}}" ;;
-  *) printf '%s\\n' "${GIT_TOKEN_ENV}" ;;
-esac
-"""
-_askpass_path: Path | None = None
-
-
-def _askpass() -> Path:
-    """The askpass script of this process: a private (0700) temporary file, removed at exit. One per process, as
-    scmrepo remembers the first GIT_ASKPASS it sees."""
-    global _askpass_path
-    if _askpass_path is None or not _askpass_path.is_file():
-        fd, name = tempfile.mkstemp(prefix="customcrafter-askpass-", suffix=".sh")  # mode 0600, owner only
-        with os.fdopen(fd, "w") as file:
-            file.write(_ASKPASS_SCRIPT)
-        os.chmod(name, 0o700)
-        _askpass_path = Path(name)
-        atexit.register(_askpass_path.unlink, missing_ok=True)
-    return _askpass_path
-
-
-def _git_env() -> dict[str, str]:
-    """The environment variables :func:`_data_repo_git` sets: never a terminal prompt, and with ``GIT_TOKEN`` set
-    the askpass that answers from it."""
-    env = {"GIT_TERMINAL_PROMPT": "0"}
-    if os.environ.get(GIT_TOKEN_ENV):
-        env["GIT_ASKPASS"] = str(_askpass())
-    return env
-
-
-@contextlib.contextmanager
-def _data_repo_git():
-    """Around DVC's clone/fetch of a git ``data_source``: git (and DVC's in-process git, scmrepo) gets the
-    credentials of a private repository from ``GIT_TOKEN`` / ``GIT_USERNAME`` (the optional git-credentials
-    Secret) and never prompts (``GIT_TERMINAL_PROMPT=0``: a pod has no terminal; a missing credential fails).
-
-    The route is ``GIT_ASKPASS``, a script (:func:`_askpass`) that prints ``$GIT_USERNAME`` (default
-    x-access-token) or ``$GIT_TOKEN`` when git asks: the token is read from the environment at call time, so it is
-    on no command line, in no URL, config value, file or log. Git and scmrepo (DVC clones with dulwich/pygit2 in
-    this process) both ask GIT_ASKPASS after the configured credential helpers; a helper set with
-    ``GIT_CONFIG_COUNT`` would reach the git program only, as dulwich does not read those variables. The token goes
-    to whatever host git asks for credentials while cloning ``data_source`` (a 401 of that server), no other.
-    The variables are set in ``os.environ`` (DVC runs here, not in a subprocess) and restored afterwards."""
-    env = _git_env()
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _local_data_root(source: str | Path) -> Path:
     """``source`` is a repository (holding ``data/subjects``) or a data root (holding ``subjects/``)."""
     path = Path(source).expanduser().resolve()
@@ -235,7 +172,7 @@ def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: s
     ``data_source`` is a local repository/data root (its working tree is used; ``data_revision`` is recorded
     only) or a git repository URL whose data come from its DVC remote at ``data_revision`` (S3 credentials from
     the environment: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``; a private repository's git token from
-    ``GIT_TOKEN``, see :func:`_data_repo_git`).
+    ``GIT_TOKEN``, see :func:`~customcrafter.orchestration.git_credentials.data_repo_git`).
     """
     check_subject_name(subject)
     out = Path(out_dir)
@@ -244,13 +181,13 @@ def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: s
     if _is_remote(data_source):
         from dvc.repo import Repo
 
-        with _data_repo_git():
+        with data_repo_git():
             Repo.get(data_source, f"data/subjects/{subject}", out=str(target), rev=data_revision or None)
         class_word = _class_word(target, f"subject {subject!r} of {data_source}@{data_revision or 'HEAD'}")
         if class_word is None:
             return out
         try:
-            with _data_repo_git():
+            with data_repo_git():
                 Repo.get(data_source, f"data/class_images/{class_word}",
                          out=str(out / "class_images" / class_word), rev=data_revision or None)
         except Exception as exc:  # noqa: BLE001 - class images are optional (the trainer can generate them)
@@ -291,7 +228,7 @@ def _data_version(data_source: str, data_revision: str) -> dict[str, str]:
         import dvc.api
         import yaml
 
-        with _data_repo_git():
+        with data_repo_git():
             outs = (yaml.safe_load(dvc.api.read("data.dvc", repo=data_source, rev=data_revision or None)) or {})
         md5 = ((outs.get("outs") or [{}])[0]).get("md5")
         return {"dvc_md5": md5 or "unknown", "git_revision": data_revision or "HEAD"}
@@ -588,7 +525,7 @@ def _subjects_root(data_source: str, data_revision: str) -> Path:
     from dvc.repo import Repo
 
     root = Path(tempfile.mkdtemp(prefix="cc-plan-"))
-    with _data_repo_git():
+    with data_repo_git():
         Repo.get(data_source, "data/subjects", out=str(root / "subjects"), rev=data_revision or None)
     return root
 
