@@ -57,7 +57,7 @@ OPTIONAL_SECRETS: dict[str, dict[str, str]] = {
 }
 # Optional too, and only in the pods that clone the data repository (validate, plan): the git credentials of a
 # private data repository (``data_source``). A token in the URL is refused (KFP shows run parameters to everyone in
-# the namespace); local_run._data_repo_git hands these to git from the environment. GIT_USERNAME may be left out.
+# the namespace); git_credentials.data_repo_git hands these to git from the environment. GIT_USERNAME may be left out.
 DATA_REPO_SECRETS: dict[str, dict[str, str]] = {
     "git-credentials": {"GIT_TOKEN": "GIT_TOKEN", "GIT_USERNAME": "GIT_USERNAME"},
 }
