@@ -16,8 +16,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("customcrafter")
 
@@ -254,8 +256,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str], *, keep_set: bool = False) -> Iterator[None]:
+    """``os.environ`` with ``values`` for the block (``keep_set``: only where a variable is unset, so the user's own
+    setting wins), then every variable as it was: for libraries that read settings from the environment."""
+    saved = {key: os.environ.get(key) for key in values}
+    for key, value in values.items():
+        if not (keep_set and key in os.environ):
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """``"auto"``/None → CUDA if available, else CPU."""
+    import torch  # here, not at the top: the pipeline's light steps and the CLI's registry commands import utils
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

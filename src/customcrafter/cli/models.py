@@ -4,9 +4,7 @@ for ``--subject-module``."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -41,19 +39,12 @@ def tracking_uri_or_error(value: str | None, needed_for: str) -> str:
     return uri
 
 
-@contextlib.contextmanager
-def quick_http() -> Iterator[None]:
+def quick_http():
     """MLflow's HTTP retries and timeout lowered (and its progress bars off) for the block, unless the user set
     them; then put back."""
-    saved = {key: os.environ.get(key) for key in _QUICK_HTTP}
-    for key, value in _QUICK_HTTP.items():
-        os.environ.setdefault(key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
+    from customcrafter.utils import scoped_environ
+
+    return scoped_environ(_QUICK_HTTP, keep_set=True)
 
 
 def _registry_failure(exc: Exception, tracking_uri: str) -> str:

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from customcrafter.utils import scoped_environ
+
 __all__ = ["GIT_TOKEN_ENV", "GIT_USERNAME_ENV", "data_repo_git", "git_env"]
 
 # The git credentials of a private data repository: env vars of the optional git-credentials Secret
@@ -61,14 +63,5 @@ def data_repo_git():
     ``GIT_CONFIG_COUNT`` would reach the git program only, as dulwich does not read those variables. The token goes
     to whatever host git asks for credentials while cloning ``data_source`` (a 401 of that server), no other.
     The variables are set in ``os.environ`` (DVC runs here, not in a subprocess) and restored afterwards."""
-    env = git_env()
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with scoped_environ(git_env()):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
