@@ -147,6 +147,28 @@ def test_settings_recorded_with_different_types_still_write_every_table(tiny_mod
     assert set(table["sampling_num_inference_steps"]) == {"50"} and len(table) == 8
     assert any("num_inference_steps" in line for line in result.warnings)  # recorded differently: flagged
 
+def test_the_registered_module_a_method_was_sampled_with_reaches_the_tables_and_reports(tiny_models, method_dirs,
+                                                                                           tmp_path):
+    """sample-eval-set records the registered model version (models:/...) in its manifest; the evaluation showed
+    nowhere which version its numbers belong to."""
+    manifest = method_dirs[0] / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["subject_module"] = {"uri": "models:/customcrafter-dog@champion", "name": "customcrafter-dog",
+                                 "version": 3, "alias": "champion", "run_id": "0123456789abcdef0123"}
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
+
+    label = "models:/customcrafter-dog/3 (run 0123456789ab)"
+    table = pd.read_parquet(result.per_video_parquet)
+    assert set(table.loc[table["method"] == "customcrafter", "subject_module"]) == {label}
+    assert set(table.loc[table["method"] == "base", "subject_module"]) == {""}
+    assert f"Registered subject modules: customcrafter: {label}" in (tmp_path / "eval" / "summary.md").read_text()
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert f"<td>customcrafter</td><td>{label}</td>" in report and "<td>base</td><td>not recorded</td>" in report
+    assert result.warnings == []  # which version a method used is what it is compared on, not a difference
+
+
 def test_evaluate_writes_tables_report_and_metrics(tiny_models, method_dirs, tmp_path):
     result = evaluate(method_dirs, tmp_path / "eval", _config(tiny_models))
 

@@ -277,6 +277,15 @@ def _score_rows(rows: list[dict], cache_path: Path, config: EvalConfig) -> tuple
     return records, computed
 
 
+def module_label(origin: object) -> str:
+    """A manifest row's ``subject_module`` (the registered model it was sampled with: name, version, run id) as
+    ``models:/NAME/VERSION (run ID)``; empty where the manifest records none (a module folder, the base model)."""
+    if not isinstance(origin, dict) or not origin.get("name"):
+        return ""
+    run = f" (run {str(origin['run_id'])[:12]})" if origin.get("run_id") else ""
+    return f"models:/{origin['name']}/{origin.get('version')}{run}"
+
+
 def _tidy_row(row: dict, record: dict, text: str, video_sha: str) -> dict:
     tidy = {
         name: row[name]
@@ -305,6 +314,7 @@ def _tidy_row(row: dict, record: dict, text: str, video_sha: str) -> dict:
         width=record["width"],
     )
     tidy.update({name: float(record[name]) for name in METRIC_NAMES})
+    tidy["subject_module"] = module_label(row.get("subject_module"))
     sampling = row.get("sampling") or {}
     tidy["sampling"] = json.dumps(sampling, sort_keys=True)
     for name, value in sampling.items():  # flat copies of scalar settings, for grouping and plotting

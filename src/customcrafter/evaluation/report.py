@@ -112,6 +112,9 @@ def render_markdown_summary(summary: pd.DataFrame, per_video: pd.DataFrame, conf
                     header, [[m, *cells] for m, cells in zip(wide.index, wide.values.tolist(), strict=True)]
                 ),
             ]
+    origins = _module_origins(per_video)
+    if origins:
+        parts += ["", "Registered subject modules: " + "; ".join(f"{m}: {o}" for m, o in origins.items())]
     parts += [
         "",
         "Paper's Table 1 (reported in the paper, not measured here): "
@@ -295,12 +298,27 @@ def _video_grid(per_video: pd.DataFrame, config: EvalConfig) -> str:
     return "".join(sections)
 
 
+def _module_origins(per_video: pd.DataFrame) -> dict[str, str]:
+    """Per method, the registered model version(s) its videos were sampled with, where the manifests record them
+    (``sample-eval-set --subject-module models:/...``); methods without a record are left out."""
+    if "subject_module" not in per_video:
+        return {}
+    origins = {}
+    for method, group in per_video.groupby("method", sort=False):
+        labels = sorted({label for label in group["subject_module"] if label})
+        if labels:
+            unrecorded = " + videos without a record" if (group["subject_module"] == "").any() else ""
+            origins[method] = ", ".join(labels) + unrecorded
+    return origins
+
+
 def _sampling_table(per_video: pd.DataFrame) -> str:
-    rows = []
+    origins, rows = _module_origins(per_video), []
     for method, group in per_video.groupby("method", sort=False):
         settings = sorted(set(group["sampling"]))
-        rows.append(([method, " | ".join(json.dumps(json.loads(s)) for s in settings)], ""))
-    return _html_table(["method", "sampling settings"], rows)
+        rows.append(([method, origins.get(method, "not recorded"),
+                      " | ".join(json.dumps(json.loads(s)) for s in settings)], ""))
+    return _html_table(["method", "registered subject module", "sampling settings"], rows)
 
 
 def render_html_report(summary: pd.DataFrame, per_video: pd.DataFrame, config: EvalConfig,
