@@ -136,3 +136,26 @@ def test_file_lock_rejects_a_stale_timeout_close_to_the_heartbeat(tmp_path):
     with pytest.raises(ValueError, match=r"x\.lock: stale_after \(1\.0 s\) must be well above heartbeat"):
         with file_lock(tmp_path / "x.lock", heartbeat=1.0, stale_after=1.0):
             pass
+
+
+def test_a_lock_whose_first_write_fails_is_not_left_behind(tmp_path, monkeypatch):
+    """A full volume failing the lock's first write left the empty lock file (every process, this one's retry
+    included, then waited `stale_after`, 2 minutes by default) and its descriptor open."""
+    import errno
+
+    from customcrafter import utils
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    lock, fds = tmp_path / "x.lock", len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as patch:
+        patch.setattr(utils.os, "fsync", full)
+        with pytest.raises(OSError, match="No space left"):
+            with utils.file_lock(lock, heartbeat=0.05, stale_after=60.0, poll=0.02):
+                pass
+    assert not lock.exists()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    started = time.monotonic()
+    with utils.file_lock(lock, heartbeat=0.05, stale_after=60.0, poll=0.02):
+        assert time.monotonic() - started < 5.0

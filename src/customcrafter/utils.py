@@ -174,7 +174,12 @@ def _acquire_lock(path: Path, stale_after: float, poll: float) -> tuple[int, str
         except FileExistsError:
             pass
         else:
-            _write_lock(fd, me, 0)
+            try:
+                _write_lock(fd, me, 0)
+            except BaseException:  # a full volume: no empty lock left for everyone to wait out, no descriptor open
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
             return fd, me
         try:
             content = path.read_bytes()
