@@ -159,3 +159,34 @@ def test_a_lock_whose_first_write_fails_is_not_left_behind(tmp_path, monkeypatch
     started = time.monotonic()
     with utils.file_lock(lock, heartbeat=0.05, stale_after=60.0, poll=0.02):
         assert time.monotonic() - started < 5.0
+
+
+def test_a_late_takeover_leaves_the_lock_another_waiter_took_in_place(tmp_path, monkeypatch):
+    """Waiters that found the same lock stale take it over one after the other. The late one renamed the winner's
+    fresh lock aside to read it and then renamed it back: meanwhile a third waiter found the path free and took the
+    lock, and the rename back replaced its file, so two processes held the lock (and converted, removing each
+    other's temporary folders)."""
+    from customcrafter import utils
+
+    lock, stale = tmp_path / "x.lock", b"host=h pid=1 since=t beat=7 at=t\n"
+    lock.write_bytes(b"host=h pid=2 since=t beat=0 at=t\n")  # the first waiter's: it took the stale lock over
+    before, third = os.stat(lock), []
+    read_bytes = Path.read_bytes
+
+    def reading(self):
+        if ".stale-" in self.name:  # the late waiter reads what it found at the lock path: a third one tries it
+            try:
+                third.append(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", reading)
+    utils._remove_stale_lock(lock, stale)
+    for fd in third:
+        os.close(fd)
+    assert not third, "the lock path was free while a process held the lock"
+    assert os.path.samestat(os.stat(lock), before) and lock.read_bytes().startswith(b"host=h pid=2 ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.lock"]
+    utils._remove_stale_lock(lock, lock.read_bytes())  # a lock that is stale is still removed
+    assert list(tmp_path.iterdir()) == []

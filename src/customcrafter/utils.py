@@ -201,9 +201,29 @@ def _acquire_lock(path: Path, stale_after: float, poll: float) -> tuple[int, str
 
 
 def _remove_stale_lock(path: Path, stale: bytes) -> None:
-    """Remove ``path`` if it still holds ``stale``. Renamed aside first, then read: another waiter may have taken the
-    lock over between our read and the rename; its fresh lock is put back."""
+    """Remove ``path`` if it still holds ``stale``. Checked through a hard link to the file at ``path``, which stays
+    where it is: another waiter may have taken the lock over between our read and now, and its fresh lock must be
+    neither moved (a third process would find the path free and take the lock too) nor put back over a newer one."""
     aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.link(path, aside)
+    except FileNotFoundError:
+        return
+    except OSError:  # a file system without hard links: rename aside, read, and put back a live lock
+        _move_stale_lock(path, aside, stale)
+        return
+    try:
+        if aside.read_bytes() == stale and os.path.samestat(os.stat(path), os.stat(aside)):
+            os.unlink(path)
+    except FileNotFoundError:  # released or taken over meanwhile
+        pass
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def _move_stale_lock(path: Path, aside: Path, stale: bytes) -> None:
+    """Without hard links: rename ``path`` aside, read, and put a live lock back (a moment without a lock at
+    ``path``, in which a third process may take it)."""
     try:
         path.rename(aside)
     except FileNotFoundError:
