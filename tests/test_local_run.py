@@ -245,6 +245,23 @@ def test_a_private_data_repository_token_reaches_git_and_dvc_from_the_environmen
     assert filled.returncode != 0 and "terminal prompts disabled" in filled.stderr
 
 
+def test_an_askpass_removed_meanwhile_is_written_again_where_scmrepo_looks(git_without_config, monkeypatch):
+    """scmrepo (DVC's in-process git) remembers the first GIT_ASKPASS; a script removed meanwhile (a /tmp cleaner)
+    was written again under another name, so DVC's clones then got an empty user and token."""
+    from scmrepo.git.credentials import Credential
+
+    token = f"tok-{os.urandom(8).hex()}"
+    monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, token)
+    with git_credentials.data_repo_git():
+        first = Path(os.environ["GIT_ASKPASS"])
+        assert Credential(url="https://example.com/org/data.git").fill().password == token
+    first.unlink()
+    with git_credentials.data_repo_git():
+        assert Path(os.environ["GIT_ASKPASS"]) == first and first.stat().st_mode & 0o777 == 0o700
+        credential = Credential(url="https://example.com/org/data.git").fill()
+    assert (credential.username, credential.password) == ("x-access-token", token)
+
+
 def test_fetch_subject_from_a_private_git_repository_keeps_the_token_off_argv_urls_files_and_logs(
         git_without_config, tmp_path, monkeypatch, caplog):
     """fetch_subject and the data version (validate, plan) clone ``data_source`` with DVC: git, called there, gets

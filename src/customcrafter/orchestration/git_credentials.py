@@ -29,16 +29,30 @@ _askpass_path: Path | None = None
 
 def _askpass() -> Path:
     """The askpass script of this process: a private (0700) temporary file, removed at exit. One per process, as
-    scmrepo remembers the first GIT_ASKPASS it sees."""
+    scmrepo remembers the first GIT_ASKPASS it sees: one removed meanwhile (a temporary-file cleaner) is written
+    again at the same path."""
     global _askpass_path
-    if _askpass_path is None or not _askpass_path.is_file():
-        fd, name = tempfile.mkstemp(prefix="customcrafter-askpass-", suffix=".sh")  # mode 0600, owner only
-        with os.fdopen(fd, "w") as file:
-            file.write(_ASKPASS_SCRIPT)
-        os.chmod(name, 0o700)
-        _askpass_path = Path(name)
-        atexit.register(_askpass_path.unlink, missing_ok=True)
+    if _askpass_path is not None and _askpass_path.is_file():
+        return _askpass_path
+    if _askpass_path is not None:
+        try:  # exclusively: a file someone else put there meanwhile is not ours to run
+            fd = os.open(_askpass_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            _write_script(fd, _askpass_path)
+            return _askpass_path
+    fd, name = tempfile.mkstemp(prefix="customcrafter-askpass-", suffix=".sh")  # mode 0600, owner only
+    _askpass_path = Path(name)
+    _write_script(fd, _askpass_path)
+    atexit.register(_askpass_path.unlink, missing_ok=True)
     return _askpass_path
+
+
+def _write_script(fd: int, path: Path) -> None:
+    with os.fdopen(fd, "w") as file:
+        file.write(_ASKPASS_SCRIPT)
+    os.chmod(path, 0o700)
 
 
 def git_env() -> dict[str, str]:
