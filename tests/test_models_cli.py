@@ -271,3 +271,19 @@ def test_videos_of_unrecorded_origin_leave_the_origin_unrecorded(tmp_path):
     (tmp_path / "dog" / "p00_s0.mp4").write_bytes(b"video")
     assert resumed_module_origin(tmp_path, origin) is None
     assert resumed_module_origin(tmp_path, None) is None
+
+
+def test_videos_an_interrupted_run_left_leave_the_origin_unrecorded(tmp_path):
+    """An interrupted run keeps its whole videos but writes no manifest; a rerun with another registered version
+    sampled the rest and labelled every video, the kept ones too, with its own version."""
+    from customcrafter.sampling import resumed_module_origin
+
+    origin = {"uri": "models:/customcrafter-dog/2", "name": "customcrafter-dog", "version": 2, "alias": None,
+              "run_id": "r2"}
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / ".p00_s1.abc.mp4").write_bytes(b"half")  # a video being written: not a kept one
+    assert resumed_module_origin(tmp_path, origin) == origin
+    (tmp_path / "dog" / "p00_s0.mp4").write_bytes(b"video of an interrupted run, from some version")
+    assert resumed_module_origin(tmp_path, origin) is None
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"video": "dog/p00_s0.mp4", "subject_module": origin}) + "\n")
+    assert resumed_module_origin(tmp_path, origin) == origin  # listed with this version: kept and recorded

@@ -169,11 +169,16 @@ def resumed_module_origin(out_dir: str | Path, origin: dict | None) -> dict | No
     """The registered model (``subject_module``: name, version, alias, run id, URI) the folder's new manifest records,
     None for a module folder. A rerun keeps the videos on disk: refuse if the folder's manifest says they came from
     another registered version (or from one, while this run samples a module folder). Videos whose origin was not
-    recorded (a module folder, an older manifest) leave it unrecorded: theirs is unknown."""
+    recorded (a module folder, an older manifest, an interrupted run's videos, which no manifest lists) leave it
+    unrecorded: theirs is unknown."""
     out_dir = Path(out_dir)
     identity = {name: origin.get(name) for name in MODULE_ORIGIN_IDENTITY} if origin else None
-    recorded = origin
-    for row in evaluation_set_rows(out_dir):
+    rows = evaluation_set_rows(out_dir)
+    listed = {row.get("video") for row in rows}
+    unlisted = [v for v in out_dir.glob("*/*.mp4") if not v.name.startswith(".") and
+                v.relative_to(out_dir).as_posix() not in listed]
+    recorded = None if unlisted else origin
+    for row in rows:
         held, video = row.get("subject_module"), row.get("video")
         if not (isinstance(video, str) and (out_dir / video).is_file()):
             continue
