@@ -326,7 +326,8 @@ def test_cli_sample_eval_set_interrupted_writes_no_manifest_and_resumes(tmp_path
     monkeypatch.setattr(sampling, "sample_video", interrupted)
     assert run_cli(argv) == 130
     first = out / "dog" / "p00_s0.mp4"
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["dog", "dog/p00_s0.mp4"]  # no manifest
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [  # no manifest; the origin mark
+        ".subject_module.json", "dog", "dog/p00_s0.mp4"]                       # (null: the base model) is there
     stamp = first.stat().st_mtime_ns
     capsys.readouterr()
     assert run_cli(argv) == 0 and calls == [0, 1, 1]  # resumed: only the missing video sampled

@@ -165,19 +165,43 @@ def _resumed_settings(out_dir: Path, settings: dict) -> dict:
 MODULE_ORIGIN_IDENTITY = ("name", "version", "run_id")
 
 
+#: in an evaluation-set folder: the registered model (or null) of the run sampling into it, written before its first
+#: video, so that the videos an interrupted run leaves (no manifest lists them) keep a known origin
+ORIGIN_MARK = ".subject_module.json"
+
+
+def _identity(origin: dict | None) -> dict | None:
+    return {name: origin.get(name) for name in MODULE_ORIGIN_IDENTITY} if origin else None
+
+
+def _other_origin(out_dir: Path, video: str, held: dict, origin: dict | None) -> ValueError:
+    this = f"{origin['name']} v{origin['version']}" if origin else "a subject module folder"
+    return ValueError(f"{out_dir}: its videos ({video}, ...) were sampled with registered model {held.get('name')} "
+                      f"v{held.get('version')} (run {held.get('run_id')}), this run with {this}; a rerun only samples "
+                      "missing videos, so delete the folder to sample afresh, or rerun with the same subject module")
+
+
 def resumed_module_origin(out_dir: str | Path, origin: dict | None) -> dict | None:
     """The registered model (``subject_module``: name, version, alias, run id, URI) the folder's new manifest records,
-    None for a module folder. A rerun keeps the videos on disk: refuse if the folder's manifest says they came from
-    another registered version (or from one, while this run samples a module folder). Videos whose origin was not
-    recorded (a module folder, an older manifest, an interrupted run's videos, which no manifest lists) leave it
-    unrecorded: theirs is unknown."""
+    None for a module folder. A rerun keeps the videos on disk: refuse if the folder's manifest, or for the videos an
+    interrupted run left (which no manifest lists) its :data:`ORIGIN_MARK`, says they came from another registered
+    version (or from one, while this run samples a module folder). Videos whose origin was not recorded (a module
+    folder, an older manifest, an interrupted run without a mark) leave it unrecorded: theirs is unknown."""
     out_dir = Path(out_dir)
-    identity = {name: origin.get(name) for name in MODULE_ORIGIN_IDENTITY} if origin else None
+    identity, recorded = _identity(origin), origin
     rows = evaluation_set_rows(out_dir)
     listed = {row.get("video") for row in rows}
-    unlisted = [v for v in out_dir.glob("*/*.mp4") if not v.name.startswith(".") and
-                v.relative_to(out_dir).as_posix() not in listed]
-    recorded = None if unlisted else origin
+    unlisted = sorted(v.relative_to(out_dir).as_posix() for v in out_dir.glob("*/*.mp4")
+                      if not v.name.startswith(".") and v.relative_to(out_dir).as_posix() not in listed)
+    if unlisted:
+        try:
+            left_by = json.loads((out_dir / ORIGIN_MARK).read_text())
+        except (FileNotFoundError, ValueError):
+            left_by = None
+        if isinstance(left_by, dict) and _identity(left_by) != identity:
+            raise _other_origin(out_dir, unlisted[0], left_by, origin)
+        if not isinstance(left_by, dict):
+            recorded = None
     for row in rows:
         held, video = row.get("subject_module"), row.get("video")
         if not (isinstance(video, str) and (out_dir / video).is_file()):
@@ -185,12 +209,8 @@ def resumed_module_origin(out_dir: str | Path, origin: dict | None) -> dict | No
         if not isinstance(held, dict):
             recorded = None
             continue
-        if identity is None or {name: held.get(name) for name in MODULE_ORIGIN_IDENTITY} != identity:
-            this = f"{origin['name']} v{origin['version']}" if origin else "a subject module folder"
-            raise ValueError(f"{out_dir}: its videos ({video}, ...) were sampled with registered model "
-                             f"{held.get('name')} v{held.get('version')} (run {held.get('run_id')}), this run with "
-                             f"{this}; a rerun only samples missing videos, so delete the folder to sample afresh, "
-                             "or rerun with the same subject module")
+        if _identity(held) != identity:
+            raise _other_origin(out_dir, video, held, origin)
     return recorded
 
 
@@ -223,8 +243,9 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
         config = config.model_copy(update={"fps": EVALUATION_BASE_FPS})
     settings = _resumed_settings(out_dir, _sampling_settings(pipe, config))
     origin = resumed_module_origin(out_dir, module_origin)
-    rows = []
     (out_dir / subject).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / ORIGIN_MARK, json.dumps(origin).encode())  # before any video: see ORIGIN_MARK
+    rows = []
     for prompt in prompts:
         text = format_prompt(prompt.template, token, class_word)
         for seed in seeds:
