@@ -273,17 +273,22 @@ def test_pipeline_arguments_parse_cli_parameters():
         with pytest.raises(ValueError, match=r"is not a subject name"):
             local_run.pipeline_arguments([bad])
     # credentials in a URL would be stored by KFP and shown to its users: refused, and not repeated in the message
-    for bad in ("mlflow_tracking_uri=https://bob:hunter2@mlflow.example", "data_source=https://hunter2@git.example/r",
-                "data_source= https://x-access-token:hunter2@github.com/o/r.git"):
+    token = "0123456789abcdef0123456789abcdef01234567"  # a 40-character token given as the user
+    for bad in ("mlflow_tracking_uri=https://bob:hunter2@mlflow.example", f"data_source=https://{token}@git.example/r",
+                "data_source= https://x-access-token:hunter2@github.com/o/r.git",
+                "data_source=https://ghp_hunter2@github.com/o/r.git", "data_source=https://glpat-hunter2@gitlab.com/r"):
         with pytest.raises(ValueError, match=r"carries credentials") as caught:
             local_run.pipeline_arguments([bad])
-        assert "hunter2" not in str(caught.value)
+        assert "hunter2" not in str(caught.value) and token not in str(caught.value)
         # ... and the message names the Secret that carries them instead
         secret = r"Secret git-credentials \(key GIT_TOKEN" if "data_source" in bad else r"Secret mlflow-client"
         assert caught.match(secret)
     assert local_run.pipeline_arguments(["data_source=ssh://git@github.com/o/r.git",
                                          "mlflow_tracking_uri=http://mlflow:5000"]) == {
         "data_source": "ssh://git@github.com/o/r.git", "mlflow_tracking_uri": "http://mlflow:5000"}
+    # the clone URLs that Bitbucket and Azure DevOps hand out carry the account name, no secret: allowed
+    for url in ("https://alice@bitbucket.org/team/data.git", "https://myorg@dev.azure.com/myorg/p/_git/data"):
+        assert local_run.pipeline_arguments([f"data_source={url}"]) == {"data_source": url}
     # the run section is run-local's own: a cluster run would ignore it, so submitting it is an error
     with pytest.raises(ValueError, match=r"run\.seeds=\[0\].*local run's.*--param seeds="):
         local_run.pipeline_arguments(["config_overrides={\"run.seeds\": [0], \"train.steps\": 4}"])

@@ -622,7 +622,7 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
 
 def _refuse_credentials(key: str, value: Any) -> Any:
     """``value``, unless it is a URL carrying credentials (``https://user:secret@host``, or a token as the user
-    of an http(s) URL): KFP stores run parameters and shows them to every user of its namespace, and the steps log
+    of an http(s) URL, :func:`_looks_like_token`): KFP stores run parameters and shows them to every user of its namespace, and the steps log
     them. The message does not repeat the value."""
     import urllib.parse
 
@@ -630,7 +630,7 @@ def _refuse_credentials(key: str, value: Any) -> Any:
         return value
     try:
         parts = urllib.parse.urlsplit(value.strip())
-        secret = parts.password or (parts.scheme in ("http", "https") and parts.username)
+        secret = parts.password or (parts.scheme in ("http", "https") and _looks_like_token(parts.username))
     except ValueError:  # not a URL
         return value
     if secret:
@@ -639,6 +639,17 @@ def _refuse_credentials(key: str, value: Any) -> Any:
                          "Kubernetes Secrets (k8s/secrets, docs/OPERATIONS.md): "
                          f"{_CREDENTIAL_SECRETS.get(key, _ANY_SECRET)}")
     return value
+
+
+#: prefixes of the access tokens that git hosts issue (GitHub, GitLab), as given in place of a user name
+TOKEN_PREFIXES = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "gldt-")
+
+
+def _looks_like_token(user: str | None) -> bool:
+    """The user part of an http(s) URL is a token (``https://ghp_…@github.com``), not a name: a known token prefix,
+    or 20 characters or more (tokens are 20-90; the copy-paste clone URLs of Bitbucket and Azure DevOps carry the
+    account name, ``https://alice@bitbucket.org/…``, which is no secret and stays allowed)."""
+    return bool(user) and (user.startswith(TOKEN_PREFIXES) or len(user) >= 20)
 
 
 # Where each URL parameter's credentials go instead (docs/OPERATIONS.md, "Secrets").
