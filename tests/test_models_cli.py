@@ -238,7 +238,8 @@ def test_an_evaluation_set_records_the_registered_version_and_refuses_another(re
     (row,) = evaluation_set_rows(out)
     assert row["subject_module"] == {"uri": "models:/customcrafter-dog@champion", "name": "customcrafter-dog",
                                      "version": 1, "alias": "champion", "run_id": run_id}
-    assert json.loads((out / ".subject_module.json").read_text()) == row["subject_module"]  # written before sampling
+    mark = json.loads((out / ".sampling_run.json").read_text())  # written before sampling
+    assert mark == {"sampling": row["sampling"], "subject_module": row["subject_module"]}
     capsys.readouterr()
 
     second = register_subject_model(uri, "dog", module, "tiny", GOOD, {**TAGS, "data_revision": "rev2"})
@@ -286,15 +287,15 @@ def test_videos_an_interrupted_run_left_leave_the_origin_unrecorded(tmp_path):
     assert resumed_module_origin(tmp_path, origin) == origin
     (tmp_path / "dog" / "p00_s0.mp4").write_bytes(b"video of an interrupted run, from some version")
     assert resumed_module_origin(tmp_path, origin) is None  # no mark: an older run's video, origin unknown
-    mark = tmp_path / ".subject_module.json"  # what sample_evaluation_set writes before its first video
-    mark.write_text(json.dumps(origin))
+    mark = tmp_path / ".sampling_run.json"  # what sample_evaluation_set writes before its first video
+    mark.write_text(json.dumps({"subject_module": origin}))
     assert resumed_module_origin(tmp_path, dict(origin, uri="models:/customcrafter-dog@champion",
                                                  alias="champion")) is not None  # the same version, resumed
-    mark.write_text(json.dumps(dict(origin, version=1, run_id="r1")))
+    mark.write_text(json.dumps({"subject_module": dict(origin, version=1, run_id="r1")}))
     with pytest.raises(ValueError, match=r"\(dog/p00_s0\.mp4, \.\.\.\) were sampled with registered model "
                                          r"customcrafter-dog v1 \(run r1\), this run with customcrafter-dog v2"):
         resumed_module_origin(tmp_path, origin)
-    mark.write_text("null")  # the interrupted run sampled a module folder (or videos of unknown origin)
+    mark.write_text(json.dumps({"subject_module": None}))  # that run sampled a module folder (or unknown videos)
     assert resumed_module_origin(tmp_path, origin) is None
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"video": "dog/p00_s0.mp4", "subject_module": origin}) + "\n")
     assert resumed_module_origin(tmp_path, origin) == origin  # listed with this version: kept and recorded

@@ -326,10 +326,15 @@ def test_cli_sample_eval_set_interrupted_writes_no_manifest_and_resumes(tmp_path
     monkeypatch.setattr(sampling, "sample_video", interrupted)
     assert run_cli(argv) == 130
     first = out / "dog" / "p00_s0.mp4"
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [  # no manifest; the origin mark
-        ".subject_module.json", "dog", "dog/p00_s0.mp4"]                       # (null: the base model) is there
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [  # no manifest; the run's mark
+        ".sampling_run.json", "dog", "dog/p00_s0.mp4"]                          # (settings, origin) is there
     stamp = first.stat().st_mtime_ns
     capsys.readouterr()
+    # the kept video is listed by no manifest, but the mark holds its settings: a rerun at other settings (which
+    # would label it with them) is refused, before any sampling
+    assert run_cli([*argv[:argv.index("--steps")], "--steps", "3", *argv[argv.index("--steps") + 2:]]) == 2
+    assert "were sampled with other settings (num_inference_steps 2 -> 3)" in capsys.readouterr().err
+    assert calls == [0, 1]
     assert run_cli(argv) == 0 and calls == [0, 1, 1]  # resumed: only the missing video sampled
     assert first.stat().st_mtime_ns == stamp
     assert f"wrote 2 videos of dog (base) to {out}" in capsys.readouterr().out

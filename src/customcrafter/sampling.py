@@ -140,15 +140,42 @@ def evaluation_set_rows(out_dir: str | Path) -> list[dict]:
     return rows
 
 
+#: in an evaluation-set folder: the sampling settings and registered model (or null) of the run sampling into it,
+#: written before its first video, so that the videos an interrupted run leaves (no manifest lists them yet) are
+#: checked on a rerun as the manifest's are
+RUN_MARK = ".sampling_run.json"
+
+
+def _kept_rows(out_dir: Path) -> list[dict]:
+    """What a rerun must check its settings against: the manifest's rows and, for videos on disk that no manifest
+    lists (an interrupted run's), one row from :data:`RUN_MARK`. An interrupted run without one (older than the
+    mark) gives a row with neither field: its settings unchecked, as before, its registered origin unknown."""
+    rows = evaluation_set_rows(out_dir)
+    listed = {row.get("video") for row in rows}
+    unlisted = sorted(v.relative_to(out_dir).as_posix() for v in out_dir.glob("*/*.mp4")
+                      if not v.name.startswith(".") and v.relative_to(out_dir).as_posix() not in listed)
+    if unlisted:
+        try:
+            mark = json.loads((out_dir / RUN_MARK).read_text())
+        except (FileNotFoundError, ValueError):
+            mark = None
+        rows.append({**(mark if isinstance(mark, dict) else {}), "video": unlisted[0]})
+    return rows
+
+
 def _resumed_settings(out_dir: Path, settings: dict) -> dict:
     """The settings the folder's new manifest records. A rerun keeps the videos on disk: refuse if the folder's
-    manifest says they were sampled with other settings (the new manifest would label them with these). A setting
-    an older manifest did not record (``dtype``) stays unrecorded: the kept videos' value is unknown."""
+    manifest (or run mark) says they were sampled with other settings (the new manifest would label them with
+    these). A setting an older manifest did not record (``dtype``) stays unrecorded: the kept videos' value is
+    unknown."""
     recorded = set(settings)
-    for row in evaluation_set_rows(out_dir):
-        held, video = row.get("sampling") or {}, row.get("video")
+    for row in _kept_rows(out_dir):
+        held, video = row.get("sampling"), row.get("video")
         if not (isinstance(video, str) and (out_dir / video).is_file()):
             continue
+        if held is None and "subject_module" not in row:  # an unmarked interrupted run: nothing to check against
+            continue
+        held = held or {}
         known = {name: value for name, value in settings.items() if name in held}
         if held != known:
             changed = ", ".join(f"{name} {held.get(name)!r} -> {known.get(name)!r}"
@@ -165,11 +192,6 @@ def _resumed_settings(out_dir: Path, settings: dict) -> dict:
 MODULE_ORIGIN_IDENTITY = ("name", "version", "run_id")
 
 
-#: in an evaluation-set folder: the registered model (or null) of the run sampling into it, written before its first
-#: video, so that the videos an interrupted run leaves (no manifest lists them) keep a known origin
-ORIGIN_MARK = ".subject_module.json"
-
-
 def _identity(origin: dict | None) -> dict | None:
     return {name: origin.get(name) for name in MODULE_ORIGIN_IDENTITY} if origin else None
 
@@ -184,25 +206,12 @@ def _other_origin(out_dir: Path, video: str, held: dict, origin: dict | None) ->
 def resumed_module_origin(out_dir: str | Path, origin: dict | None) -> dict | None:
     """The registered model (``subject_module``: name, version, alias, run id, URI) the folder's new manifest records,
     None for a module folder. A rerun keeps the videos on disk: refuse if the folder's manifest, or for the videos an
-    interrupted run left (which no manifest lists) its :data:`ORIGIN_MARK`, says they came from another registered
+    interrupted run left (which no manifest lists) its :data:`RUN_MARK`, says they came from another registered
     version (or from one, while this run samples a module folder). Videos whose origin was not recorded (a module
     folder, an older manifest, an interrupted run without a mark) leave it unrecorded: theirs is unknown."""
     out_dir = Path(out_dir)
     identity, recorded = _identity(origin), origin
-    rows = evaluation_set_rows(out_dir)
-    listed = {row.get("video") for row in rows}
-    unlisted = sorted(v.relative_to(out_dir).as_posix() for v in out_dir.glob("*/*.mp4")
-                      if not v.name.startswith(".") and v.relative_to(out_dir).as_posix() not in listed)
-    if unlisted:
-        try:
-            left_by = json.loads((out_dir / ORIGIN_MARK).read_text())
-        except (FileNotFoundError, ValueError):
-            left_by = None
-        if isinstance(left_by, dict) and _identity(left_by) != identity:
-            raise _other_origin(out_dir, unlisted[0], left_by, origin)
-        if not isinstance(left_by, dict):
-            recorded = None
-    for row in rows:
+    for row in _kept_rows(out_dir):
         held, video = row.get("subject_module"), row.get("video")
         if not (isinstance(video, str) and (out_dir / video).is_file()):
             continue
@@ -244,7 +253,7 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
     settings = _resumed_settings(out_dir, _sampling_settings(pipe, config))
     origin = resumed_module_origin(out_dir, module_origin)
     (out_dir / subject).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / ORIGIN_MARK, json.dumps(origin).encode())  # before any video: see ORIGIN_MARK
+    atomic_write_bytes(out_dir / RUN_MARK, json.dumps({"sampling": settings, "subject_module": origin}).encode())
     rows = []
     for prompt in prompts:
         text = format_prompt(prompt.template, token, class_word)
