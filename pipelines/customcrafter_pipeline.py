@@ -47,22 +47,16 @@ SEEDS = [0, 1, 2]
 TRAIN_RETRIES = 2
 
 
-def with_credentials(task: dsl.PipelineTask, settings: CompileSettings) -> dsl.PipelineTask:
-    """MLflow (required) and S3 (optional: a DVC remote in S3) credentials from Kubernetes secrets; no caching
+def with_credentials(task: dsl.PipelineTask, settings: CompileSettings, data_repo: bool = False) -> dsl.PipelineTask:
+    """MLflow (required) and S3 (optional: a DVC remote in S3) credentials from Kubernetes secrets; with
+    ``data_repo`` (only the tasks that clone ``data_source``), also a private data repository's optional git
+    credentials, which the step gives to git from the environment, never in a URL or an argument. No caching
     (every step writes to MLflow, so a cached step would leave the tracking server without its record)."""
     for secret, keys in settings.secrets.items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys)
-    for secret, keys in OPTIONAL_SECRETS.items():
+    for secret, keys in (OPTIONAL_SECRETS | (DATA_REPO_SECRETS if data_repo else {})).items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
     task.set_caching_options(False)
-    return task
-
-
-def with_data_repo_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """The git credentials of a private data repository (optional: a public one needs none), for the tasks that
-    clone ``data_source`` only; the step gives them to git from the environment, never in a URL or an argument."""
-    for secret, keys in DATA_REPO_SECRETS.items():
-        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
     return task
 
 
@@ -88,8 +82,8 @@ def build_subject_pipeline(settings: CompileSettings):
         validate = validate_data(data_source=data_source, data_revision=data_revision, subject=subject,
                                  mlflow_tracking_uri=mlflow_tracking_uri, experiment_name=experiment_name,
                                  pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-        with_credentials(validate.set_display_name("validate").set_container_image(settings.image), settings)
-        with_data_repo_credentials(validate)
+        with_credentials(validate.set_display_name("validate").set_container_image(settings.image), settings,
+                         data_repo=True)
         # The local runner resolves a condition only on a task's single unnamed output, hence `-> bool`.
         with dsl.If(validate.outputs["Output"] == True, name="data-valid"):  # noqa: E712 (KFP condition)
             augment = augment_data(subject_data=validate.outputs["subject_data"], subject=subject,

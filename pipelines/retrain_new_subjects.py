@@ -29,7 +29,6 @@ from pipelines.customcrafter_pipeline import (
     SEEDS,
     build_subject_pipeline,
     with_credentials,
-    with_data_repo_credentials,
 )
 
 
@@ -55,8 +54,7 @@ def build_pipeline(settings: CompileSettings | None = None):
     ):
         plan = plan_retraining(data_source=data_source, data_revision=data_revision, subjects=subjects,
                                mlflow_tracking_uri=mlflow_tracking_uri)
-        with_credentials(plan.set_display_name("plan").set_container_image(settings.image), settings)
-        with_data_repo_credentials(plan)
+        with_credentials(plan.set_display_name("plan").set_container_image(settings.image), settings, data_repo=True)
         with dsl.ParallelFor(plan.output, name="new-subjects") as subject:
             subject_pipeline(subject=subject, data_source=data_source, data_revision=data_revision,
                              base_model=base_model, config_overrides=config_overrides, methods=methods,

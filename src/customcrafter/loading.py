@@ -6,8 +6,8 @@
 * a converted diffusers folder (``model_index.json``): ``VideoCrafter2Pipeline.from_pretrained``.
 * a local original checkpoint (``.ckpt``/``.safetensors``): converted once with ``customcrafter.convert`` and cached
   under ``cache_dir`` (default ``$CUSTOMCRAFTER_CACHE`` or ``~/.cache/customcrafter``), keyed by the file's path,
-  size, modification time, a digest of chunks spread over its content, and the converter's version. ``ema=True`` converts
-  the UNet's EMA weights of a checkpoint trained with EMA instead (a separate cache entry).
+  size, modification time, a digest of chunks spread over its content, and the converter's version. ``ema=True``
+  converts the UNet's EMA weights of a checkpoint trained with EMA instead (a separate cache entry).
 * a hub id (``VideoCrafter/VideoCrafter2``, optionally ``repo_id:filename``): the file is fetched with
   ``huggingface_hub.hf_hub_download`` (honours ``HF_HUB_OFFLINE``/the hub cache), then as a local checkpoint.
 """

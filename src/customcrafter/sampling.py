@@ -163,13 +163,13 @@ def _kept_rows(out_dir: Path) -> list[dict]:
     return rows
 
 
-def _resumed_settings(out_dir: Path, settings: dict) -> dict:
+def _resumed_settings(out_dir: Path, settings: dict, kept: list[dict]) -> dict:
     """The settings the folder's new manifest records. A rerun keeps the videos on disk: refuse if the folder's
-    manifest (or run mark) says they were sampled with other settings (the new manifest would label them with
-    these). A setting an older manifest did not record (``dtype``) stays unrecorded: the kept videos' value is
-    unknown."""
+    manifest (or run mark; ``kept``: :func:`_kept_rows`) says they were sampled with other settings (the new manifest
+    would label them with these). A setting an older manifest did not record (``dtype``) stays unrecorded: the kept
+    videos' value is unknown."""
     recorded = set(settings)
-    for row in _kept_rows(out_dir):
+    for row in kept:
         held, video = row.get("sampling"), row.get("video")
         if not (isinstance(video, str) and (out_dir / video).is_file()):
             continue
@@ -203,15 +203,16 @@ def _other_origin(out_dir: Path, video: str, held: dict, origin: dict | None) ->
                       "missing videos, so delete the folder to sample afresh, or rerun with the same subject module")
 
 
-def resumed_module_origin(out_dir: str | Path, origin: dict | None) -> dict | None:
+def resumed_module_origin(out_dir: str | Path, origin: dict | None, kept: list[dict] | None = None) -> dict | None:
     """The registered model (``subject_module``: name, version, alias, run id, URI) the folder's new manifest records,
     None for a module folder. A rerun keeps the videos on disk: refuse if the folder's manifest, or for the videos an
     interrupted run left (which no manifest lists) its :data:`RUN_MARK`, says they came from another registered
     version (or from one, while this run samples a module folder). Videos whose origin was not recorded (a module
-    folder, an older manifest, an interrupted run without a mark) leave it unrecorded: theirs is unknown."""
+    folder, an older manifest, an interrupted run without a mark) leave it unrecorded: theirs is unknown. ``kept``:
+    :func:`_kept_rows` of ``out_dir``, when the caller has read them already."""
     out_dir = Path(out_dir)
     identity, recorded = _identity(origin), origin
-    for row in _kept_rows(out_dir):
+    for row in kept if kept is not None else _kept_rows(out_dir):
         held, video = row.get("subject_module"), row.get("video")
         if not (isinstance(video, str) and (out_dir / video).is_file()):
             continue
@@ -250,8 +251,9 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
         config = config.model_copy(update={"dwvss": None})  # baselines / base model: plain DDIM
     if config.fps is None and not modules:  # the base model as the motion reference: conditioned like the modules
         config = config.model_copy(update={"fps": EVALUATION_BASE_FPS})
-    settings = _resumed_settings(out_dir, _sampling_settings(pipe, config))
-    origin = resumed_module_origin(out_dir, module_origin)
+    kept = _kept_rows(out_dir)  # the manifest and the videos on disk, read once for both checks
+    settings = _resumed_settings(out_dir, _sampling_settings(pipe, config), kept)
+    origin = resumed_module_origin(out_dir, module_origin, kept)
     (out_dir / subject).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / RUN_MARK, json.dumps({"sampling": settings, "subject_module": origin}).encode())
     rows = []

@@ -48,24 +48,20 @@ def quick_http():
 
 
 def _registry_failure(exc: Exception, tracking_uri: str) -> str:
-    from customcrafter.orchestration.registry import display_uri
+    from customcrafter.orchestration.registry import display_error, display_uri
 
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return display_uri(tracking_uri, f"could not read the registry at {tracking_uri}: {first[:300]}")
-
-
-def resolve_module_option(value: str | Path, tracking_uri: str | None) -> Path:
-    """A ``--subject-module`` value as a local folder: a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI is
-    resolved through the registry (its subject module downloaded once into the cache); anything else is a path.
-    Errors are UserErrors naming ``--subject-module`` and the URI. (A module trained on another base model than
-    ``--base-model`` is warned about when it loads, by ``load_subject_module``, wherever the module comes from.)"""
-    return resolve_module_origin(value, tracking_uri)[0]
+    return f"could not read the registry at {display_uri(tracking_uri)}: {display_error(exc, tracking_uri)}"
 
 
 def resolve_module_origin(value: str | Path, tracking_uri: str | None) -> tuple[Path, dict | None]:
-    """:func:`resolve_module_option`, plus where a registered module came from (None for a folder): the URI as
-    given, the model name, version, the alias if the URI used one, and the run that logged the version - what an
-    evaluation set records, so its videos can be traced to (and a rerun checked against) one registered version."""
+    """A ``--subject-module`` value as a local folder, and where a registered module came from (None for a folder).
+
+    A ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI is resolved through the registry (its subject module
+    downloaded once into the cache); anything else is a path. The origin is the URI as given, the model name,
+    version, the alias if the URI used one, and the run that logged the version - what an evaluation set records, so
+    its videos can be traced to (and a rerun checked against) one registered version. Errors are UserErrors naming
+    ``--subject-module`` and the URI. (A module trained on another base model than ``--base-model`` is warned about
+    when it loads, by ``load_subject_module``, wherever the module comes from.)"""
     from customcrafter.orchestration.registry import (
         RegistryLookupError,
         is_registry_uri,

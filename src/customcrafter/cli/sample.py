@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from customcrafter.cli import UserError, app
-from customcrafter.cli.models import resolve_module_option, resolve_module_origin
+from customcrafter.cli.models import resolve_module_origin
 
 # the options both commands share, declared once
 BaseModelOption = Annotated[str, typer.Option("--base-model", help="'tiny', hub id, checkpoint or folder.")]
@@ -93,7 +93,7 @@ def sample_command(
         raise UserError(f"--out {out}: {blocker} is a file, not a folder")
     sample_config = load_config(SampleConfig, config, overrides, num_inference_steps=steps)
     # everything checkable is checked before minutes of loading the base model
-    module_dirs = [resolve_module_option(value, tracking_uri) for value in subject_modules or []]
+    module_dirs = [resolve_module_origin(value, tracking_uri)[0] for value in subject_modules or []]
     metas = [read_module_meta(module_dir) for module_dir in module_dirs]
     if dwvss and not any(meta.get("uses_lora") for meta in metas):
         raise UserError("--dwvss: DWVSS schedules a CustomCrafter (LoRA) module's scale; none of the given "

@@ -622,8 +622,8 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
 
 def _refuse_credentials(key: str, value: Any) -> Any:
     """``value``, unless it is a URL carrying credentials (``https://user:secret@host``, or a token as the user
-    of an http(s) URL, :func:`_looks_like_token`): KFP stores run parameters and shows them to every user of its namespace, and the steps log
-    them. The message does not repeat the value."""
+    of an http(s) URL, :func:`_looks_like_token`): KFP stores run parameters and shows them to every user of its
+    namespace, and the steps log them. The message does not repeat the value."""
     import urllib.parse
 
     if not isinstance(value, str) or "://" not in value:

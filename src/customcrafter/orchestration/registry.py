@@ -43,6 +43,7 @@ __all__ = [
     "RegisteredVersion",
     "RegistryLookupError",
     "ResolvedModule",
+    "display_error",
     "display_uri",
     "is_registry_uri",
     "list_registered_versions",
@@ -340,6 +341,13 @@ def display_uri(uri: str, text: str | None = None) -> str:
     except ValueError:  # not a URL
         return text
     return text.replace(password, "***") if password else text
+
+
+def display_error(exc: BaseException, uri: str = "") -> str:
+    """The first line of ``exc`` (its type when it has no text), at most 300 characters, fit to print: the password
+    of ``uri`` masked first (MLflow's messages quote the URL; a cut could leave part of it)."""
+    text = display_uri(uri, str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def is_registry_uri(value: str | os.PathLike) -> bool:

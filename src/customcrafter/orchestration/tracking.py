@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from customcrafter.orchestration.registry import display_uri
+from customcrafter.orchestration.registry import display_error, display_uri
 
 __all__ = ["Tracker", "RunHandle", "flatten_params", "replay_spool", "is_transient_error"]
 
@@ -348,8 +348,8 @@ class Tracker:
         logger.error("MLflow rejected %s for run %s: %s", op["op"], op.get("key"), self._short(exc))
 
     def _short(self, exc: BaseException) -> str:
-        """:func:`_short` with the password of the tracking URI masked (MLflow's messages quote the URL)."""
-        return _short(exc, self.tracking_uri)
+        """``exc`` in one line, the password of the tracking URI masked (MLflow's messages quote the URL)."""
+        return display_error(exc, self.tracking_uri)
 
     def _experiment(self) -> str:
         if self._experiment_id is None:
@@ -388,14 +388,6 @@ class Tracker:
             self.client.set_terminated(self._run_id(op), status=op["status"])
         else:
             raise ValueError(f"unknown tracking operation {kind!r}")
-
-
-def _short(exc: BaseException, uri: str = "") -> str:
-    """The first line of ``exc``, at most 300 characters; the password of ``uri`` masked first (a cut could leave
-    part of it)."""
-    text = display_uri(uri, str(exc))
-    text = text.splitlines()[0] if text else type(exc).__name__
-    return text[:300]
 
 
 def _read_spool(path: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from customcrafter.data.subjects import iter_image_files
 from customcrafter.utils import atomic_dir
 
-__all__ = ["class_images_cache_key", "class_images_model_id", "default_cache_root", "generate_class_images", "resolve_class_images"]
+__all__ = ["class_images_cache_key", "class_images_model_id", "default_cache_root", "generate_class_images",
+           "resolve_class_images"]
 
 logger = logging.getLogger(__name__)
 
