@@ -82,6 +82,12 @@ def main() -> None:
                         help="let inductor use persistent (single-pass) kernels for row reductions of up to N elements "
                              "(its own limit is 1024: the level-2 LayerNorms, 1280 wide, get two-pass looped kernels); "
                              "give each run its own TORCHINDUCTOR_CACHE_DIR, the compile cache does not see this")
+    parser.add_argument("--geglu-gelu", choices=["polynomial", "erf"], default="polynomial",
+                        help="the GEGLU kernel's GELU: the product's polynomial, or libdevice's erf (the kernel before "
+                             "session 26)")
+    parser.add_argument("--geglu-max-k", type=int, default=None, metavar="K",
+                        help="send feed-forwards with up to K input channels to the GEGLU kernel (default: the "
+                             "product's fusions.FUSED_GEGLU_MAX_K)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -135,6 +141,21 @@ def set_inner_persistent_max(limit: int) -> type:
     return Choices
 
 
+def use_erf_gelu_in_geglu_kernel() -> None:
+    """Before the GEGLU kernel first compiles: its GELU through libdevice's erf, as before session 26 (Triton resolves
+    the kernel's helper functions from the kernels module when it compiles)."""
+    import triton
+    import triton.language as tl
+
+    from customcrafter import kernels
+
+    @triton.jit
+    def gelu_erf(x):
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    kernels.gelu_polynomial_triton = gelu_erf
+
+
 def run(args) -> None:
     import os
 
@@ -143,12 +164,19 @@ def run(args) -> None:
     choices = set_inner_persistent_max(args.inner_persistent_max) if args.inner_persistent_max else None
     if choices is not None:
         inductor["inner_persistent_max"] = args.inner_persistent_max
+    if args.geglu_gelu == "erf":
+        use_erf_gelu_in_geglu_kernel()
+    if args.geglu_max_k is not None:
+        from customcrafter import fusions
+
+        fusions.FUSED_GEGLU_MAX_K = args.geglu_max_k
     pipe = build_pipeline(None)
     add_subject_lora(pipe)
     speed = {key: ast.literal_eval(value) for key, value in (entry.split("=", 1) for entry in args.speed)}
     optimize_pipeline(pipe, SpeedConfig(**{"compile": "full", "compile_mode": "default"} | speed))
     unet = pipe.unet
-    report: dict = {"role": args.role, "speed": speed, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    report: dict = {"role": args.role, "speed": speed, "geglu_gelu": args.geglu_gelu, "geglu_max_k": args.geglu_max_k,
+                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "inductor": inductor, "enable_pdl": getattr(torch._inductor.config.triton, "enable_pdl", None),
                     "env": {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR", "CUBLAS"))}}
 

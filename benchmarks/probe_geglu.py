@@ -2,7 +2,8 @@
 """Probe: the feed-forward's GEGLU (``value, gate = x @ W.T + b`` split in halves, ``value * gelu(gate)``) as one
 Triton GEMM whose epilogue does the gating, so that the 2N-wide projection never reaches memory, against what the
 compiled UNet ran before (cuBLAS GEMM + inductor's gating pass), and the product's kernel (``customcrafter.kernels.
-geglu``, which took the persistent TMA form with libdevice's erf from here). Two kernel forms, each over a sweep of tile
+geglu``, which took the persistent TMA form from here; its GELU is the gate form "poly" since session 26, libdevice's
+"erf" before). Two kernel forms, each over a sweep of tile
 configurations: plain pointer loads (one program per output tile), and device-side TMA descriptors in a persistent
 loop (optionally warp-specialized). Replays in CUDA graphs (``micro_ops.graph_ms``).
 
@@ -28,7 +29,7 @@ from micro_ops import graph_ms  # noqa: E402
 
 from customcrafter import kernels  # noqa: E402
 from customcrafter.fusions import unfused_bias_linear  # noqa: E402
-from customcrafter.kernels import _geglu_tile  # noqa: E402  (the product kernel's grouped tile order)
+from customcrafter.kernels import _geglu_tile, gelu_polynomial_triton  # noqa: E402  (the product kernel's own)
 
 # (name, M tokens, K, N of the gated output): feed-forward input projections, CFG batch 2 x 16 frames at 320x512
 SHAPES = [("L0", 81920, 320, 1280), ("L1", 20480, 640, 2560), ("L2", 5120, 1280, 5120), ("L3", 1280, 1280, 5120)]
@@ -52,6 +53,8 @@ def _gelu_gate(acc_v, acc_g, b_ptr, rn, N, GATE: tl.constexpr):
         poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
         q = poly * tl.exp2(-1.4426950408889634 * z * z)
         return value * (0.5 * gate * tl.where(gate >= 0, 2.0 - q, q))
+    if GATE == "poly":  # the product's GELU (customcrafter.kernels.GELU_POLYNOMIAL: ten multiply-adds, no erf)
+        return value * gelu_polynomial_triton(gate)
     if GATE == "tanh":  # GELU's tanh approximation with the hardware tanh (a different function: diagnostic)
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=tl.float32, is_pure=True,
@@ -122,8 +125,9 @@ def launch(form: str, x, weight, bias, cfg: dict, wrap=lambda kernel: kernel):
     if form == "pointer":
         wrap(geglu_pointer_kernel)[(tiles,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                        **common)
-    else:  # "tma": persistent, one program per SM; "tma_grid": one program per output tile
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count if form == "tma" else tiles
+    else:  # "tma": persistent, one program per SM ("tma_2sm": two, if they fit); "tma_grid": one per output tile
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = {"tma": sms, "tma_2sm": 2 * sms}.get(form, tiles)
         wrap(geglu_tma_kernel)[(programs,)](x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                       NUM_PROGRAMS=programs, WARP_SPECIALIZE=cfg["ws"], **common)
     return out
@@ -135,15 +139,19 @@ TILES = {"pointer": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 32, 
                      (64, 128, 32, 4, 3), (64, 256, 64, 8, 3), (64, 256, 32, 8, 3)],
          "tma": [(128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 32, 8, 6), (64, 128, 32, 4, 4),
                  (64, 256, 64, 8, 3)],
-         "tma_grid": [(128, 128, 64, 8, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]}
+         "tma_grid": [(128, 128, 64, 8, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3)],
+         # two persistent programs per SM, each small enough in registers and shared memory to share it with another,
+         # so that one's epilogue (the GELU) can overlap the other's MMAs
+         "tma_2sm": [(128, 64, 64, 8, 3), (128, 64, 32, 8, 4), (128, 64, 64, 4, 3), (128, 64, 32, 4, 4),
+                     (64, 128, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3)]}
 
 
-GATES = ("erf", "as", "as_fast", "none", "tanh")
+GATES = ("erf", "poly", "as", "as_fast", "none", "tanh")
 
 
 def configs(form: str, first_only: bool = False):
     for i, (bm, bn, bk, warps, stages) in enumerate(TILES[form][:1] if first_only else TILES[form]):
-        for gate in (GATES if i == 0 else ("erf", "as")):
+        for gate in ("poly", "none") if form == "tma_2sm" else GATES if i == 0 else ("erf", "poly"):
             yield {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "warps": warps, "stages": stages,
                    "ws": False, "gate": gate}
 

@@ -313,6 +313,30 @@ def test_geglu_kernel_matches_float64_and_beats_the_path_it_replaces(shape, dtyp
 
 
 @pytest.mark.usefixtures("geglu_card")
+def test_geglu_kernels_gelu_is_the_exact_gelu_to_bf16_rounding(monkeypatch):
+    """The kernel's epilogue GELU alone (value half 0 with bias 1, gate half the identity, so the output is
+    gelu(x)): against float64's erf GELU, within one bf16 ulp wherever |GELU| >= 1e-3 (polynomial 0.33 ulp + the
+    output's rounding) and within 1.3e-4 + the output's rounding elsewhere, for every bf16 value in [-64, 64]."""
+    from customcrafter import kernels
+
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    values = values[values.isfinite() & (values.abs() <= 64)].unique()
+    x = torch.nn.functional.pad(values, (0, (-values.numel()) % 128)).view(-1, 128).to("cuda", torch.bfloat16)
+    weight = torch.cat([torch.zeros(128, 128), torch.eye(128)]).to("cuda", torch.bfloat16)
+    bias = torch.cat([torch.ones(128), torch.zeros(128)]).to("cuda", torch.bfloat16)
+    assert kernels.geglu_supported(x, weight, bias)
+    with torch.no_grad():
+        _poison_empty(monkeypatch)
+        out = kernels.geglu(x, weight, bias).double()
+    exact = torch.nn.functional.gelu(x.double())
+    error = (out - exact).abs()
+    bf16_ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    visible = exact.abs() >= 1e-3
+    assert (error / bf16_ulp)[visible].max() <= 1.0
+    assert error[~visible].max() <= 1.3e-4 + 2**-17
+
+
+@pytest.mark.usefixtures("geglu_card")
 def test_geglu_kernel_takes_batched_and_strided_rows():
     """(batch, tokens, K) inputs as the transformer blocks pass them, rows that are a slice of wider rows (read in
     place, no copy) and rows that start at an address TMA cannot read from (copied first) give the same result as

@@ -149,8 +149,9 @@ def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 #: The fused GEGLU kernel is used for projections with at most this many input channels. H100, ms per call with CUDA
 #: graphs (``benchmarks/probe_geglu.py``), fused kernel against cuBLAS's 2N-wide GEMM + the gating pass inductor
-#: generates in the UNet: K 320 (level 0) 0.39 against 0.26 + 0.21; K 640 (level 1) 0.31 against 0.23 + 0.11;
-#: K 1280 (levels 2-3) 0.28 against 0.21 + 0.06, no gain.
+#: generates in the UNet: K 320 (level 0) 0.34 against 0.26 + 0.21; K 640 (level 1) 0.30 against 0.23 + 0.11;
+#: K 1280 (levels 2-3) 0.28 against 0.21 + 0.06, no gain (session 26, with the kernel's polynomial GELU; 0.39 and
+#: 0.32 with libdevice's erf before).
 FUSED_GEGLU_MAX_K = 640
 
 

@@ -18,9 +18,11 @@ always materialized, so the pass over the activation is left with one multiply-a
 ``geglu(x, weight, bias)``: the feed-forward's GEGLU (diffusers' ``GEGLU``: ``value, gate = F.linear(x, weight,
 bias).chunk(2, -1)``, ``value * gelu(gate)``) as one GEMM whose epilogue adds the bias and does the gating, so the
 2N-wide projection never reaches memory: two float32 accumulators per output tile (the value half and the gate half
-of the weight share each loaded tile of ``x``), device-side TMA loads, a persistent loop over output tiles. At the
-UNet's level-0 shape (81920 x 320 -> 2 x 1280) it takes 0.39 ms against 0.26 ms for cuBLAS's 2N-wide GEMM + 0.21 ms
-for inductor's gating pass (H100, ``benchmarks/probe_geglu.py``); where K is 1280 cuBLAS + the pass is as fast.
+of the weight share each loaded tile of ``x``), device-side TMA loads, a persistent loop over output tiles. Its GELU
+is a polynomial that rounds to bf16 as the exact (erf) GELU does (``GELU_POLYNOMIAL``), ten multiply-adds instead of
+libdevice's ``erf``. At the UNet's level-0 shape (81920 x 320 -> 2 x 1280) it takes 0.34 ms against 0.26 ms for
+cuBLAS's 2N-wide GEMM + 0.21 ms for inductor's gating pass (H100, ``benchmarks/probe_geglu.py``); where K is 1280
+cuBLAS + the pass is as fast.
 It needs a Hopper-class card (device-side TMA, ~176 KiB of shared memory per block); the other kernels need Ampere
 or newer. Other cards (an A100, a consumer 24 GB card) take the PyTorch paths for what they cannot launch.
 
@@ -42,7 +44,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["HAS_TRITON", "geglu", "geglu_reference", "geglu_supported", "group_norm_scale_shift",
+__all__ = ["HAS_TRITON", "GELU_POLYNOMIAL", "GELU_POLYNOMIAL_LIMIT", "geglu", "geglu_reference", "geglu_supported",
+           "gelu_polynomial", "group_norm_scale_shift",
            "group_norm_scale_shift_reference", "temporal_attention", "temporal_attention_reference",
            "temporal_attention_supported"]
 
@@ -56,6 +59,32 @@ _MIN_CAPABILITY = (8, 0)
 #: tile of x and two of the weight, and the 128 x 128 output tile of the TMA store, bf16. Hopper and datacenter
 #: Blackwell have 227 KiB; the A100 has 163 KiB, consumer cards (sm_86/89/120, e.g. 24 GB RTX cards) 99 KiB.
 _GEGLU_SHARED_MEMORY = 3 * (128 * 64 + 2 * 128 * 64) * 2 + 128 * 128 * 2
+
+#: The GEGLU kernel's GELU: ``Φ(x) - 1/2 ≈ x · Σ_i c_i x^(2i)`` for ``|x| <= GELU_POLYNOMIAL_LIMIT`` (the normal CDF
+#: ``Φ``, GELU = ``x · Φ(x)``), a weighted minimax fit (``benchmarks/fit_gelu_polynomial.py``). Evaluated in float32 it
+#: is within 0.33 of a bf16 ulp of the exact (erf) GELU wherever ``|GELU(x)| >= 1e-3``, and within 1.3e-4 absolute
+#: below (the tail past -4, where GELU is at most 1.3e-4 away from 0): the kernel's bf16 output rounds as the exact
+#: function's would. Ten multiply-adds instead of libdevice's ``erf`` (~25 instructions and a special-function unit
+#: operation), whose cost showed in the kernel's non-overlapped epilogue. H100, ms per call (``benchmarks/probe_geglu.py``,
+#: RESULTS.md session 26): level 0 0.391 with ``erf``, 0.344 with this, 0.286 with no GELU at all; level 1 0.316, 0.296,
+#: 0.270.
+GELU_POLYNOMIAL_LIMIT = 4.0
+GELU_POLYNOMIAL = (0.3989351987838745, -0.06646029651165009, 0.009935075417160988, -0.001163922599516809,
+                   0.0001073008679668419, -7.66577613831032e-06, 4.063206233695382e-07, -1.484330525158839e-08,
+                   3.2949840078622117e-10, -3.31923182515792e-12)
+
+
+def gelu_polynomial(x: torch.Tensor) -> torch.Tensor:
+    """The GEGLU kernel's GELU in PyTorch, float32, in the kernel's order of operations (tests check the fit on the
+    CPU with it): ``x · Φ(x)`` with ``Φ`` from ``GELU_POLYNOMIAL`` on ``[-limit, limit]``; past the limit the
+    clamped polynomial's end value plus ``max(x - limit, 0)``, i.e. ~0 below and ``x`` above."""
+    x = x.float()
+    clamped = x.clamp(-GELU_POLYNOMIAL_LIMIT, GELU_POLYNOMIAL_LIMIT)
+    square = clamped * clamped
+    poly = torch.full_like(x, GELU_POLYNOMIAL[-1])
+    for coefficient in GELU_POLYNOMIAL[-2::-1]:
+        poly = poly * square + coefficient
+    return clamped * (0.5 + clamped * poly) + (x - GELU_POLYNOMIAL_LIMIT).clamp_min(0.0)
 
 
 @functools.cache
@@ -363,6 +392,26 @@ if HAS_TRITON:
             BLOCK=triton.next_power_of_2(per_group))
         return scale, shift
 
+    _GELU_LIMIT = tl.constexpr(GELU_POLYNOMIAL_LIMIT)
+    _GELU_C0, _GELU_C1, _GELU_C2, _GELU_C3, _GELU_C4, _GELU_C5, _GELU_C6, _GELU_C7, _GELU_C8, _GELU_C9 = (
+        tl.constexpr(c) for c in GELU_POLYNOMIAL)
+
+    @triton.jit
+    def gelu_polynomial_triton(x):
+        """``gelu_polynomial`` for a float32 tile (also used by ``benchmarks/probe_geglu.py``)."""
+        clamped = tl.minimum(tl.maximum(x, -_GELU_LIMIT), _GELU_LIMIT)
+        square = clamped * clamped
+        poly = _GELU_C9 * square + _GELU_C8
+        poly = poly * square + _GELU_C7
+        poly = poly * square + _GELU_C6
+        poly = poly * square + _GELU_C5
+        poly = poly * square + _GELU_C4
+        poly = poly * square + _GELU_C3
+        poly = poly * square + _GELU_C2
+        poly = poly * square + _GELU_C1
+        poly = poly * square + _GELU_C0
+        return clamped * (0.5 + clamped * poly) + tl.maximum(x - _GELU_LIMIT, 0.0)
+
     @triton.jit
     def _geglu_tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
         # grouped order: GROUP_M row blocks sweep all column blocks together, so their x tiles stay in L2
@@ -396,7 +445,7 @@ if HAS_TRITON:
             cols = pid_n * BN + tl.arange(0, BN)
             value = acc_value + tl.load(b_ptr + cols).to(tl.float32)[None, :]
             gate = acc_gate + tl.load(b_ptr + N + cols).to(tl.float32)[None, :]
-            out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+            out = value * gelu_polynomial_triton(gate)
             o_desc.store([pid_m * BM, pid_n * BN], out.to(o_desc.dtype))
 
     @triton_op("customcrafter::geglu", mutates_args=())

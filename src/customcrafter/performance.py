@@ -81,7 +81,7 @@ class SpeedConfig(StrictModel):
     fused_geglu: bool = Field(
         True, description="run the UNet feed-forwards' GEGLU (projection + gating) as one Triton GEMM with the gating "
                           "in its epilogue where it measured faster (customcrafter.fusions: K <= 640, levels 0-1; H100 "
-                          "level 0 0.47 -> 0.39 ms per layer); CUDA, no gradient, a card with device-side TMA and "
+                          "level 0 0.47 -> 0.34 ms per layer); CUDA, no gradient, a card with device-side TMA and "
                           "the kernel's 176 KiB of shared memory (Hopper, datacenter Blackwell; not an A100 or a "
                           "consumer card), else the layer's own path")
     decode_chunk_size: int = Field(8, ge=1, description="frames per VAE decode call (the original decodes 1 at a "
