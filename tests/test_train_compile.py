@@ -76,8 +76,8 @@ def test_regional_compile_with_example_dropout_traces_each_block_once_and_equals
 
 def test_compiled_training_rewrites_keep_the_function_and_its_gradients(monkeypatch):
     """``compile_rewrites``: channels-last convolutions and the fusions' rewrites (sub-pixel upsampling with its
-    summed weights, channel-statistics GroupNorm, unfused bias) give the eager UNet's output and gradients, to the
-    gradients of the trained LoRA layers and of the convolution weights."""
+    summed weights, channel-statistics GroupNorm, unfused bias, cross-attention context once per video) give the
+    eager UNet's output and gradients, to the gradients of the trained LoRA layers and of the convolution weights."""
     from peft import LoraConfig
 
     from customcrafter import fusions
@@ -94,6 +94,7 @@ def test_compiled_training_rewrites_keep_the_function_and_its_gradients(monkeypa
     assert any(isinstance(m, fusions.SubpixelUpsample2D) for m in rewritten.modules())
     assert any(isinstance(m, fusions.ChannelStatsGroupNorm) for m in rewritten.modules())
     assert rewritten.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert rewritten.context_per_video  # cross-attention keys and values once per video
     subpixel_calls = []
     original = fusions.subpixel_upsample_conv
     monkeypatch.setattr(fusions, "subpixel_upsample_conv",

@@ -3,7 +3,8 @@
 ``optimize_pipeline(pipe, SpeedConfig())`` turns a loaded pipeline into the fast one: bf16 weights (the scheduler's
 arithmetic and the latents between steps stay float32: see ``VideoCrafter2Pipeline``), PyTorch SDPA attention
 (flash attention on Hopper), our Triton temporal-attention kernel (``customcrafter.kernels``), layer rewrites
-that compute the same function (``customcrafter.fusions``), ``torch.compile`` of the UNet (whole or its repeated
+that compute the same function (``customcrafter.fusions``; spatial cross-attention with its keys and values once per
+video, ``use_video_context_attention``), ``torch.compile`` of the UNet (whole or its repeated
 blocks) with channels-last convolutions and, for the whole UNet, CUDA graphs, and batched VAE decoding. What each
 one buys on an H100 is in ``benchmarks/RESULTS.md`` (``python benchmarks/gpu.py``).
 
@@ -18,13 +19,15 @@ import logging
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from customcrafter.config import StrictModel
 
 __all__ = ["SpeedConfig", "optimize_pipeline", "set_temporal_attention", "EfficientAttnProcessor",
            "compile_unet", "prepare_unet_for_compiled_training",
-           "TritonTemporalAttnProcessor", "UNET_REPEATED_BLOCKS", "DTYPES", "dtype_name"]
+           "TritonTemporalAttnProcessor", "VideoContextAttnProcessor", "use_video_context_attention",
+           "UNET_REPEATED_BLOCKS", "DTYPES", "dtype_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,13 @@ class SpeedConfig(StrictModel):
                           "fusions): under torch.compile the add fuses into the next kernel and cuBLAS skips its "
                           "slower bias-epilogue GEMMs. None = in whatever is compiled (eagerly the add would be one "
                           "more pass over the output)")
+    context_per_video: bool | None = Field(
+        None, description="the spatial cross-attention's keys and values once per video, not once per frame "
+                          "(use_video_context_attention): the text context is the same for all frames, so to_k/to_v "
+                          "run on B x 77 rows instead of B x T x 77, the context is no longer repeated per frame, and "
+                          "each video's frames are one long query sequence of one attention call. Exact (every query "
+                          "row's softmax over the same keys; up to rounding); H100 gain not yet measured. None = in "
+                          "the compiled UNet")
     fused_geglu: bool = Field(
         True, description="run the UNet feed-forwards' GEGLU (projection + gating) as one Triton GEMM with the gating "
                           "in its epilogue where it measured faster (customcrafter.fusions: K <= 640, levels 0-1; H100 "
@@ -120,15 +130,21 @@ class SpeedConfig(StrictModel):
         """For a component that is (``compiled``) or is not compiled."""
         return compiled if self.unfused_linear_bias is None else self.unfused_linear_bias
 
+    def resolved_context_per_video(self, compiled: bool) -> bool:
+        """For a UNet that is (``compiled``) or is not compiled."""
+        return compiled if self.context_per_video is None else self.context_per_video
+
     def resolved_channels_last(self) -> bool:
         return self.compile != "none" if self.channels_last is None else self.channels_last
 
 
 def _set_sdpa(module: torch.nn.Module) -> None:
+    """diffusers' SDPA processor for every attention; ``VideoContextAttnProcessor`` (SDPA already, and what a UNet's
+    ``context_per_video`` relies on) stays."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     for sub in module.modules():
-        if isinstance(sub, Attention) and not isinstance(sub.processor, AttnProcessor2_0):
+        if isinstance(sub, Attention) and not isinstance(sub.processor, (AttnProcessor2_0, VideoContextAttnProcessor)):
             sub.set_processor(AttnProcessor2_0())
 
 
@@ -183,6 +199,91 @@ class TritonTemporalAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+class VideoContextAttnProcessor:
+    """Cross-attention with the context once per video: ``hidden_states`` (N, L, C) are the frames of N // B videos
+    (frames of one video contiguous, as the UNet lays them out: row b*T + t), ``encoder_hidden_states`` (B, S, D) one
+    context per video. q comes from the frames, k and v from the B contexts only (T times fewer rows through
+    ``to_k``/``to_v``, and no per-frame copy of the context), and the attention runs with each video's frames as one
+    query sequence (B, T*L, heads, d) against its S keys. Every query row's softmax is over the same keys as per
+    frame, so the result is diffusers' ``AttnProcessor2_0`` on the context repeated per frame (up to rounding).
+
+    ``attn.to_q``/``to_k``/``to_v``/``to_out`` are called as modules, so adapters wrapping them (peft LoRA, DWVSS's
+    fused weights, forward hooks) work as before. Anything else — a mask, ``norm_cross``, spatial or group norms,
+    q/k norms, 4-D input, self-attention, a batch that is not a multiple of the contexts', extra arguments — goes
+    through ``AttnProcessor2_0``, with the context repeated per frame where needed."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.fallback = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        context = encoder_hidden_states
+        videos = 0 if context is None or context.dim() != 3 else context.shape[0]
+        rows = hidden_states.shape[0]
+        plain = (videos > 0 and rows % videos == 0 and attention_mask is None and not args and not kwargs
+                 and hidden_states.dim() == 3 and attn.norm_cross is None
+                 and all(getattr(attn, name, None) is None for name in ("spatial_norm", "group_norm", "norm_q",
+                                                                         "norm_k")))
+        if not plain:
+            if videos and rows != videos and rows % videos == 0:
+                context = context.repeat_interleave(rows // videos, dim=0, output_size=rows)
+            return self.fallback(attn, hidden_states, context, attention_mask, temb, *args, **kwargs)
+        length = hidden_states.shape[1]
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(context), attn.to_v(context)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        # (N, L, heads*d) -> (B, heads, T*L, d): each video's frames one after another as its query sequence
+        query = query.reshape(videos, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(videos, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(videos, -1, attn.heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(rows, length, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _cross_attentions(unet: torch.nn.Module):
+    """Every cross-attention ``Attention`` of ``unet`` (name, module)."""
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, sub) for name, sub in unet.named_modules()
+            if isinstance(sub, Attention) and getattr(sub, "is_cross_attention", False)]
+
+
+def use_video_context_attention(unet: torch.nn.Module) -> int:
+    """``VideoContextAttnProcessor`` for every cross-attention inside a ``Transformer2DModel`` of ``unet`` whose
+    processor is diffusers' plain ``AttnProcessor2_0`` or ``AttnProcessor`` (with the default ``scale_qk``, where the
+    two agree); custom processors (a training method's own, for instance) are left alone. Returns how many layers
+    changed.
+
+    Only where *every* cross-attention of ``unet`` then has the new processor is ``unet.context_per_video`` set
+    (``VideoCrafter2UNet.forward`` then passes the context once per video instead of repeating it per frame);
+    otherwise it stays False and the switched layers receive the repeated context, which they handle too. A
+    processor replaced later by anything but ``_set_sdpa`` needs ``unet.context_per_video = False`` again."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    count = 0
+    for block in unet.modules():
+        if type(block).__name__ == "Transformer2DModel":
+            for _, sub in _cross_attentions(block):
+                if type(sub.processor) in (AttnProcessor2_0, AttnProcessor) and getattr(sub, "scale_qk", True):
+                    sub.set_processor(VideoContextAttnProcessor())
+                    count += 1
+    layers = _cross_attentions(unet)
+    per_video = bool(layers) and all(isinstance(sub.processor, VideoContextAttnProcessor) for _, sub in layers)
+    if hasattr(unet, "context_per_video"):
+        unet.context_per_video = per_video
+    logger.info("cross-attention context once per video: %d layers switched, %d of %d cross-attentions (%s)",
+                count, sum(isinstance(sub.processor, VideoContextAttnProcessor) for _, sub in layers), len(layers),
+                "context passed once per video" if per_video else "context still repeated per frame")
+    return count
+
+
 _TEMPORAL_PROCESSORS = {"efficient": EfficientAttnProcessor, "triton": TritonTemporalAttnProcessor}
 
 
@@ -233,7 +334,9 @@ def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "reg
 
 def _rewrite_layers(module: torch.nn.Module, config: SpeedConfig, compiled: bool) -> None:
     """The exact layer rewrites of ``customcrafter.fusions`` that ``config`` asks for, in ``module`` (which is or
-    is not compiled). All are differentiable; the fused GEGLU, inference-only, is switched separately."""
+    is not compiled), and for a UNet whose forward can pass the context once per video (``context_per_video``)
+    its cross-attention processors. All are differentiable; the fused GEGLU, inference-only, is switched
+    separately."""
     from customcrafter import fusions
 
     if config.resolved_subpixel_upsample():
@@ -242,6 +345,8 @@ def _rewrite_layers(module: torch.nn.Module, config: SpeedConfig, compiled: bool
         fusions.use_channel_stats_group_norm(module)
     if config.resolved_unfused_linear_bias(compiled):
         fusions.use_unfused_bias_linears(module)
+    if hasattr(module, "context_per_video") and config.resolved_context_per_video(compiled):
+        use_video_context_attention(module)
 
 
 def _layer_rewrites(pipe, config: SpeedConfig) -> None:
@@ -258,7 +363,8 @@ def _layer_rewrites(pipe, config: SpeedConfig) -> None:
 def prepare_unet_for_compiled_training(unet: torch.nn.Module) -> None:
     """What compiled sampling runs the UNet with, for a UNet that is compiled to train: channels-last convolution
     weights and the exact, differentiable layer rewrites (sub-pixel upsampling, channel-statistics GroupNorm,
-    unfused linear bias). Same function up to rounding (tests/test_train_compile.py)."""
+    unfused linear bias, cross-attention keys and values once per video). Same function up to rounding
+    (tests/test_train_compile.py)."""
     _channels_last(unet)
     _rewrite_layers(unet, SpeedConfig(), compiled=True)
 

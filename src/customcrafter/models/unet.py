@@ -11,6 +11,8 @@ lacks, and what this subclass adds:
 * **peft adapters** through diffusers' ``PeftAdapterMixin`` (``add_adapter``, ``set_adapters``, ``delete_adapters``,
   ``fuse_lora``/``unfuse_lora`` …), which the base class does not inherit.
 * **gradient checkpointing** of the down, mid and up blocks (the base class declares no support).
+* **the text context once per video** where ``context_per_video`` is set (``performance.use_video_context_attention``:
+  only the spatial cross-attentions read it, and theirs then take it per video); else it is repeated per frame.
 
 Note on head sizes: despite its name, the base class's ``attention_head_dim`` (an int) is the *width of each head*
 everywhere in this UNet (level with C channels: C // attention_head_dim heads; ``transformer_in``: 8 heads of that
@@ -50,6 +52,9 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = True
+    #: True when every cross-attention takes one context per video (``performance.use_video_context_attention``
+    #: sets it): ``forward`` then passes ``encoder_hidden_states`` as given instead of repeating it per frame.
+    context_per_video: bool = False
 
     @register_to_config
     def __init__(
@@ -217,9 +222,10 @@ class VideoCrafter2UNet(UNet3DConditionModel, PeftAdapterMixin):
         if self.config.fps_cond:
             emb = emb + self.fps_embed(fps, batch, sample.device)
         emb = emb.repeat_interleave(num_frames, dim=0, output_size=batch * num_frames)
-        encoder_hidden_states = encoder_hidden_states.repeat_interleave(
-            num_frames, dim=0, output_size=encoder_hidden_states.shape[0] * num_frames
-        )
+        if not self.context_per_video:  # else the cross-attentions take each video's context for all its frames
+            encoder_hidden_states = encoder_hidden_states.repeat_interleave(
+                num_frames, dim=0, output_size=encoder_hidden_states.shape[0] * num_frames
+            )
 
         # 2. pre-process: (B, C, T, H, W) → (B*T, C, H, W)
         sample = sample.permute(0, 2, 1, 3, 4).reshape((batch * num_frames, -1) + sample.shape[3:])
