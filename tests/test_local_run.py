@@ -212,10 +212,78 @@ def git_without_config(tmp_path, monkeypatch):
     memory_helper.__dict__.pop("askpass", None)
 
 
-def _git_credential_fill() -> subprocess.CompletedProcess:
-    """What git does before it sends credentials to an https remote (here example.com; nothing is contacted)."""
-    return subprocess.run(["git", "credential", "fill"], input="protocol=https\nhost=example.com\n\n",
+def _git_credential_fill(host: str = "example.com") -> subprocess.CompletedProcess:
+    """What git does before it sends credentials to an https remote (``host``; nothing is contacted)."""
+    return subprocess.run(["git", "credential", "fill"], input=f"protocol=https\nhost={host}\n\n",
                           capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_the_token_host_is_the_https_host_of_the_data_source():
+    assert git_credentials.token_host("https://github.com/org/data.git") == "github.com"
+    assert git_credentials.token_host("https://alice@Bitbucket.org/team/data.git") == "bitbucket.org"
+    assert git_credentials.token_host("https://x:y@git.example.com:8443/data") == "git.example.com:8443"
+    for source in ("git@github.com:org/data.git", "ssh://git@github.com/org/data.git", "http://github.com/org/d",
+                   "/srv/data", "data"):
+        assert git_credentials.token_host(source) is None, source
+
+
+@pytest.mark.parametrize(("prompt", "answer"), [
+    ("Username for 'https://github.com': ", "x-access-token"),
+    ("Password for 'https://x-access-token@github.com': ", "TOKEN"),
+    ("Password for 'https://GitHub.COM': ", "TOKEN"),  # host names are case-insensitive
+    ("Password for 'https://alice@github.com/org/data.git': ", "TOKEN"),  # credential.useHttpPath
+    ("Password for 'https://a@b@github.com': ", "TOKEN"),  # a user name holding an @ (git decodes %40)
+    ("Username for 'https://github.com.evil.com': ", ""),
+    ("Password for 'https://github.com.evil.com': ", ""),
+    ("Password for 'https://evil.com/github.com': ", ""),
+    ("Password for 'https://github.com@evil.com': ", ""),
+    ("Password for 'https://x-access-token@evil.com': ", ""),
+    ("Password for 'https://a@github.com/@evil.com': ", ""),  # user "a@github.com/" of evil.com
+    ("Password for 'https://evil.com/x@github.com': ", ""),
+    ("Password for 'https://github.com:8443': ", ""),
+    ("Password for 'https://evil.com:443': ", ""),
+    ("Password for 'http://github.com': ", ""),  # no token in clear text
+    ("Password for 'ssh://github.com': ", ""),
+    ("Password for 'https://github.com' ; 'https://evil.com': ", ""),
+    ("Password for 'https://$(echo github.com)': ", ""),
+    ("Password for 'https://`echo github.com`': ", ""),
+    ("Enter passphrase for key '/root/.ssh/id_rsa': ", ""),
+    ("Password: ", ""),
+    ("", ""),
+])
+def test_the_askpass_answers_only_prompts_for_the_data_repositorys_host(prompt, answer, monkeypatch, tmp_path):
+    """The real script, run by sh as git runs it: the user name and the token for the pinned host's https prompts,
+    an empty line (nothing secret) for any other prompt, whatever it holds."""
+    monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, "TOKEN")
+    monkeypatch.delenv(git_credentials.GIT_USERNAME_ENV, raising=False)
+    with git_credentials.data_repo_git("https://github.com/org/data.git"):
+        askpass, env = os.environ["GIT_ASKPASS"], dict(os.environ)
+    assert env[git_credentials.GIT_HOST_ENV] == "github.com"
+    marker = tmp_path / "ran"
+    for unsafe in ("$(touch {m})", "`touch {m}`", "'; touch {m}; '", '"; touch {m}; "'):
+        env_bad = {**env, git_credentials.GIT_HOST_ENV: unsafe.format(m=marker)}
+        subprocess.run(["sh", askpass, prompt], env=env_bad, capture_output=True, timeout=30, check=True)
+    assert not marker.exists()  # the host is data, never code
+    done = subprocess.run(["sh", askpass, prompt], env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert done.stdout == f"{answer}\n" and done.stderr == ""
+    # without a pinned host (outside data_repo_git, where scmrepo still calls the askpass it saw first): nothing
+    env.pop(git_credentials.GIT_HOST_ENV)
+    done = subprocess.run(["sh", askpass, prompt], env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert done.stdout == "\n"
+
+
+def test_the_askpass_pins_a_port_and_a_user_part_of_the_data_source(monkeypatch):
+    monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, "TOKEN")
+    with git_credentials.data_repo_git("https://alice@git.example.com:8443/team/data.git"):
+        askpass, env = os.environ["GIT_ASKPASS"], dict(os.environ)
+
+    def answer(prompt: str) -> str:
+        return subprocess.run(["sh", askpass, prompt], env=env, capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    assert answer("Password for 'https://alice@git.example.com:8443': ") == "TOKEN\n"
+    assert answer("Password for 'https://alice@git.example.com': ") == "\n"
+    assert answer("Password for 'https://alice@git.example.com:443': ") == "\n"
 
 
 def test_a_private_data_repository_token_reaches_git_and_dvc_from_the_environment(git_without_config, monkeypatch):
@@ -225,7 +293,7 @@ def test_a_private_data_repository_token_reaches_git_and_dvc_from_the_environmen
 
     token = f"tok-{os.urandom(8).hex()}"
     monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, token)
-    with git_credentials.data_repo_git():
+    with git_credentials.data_repo_git("https://example.com/org/data.git"):
         assert os.environ["GIT_TERMINAL_PROMPT"] == "0"
         askpass = Path(os.environ["GIT_ASKPASS"])
         assert token not in askpass.read_text() and askpass.stat().st_mode & 0o077 == 0
@@ -234,12 +302,20 @@ def test_a_private_data_repository_token_reaches_git_and_dvc_from_the_environmen
         assert f"username=x-access-token\npassword={token}\n" in filled.stdout
         credential = Credential(url="https://example.com/org/data.git").fill()
         assert (credential.username, credential.password) == ("x-access-token", token)
+        # another host (a redirect, a submodule, a DVC import of another repository) gets no token
+        for host in ("example.org", "example.com.evil.com", "example.com:8443"):
+            filled = _git_credential_fill(host)
+            assert token not in filled.stdout and "username=x-access-token" not in filled.stdout, host
+        assert Credential(url="https://evil.com/example.com/data.git").fill().password == ""
         monkeypatch.setenv(git_credentials.GIT_USERNAME_ENV, "bob")
         assert f"username=bob\npassword={token}\n" in _git_credential_fill().stdout
     assert "GIT_ASKPASS" not in os.environ and "GIT_TERMINAL_PROMPT" not in os.environ  # restored
+    assert git_credentials.GIT_HOST_ENV not in os.environ
+    # scmrepo keeps calling the askpass it saw first; outside the block it answers nothing
+    assert Credential(url="https://example.com/org/data.git").fill().password == ""
     # without a token: no askpass of ours, and git fails at once instead of waiting for a terminal
     monkeypatch.delenv(git_credentials.GIT_TOKEN_ENV)
-    with git_credentials.data_repo_git():
+    with git_credentials.data_repo_git("https://example.com/org/data.git"):
         assert "GIT_ASKPASS" not in os.environ
         filled = _git_credential_fill()
     assert filled.returncode != 0 and "terminal prompts disabled" in filled.stderr
@@ -252,11 +328,11 @@ def test_an_askpass_removed_meanwhile_is_written_again_where_scmrepo_looks(git_w
 
     token = f"tok-{os.urandom(8).hex()}"
     monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, token)
-    with git_credentials.data_repo_git():
+    with git_credentials.data_repo_git("https://example.com/org/data.git"):
         first = Path(os.environ["GIT_ASKPASS"])
         assert Credential(url="https://example.com/org/data.git").fill().password == token
     first.unlink()
-    with git_credentials.data_repo_git():
+    with git_credentials.data_repo_git("https://example.com/org/data.git"):
         assert Path(os.environ["GIT_ASKPASS"]) == first and first.stat().st_mode & 0o777 == 0o700
         credential = Credential(url="https://example.com/org/data.git").fill()
     assert (credential.username, credential.password) == ("x-access-token", token)
@@ -268,6 +344,7 @@ def test_fetch_subject_from_a_private_git_repository_keeps_the_token_off_argv_ur
     the token from GIT_TOKEN; no argument, URL, fetched file or log line carries it."""
     import dvc.api
     from dvc.repo import Repo
+    from scmrepo.git.credentials import Credential
 
     token = f"tok-{os.urandom(8).hex()}"
     monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, token)
@@ -280,10 +357,15 @@ def test_fetch_subject_from_a_private_git_repository_keeps_the_token_off_argv_ur
         return run(argv, *args, **kwargs)
 
     def as_git_would(*args, **kwargs):
-        """DVC's clone: git asks for credentials (the real git program, its output as a fetched file)."""
+        """DVC's clone: git asks for credentials (the real git program, its output as a fetched file), for the
+        data repository's host and, as a redirect or a submodule would, for another one."""
         calls.append(("dvc", args, kwargs))
-        filled = _git_credential_fill()
+        filled = _git_credential_fill("github.com")
         assert filled.returncode == 0 and f"password={token}" in filled.stdout, filled.stderr
+        elsewhere = _git_credential_fill("gitlab.com")
+        assert token not in elsewhere.stdout and "password=\n" in elsewhere.stdout, elsewhere.stderr
+        assert Credential(url="https://github.com.evil.com/org/data.git").fill().password == ""
+        assert Credential(url=source).fill().password == token
         if "out" in kwargs:
             Path(kwargs["out"]).mkdir(parents=True, exist_ok=True)
             (Path(kwargs["out"]) / "fetched.txt").write_text(f"fetched {args} by {os.environ.get('GIT_ASKPASS')}")
@@ -303,6 +385,26 @@ def test_fetch_subject_from_a_private_git_repository_keeps_the_token_off_argv_ur
     assert (out / "subjects" / "dog" / "fetched.txt").is_file()
     assert not any(token in p.read_text() for p in out.rglob("*") if p.is_file())
     assert token not in caplog.text
+
+
+def test_an_ssh_data_source_gets_no_token(git_without_config, tmp_path, monkeypatch, caplog):
+    """git@host:repo (or ssh://, or plain http://): the token goes to no host, and the log says it is unused; SSH
+    needs a key, which the pipeline does not provide."""
+    import dvc.api
+
+    token = f"tok-{os.urandom(8).hex()}"
+    monkeypatch.setenv(git_credentials.GIT_TOKEN_ENV, token)
+    filled: list[str] = []
+
+    def as_git_would(*args, **kwargs):
+        filled.extend(_git_credential_fill(host).stdout for host in ("github.com", "example.com"))
+        return "outs:\n- md5: abc.dir\n"
+
+    monkeypatch.setattr(dvc.api, "read", as_git_would)
+    with caplog.at_level("WARNING"):
+        local_run._data_version("git@github.com:org/private-data.git", "main")
+    assert filled and not any(token in text for text in filled)
+    assert "not an https URL: the token is not used" in caplog.text and token not in caplog.text
 
 
 def test_evaluation_of_a_method_whose_training_run_never_reached_mlflow_gets_its_own_run(tmp_path, monkeypatch):

@@ -181,13 +181,13 @@ def fetch_subject(data_source: str, data_revision: str, subject: str, out_dir: s
     if _is_remote(data_source):
         from dvc.repo import Repo
 
-        with data_repo_git():
+        with data_repo_git(data_source):
             Repo.get(data_source, f"data/subjects/{subject}", out=str(target), rev=data_revision or None)
         class_word = _class_word(target, f"subject {subject!r} of {data_source}@{data_revision or 'HEAD'}")
         if class_word is None:
             return out
         try:
-            with data_repo_git():
+            with data_repo_git(data_source):
                 Repo.get(data_source, f"data/class_images/{class_word}",
                          out=str(out / "class_images" / class_word), rev=data_revision or None)
         except Exception as exc:  # noqa: BLE001 - class images are optional (the trainer can generate them)
@@ -228,7 +228,7 @@ def _data_version(data_source: str, data_revision: str) -> dict[str, str]:
         import dvc.api
         import yaml
 
-        with data_repo_git():
+        with data_repo_git(data_source):
             outs = (yaml.safe_load(dvc.api.read("data.dvc", repo=data_source, rev=data_revision or None)) or {})
         md5 = ((outs.get("outs") or [{}])[0]).get("md5")
         return {"dvc_md5": md5 or "unknown", "git_revision": data_revision or "HEAD"}
@@ -525,7 +525,7 @@ def _subjects_root(data_source: str, data_revision: str) -> Path:
     from dvc.repo import Repo
 
     root = Path(tempfile.mkdtemp(prefix="cc-plan-"))
-    with data_repo_git():
+    with data_repo_git(data_source):
         Repo.get(data_source, "data/subjects", out=str(root / "subjects"), rev=data_revision or None)
     return root
 
