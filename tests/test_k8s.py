@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from customcrafter.orchestration.kfp_client import DEFAULT_GPU_SCHEDULING, gpu_scheduling_from_configmap
+from customcrafter.orchestration.settings import CLUSTER_TRACKING_URI, PIPELINE_POD_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -71,7 +73,7 @@ def test_everything_in_namespace_and_core_objects_present(path):
     assert {("Namespace", "customcrafter"), ("Deployment", "mlflow"), ("Service", "mlflow"),
             ("ServiceAccount", "customcrafter-pipeline-runner"), ("Role", "customcrafter-pipeline-runner"),
             ("RoleBinding", "customcrafter-pipeline-runner"), ("PersistentVolumeClaim", "customcrafter-model-cache"),
-            ("ConfigMap", "customcrafter-gpu-scheduling")} <= kinds
+            ("ConfigMap", "customcrafter-gpu-scheduling"), ("NetworkPolicy", "mlflow")} <= kinds
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == "customcrafter", doc["metadata"]["name"]
@@ -156,6 +158,71 @@ def test_mlflow_server_settings_dev_vs_production():
     assert env_of(init)["MLFLOW_AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
     (deploy,) = by_kind(prod_docs, "Deployment")
     assert deploy["spec"]["replicas"] >= 2
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A label selector (matchLabels only; the manifests use no matchExpressions) against a pod's labels."""
+    assert set(selector) <= {"matchLabels"}, f"unexpected selector fields: {selector}"
+    return bool(selector.get("matchLabels")) and selector["matchLabels"].items() <= labels.items()
+
+
+def check_mlflow_network_policy(docs) -> None:
+    """The NetworkPolicy in front of MLflow: selects the server's pods (and only pods labelled as the Service
+    selects them), admits ingress only from the pipeline's pods (the labels KFP v2 puts on every pod of a run, in
+    this namespace) and only on the port the server's container listens on and the Service targets."""
+    (deploy,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "mlflow"]
+    (service,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "mlflow"]
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in by_kind(docs, "NetworkPolicy") if _selects(p["spec"]["podSelector"], pod_labels)]
+    assert [p["metadata"]["name"] for p in policies] == ["mlflow"], "one NetworkPolicy selects the MLflow pods"
+    (policy,) = policies
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= service["spec"]["selector"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: Postgres and S3 are outside
+    container = mlflow_container(docs)
+    (port,) = container["ports"]
+    target = service["spec"]["ports"][0]["targetPort"]
+    assert target in (port["name"], port["containerPort"]), f"the Service targets {target!r}, not the server's port"
+    assert f"--port={port['containerPort']}" in container["args"]
+    assert len(policy["spec"]["ingress"]) == 1, policy["spec"]["ingress"]
+    rule = policy["spec"]["ingress"][0]
+    assert rule.get("ports") == [{"protocol": "TCP", "port": port["containerPort"]}], rule.get("ports")
+    # the pipeline's pods in this namespace only: no namespace or IP peer
+    assert rule.get("from") == [{"podSelector": {"matchLabels": PIPELINE_POD_LABELS}}], rule.get("from")
+    assert not _selects(rule["from"][0]["podSelector"], pod_labels), "the server is not its own client"
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_mlflow_accepts_connections_only_from_the_pipeline_pods_on_its_port(path):
+    check_mlflow_network_policy(render(path))
+    # the pipeline pods reach the server through the Service on that port (settings.CLUSTER_TRACKING_URI)
+    assert CLUSTER_TRACKING_URI.endswith(f":{mlflow_container(render(path))['ports'][0]['containerPort']}")
+
+
+def _drift(docs, kind: str, edit) -> list[dict]:
+    docs = copy.deepcopy(list(docs))
+    edit(next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == "mlflow"))
+    return docs
+
+
+@pytest.mark.parametrize("drift", [
+    pytest.param(("Deployment", lambda d: d["spec"]["template"]["metadata"]["labels"].update(
+        {"app.kubernetes.io/name": "mlflow-server"})), id="server-pod-label"),
+    pytest.param(("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(
+        containerPort=5001)), id="container-port"),
+    pytest.param(("Service", lambda d: d["spec"]["ports"][0].update(targetPort=8080)), id="service-target-port"),
+    pytest.param(("NetworkPolicy", lambda d: d["spec"]["ingress"][0]["ports"][0].update(port=8080)),
+                 id="policy-port"),
+    pytest.param(("NetworkPolicy", lambda d: d["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+                  .update({"pipelines.kubeflow.org/v2_component": "yes"})), id="peer-label"),
+    pytest.param(("NetworkPolicy", lambda d: d["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})),
+                 id="any-namespace"),
+    pytest.param(("NetworkPolicy", lambda d: d["spec"]["ingress"][0].pop("ports")), id="every-port"),
+    pytest.param(("NetworkPolicy", lambda d: d["spec"].update(podSelector={})), id="every-pod"),
+])
+def test_the_network_policy_check_fails_when_a_label_or_port_drifts(drift):
+    kind, edit = drift
+    with pytest.raises(AssertionError):
+        check_mlflow_network_policy(_drift(render("base"), kind, edit))
 
 
 def test_pipeline_runner_rbac_is_least_privilege():

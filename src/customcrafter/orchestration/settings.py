@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROJECT_IMAGE", "DEFAULT_METHODS", "DEFAULT_SUBJECTS", "REGISTERED_METHOD", "DEFAULT_EXPERIMENT",
-    "CLUSTER_TRACKING_URI", "PIPELINE_SERVICE_ACCOUNT", "SHM_SIZE", "SECRETS", "OPTIONAL_SECRETS",
-    "DATA_REPO_SECRETS", "PRESETS",
+    "CLUSTER_TRACKING_URI", "PIPELINE_SERVICE_ACCOUNT", "PIPELINE_POD_LABELS", "SHM_SIZE", "SECRETS",
+    "OPTIONAL_SECRETS", "DATA_REPO_SECRETS", "PRESETS",
     "COMPILED_DIR", "PIPELINE_FILES", "CompileSettings",
     "compile_settings", "preset_overrides",
 ]
@@ -41,6 +41,9 @@ DEFAULT_EXPERIMENT = "customcrafter"
 CLUSTER_TRACKING_URI = "http://mlflow.customcrafter.svc.cluster.local:5000"
 # The identity pipeline pods run as (k8s/base/pipeline-runner-rbac.yaml); KFP sets it per run, not in the YAML.
 PIPELINE_SERVICE_ACCOUNT = "customcrafter-pipeline-runner"
+# The labels every pod of a pipeline run carries: the KFP v2 backend sets them on the Workflow's podMetadata. The
+# NetworkPolicy in front of MLflow (k8s/base/mlflow-networkpolicy.yaml) lets pods with these labels in, no others.
+PIPELINE_POD_LABELS = {"pipelines.kubeflow.org/v2_component": "true"}
 SHM_SIZE = "16Gi"  # /dev/shm (an in-memory emptyDir) for data-loader workers and NCCL
 # secret name -> {key in the secret: environment variable}. Templates without values: k8s/secrets/templates.yaml.
 SECRETS: dict[str, dict[str, str]] = {
