@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 REQUIRED_TAGS = ("data_revision", "git_commit", "method", "subject_hash")
 _METRIC_TAG = "metric."
+# The UserWarning mlflow.pyfunc.log_model (3.x) gives a model logged with a signature and no input example; its text
+# starts with a colour code.
+_NO_INPUT_EXAMPLE_WARNING = r".*An input example was not provided when logging the model"
 _SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -234,17 +238,23 @@ def register_subject_model(tracking_uri: str, subject: str, module_dir: str | Pa
         with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{subject}") as run:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
             mlflow.set_tags({f"registry.{k}": v for k, v in all_tags.items()})
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=CustomCrafterVideoModel(),
-                artifacts={SUBJECT_MODULE_ARTIFACT: str(module_dir.resolve())},
-                model_config={"base_model_id": base_model_id, "method": all_tags["method"]},
-                signature=input_signature(),
-                # The project image provides these; declaring them stops MLflow from importing the model
-                # (and the base weights) to guess requirements.
-                pip_requirements=[f"customcrafter=={package_version}", f"mlflow=={mlflow.__version__}"],
-                registered_model_name=name,
-            )
+            with warnings.catch_warnings():
+                # No input_example, on purpose: given one, log_model loads the model (the base weights) and
+                # samples a video to check that the example can be served, and mlflow.pyfunc.log_model has no
+                # switch to skip that. The explicit signature is what requests are checked against; MLflow's
+                # reminder to add an example is silenced here only, so other warnings still show.
+                warnings.filterwarnings("ignore", message=_NO_INPUT_EXAMPLE_WARNING, category=UserWarning)
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=CustomCrafterVideoModel(),
+                    artifacts={SUBJECT_MODULE_ARTIFACT: str(module_dir.resolve())},
+                    model_config={"base_model_id": base_model_id, "method": all_tags["method"]},
+                    signature=input_signature(),
+                    # The project image provides these; declaring them stops MLflow from importing the model
+                    # (and the base weights) to guess requirements.
+                    pip_requirements=[f"customcrafter=={package_version}", f"mlflow=={mlflow.__version__}"],
+                    registered_model_name=name,
+                )
     version = str(info.registered_model_version)
     client.set_registered_model_tag(name, "subject", subject)
     for key, value in all_tags.items():
