@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--geglu-max-k", type=int, default=None, metavar="K",
                         help="send feed-forwards with up to K input channels to the GEGLU kernel (default: the "
                              "product's fusions.FUSED_GEGLU_MAX_K)")
+    parser.add_argument("--lora", choices=["fused", "active"], default="fused",
+                        help="the subject LoRA fused into the weights at DWVSS's late scale, as sampling runs it "
+                             "(default; before session 26 the probe ran it 'active': its own matmuls every forward)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -150,10 +153,10 @@ def use_erf_gelu_in_geglu_kernel() -> None:
     from customcrafter import kernels
 
     @triton.jit
-    def gelu_erf(x):
+    def gelu_polynomial_triton(x):  # the product's name: inductor copies the kernel's helpers into its code by name
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
-    kernels.gelu_polynomial_triton = gelu_erf
+    kernels.gelu_polynomial_triton = gelu_polynomial_triton
 
 
 def run(args) -> None:
@@ -175,7 +178,11 @@ def run(args) -> None:
     speed = {key: ast.literal_eval(value) for key, value in (entry.split("=", 1) for entry in args.speed)}
     optimize_pipeline(pipe, SpeedConfig(**{"compile": "full", "compile_mode": "default"} | speed))
     unet = pipe.unet
-    report: dict = {"role": args.role, "speed": speed, "geglu_gelu": args.geglu_gelu, "geglu_max_k": args.geglu_max_k,
+    if args.lora == "fused":
+        from customcrafter.dwvss import DWVSSConfig, LoraPhaseFuser
+
+        LoraPhaseFuser(unet).__enter__().set_scale(DWVSSConfig().lambda_l)  # kept fused until the process ends
+    report: dict = {"role": args.role, "speed": speed, "lora": args.lora, "geglu_gelu": args.geglu_gelu, "geglu_max_k": args.geglu_max_k,
                     "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "inductor": inductor, "enable_pdl": getattr(torch._inductor.config.triton, "enable_pdl", None),
                     "env": {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR", "CUBLAS"))}}
