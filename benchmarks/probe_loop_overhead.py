@@ -2,7 +2,8 @@
 """Probe: where the sampling loop's time goes beyond the UNet's kernels, with the product's compiled UNet
 (compile="full", CUDA graphs through torch.compile's "reduce-overhead" mode) and DWVSS's fused LoRA.
 
-Times, in one process after the warm-up videos: the whole loop per step (the pipeline), the UNet call alone per step
+Times, in one process after the warm-up videos: the whole loop per step (the pipeline, at the full and at half the
+number of steps, so that what is paid once per video shows apart), the UNet call alone per step
 (same inputs, no scheduler), the UNet call + the pipeline's per-step arithmetic; then profiles a few UNet calls:
 kernel time against wall time, CUDA graph launches per call (a compiled graph split into partitions launches
 several), and host calls that wait for the GPU (synchronisations, device-to-host copies).
@@ -57,6 +58,14 @@ def main() -> None:
     loop = [cuda_ms(lambda: sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)) / args.steps
             for _ in range(3)]
     report["pipeline_ms_per_step"] = [round(v, 3) for v in loop]
+    # per video and per step apart: the same call at half the steps (a cost paid once per video, e.g. switching
+    # between the text encoder's, the UNet's and the VAE's CUDA graphs, shows as the intercept)
+    half = dict(shape, steps=args.steps // 2)
+    short = min(cuda_ms(lambda: sample(pipe, output_type="latent", prompt_embeds=embeds, **half)) for _ in range(3))
+    full = min(loop) * args.steps
+    slope = (full - short) / (args.steps - args.steps // 2)
+    report["pipeline_per_step_ms_slope"] = round(slope, 3)
+    report["pipeline_per_video_ms_intercept"] = round(full - slope * args.steps, 3)
     print(json.dumps(report), flush=True)
 
     unet, scheduler = pipe.unet, pipe.scheduler

@@ -59,6 +59,93 @@ def test_outputs_are_reproducible_and_typed(tiny):
     assert not np.array_equal(video, other)
 
 
+def _step_by_step(generators, shape, steps):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return [randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("videos", [1, 2])
+def test_host_step_noise_draws_what_step_by_step_draws_and_leaves_the_generators_as_it(videos):
+    """The background thread's draws are the step-by-step draws, in order (one generator, or one per video), and
+    after close() the generators are where step-by-step drawing leaves them."""
+    from customcrafter.pipeline import HostStepNoise
+
+    shape, steps = (videos, 4, 3, 8, 8), 7
+    seeded = lambda: [torch.Generator().manual_seed(10 + v) for v in range(videos)]  # noqa: E731
+    ours_generators, ref_generators = seeded(), seeded()
+    pick = (lambda g: g[0]) if videos == 1 else (lambda g: g)
+    noise = HostStepNoise(pick(ours_generators), shape, steps, torch.device("cpu"))
+    ours = [noise(step, shape).clone() for step in range(steps)]
+    noise.close()
+    expected = _step_by_step(pick(ref_generators), shape, steps)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours_generators, ref_generators, strict=True))
+    with pytest.raises(ValueError, match="shape"):
+        noise(0, (videos, 4, 3, 8, 9))
+
+
+def test_host_step_noise_reraises_a_draw_error_at_its_step(monkeypatch):
+    from customcrafter import pipeline
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("draw failed")
+        return torch.zeros(args[0])
+
+    monkeypatch.setattr(pipeline, "randn_tensor", failing)
+    noise = pipeline.HostStepNoise(torch.Generator(), (1, 2), 4, torch.device("cpu"))
+    assert torch.equal(noise(1, (1, 2)), torch.zeros(1, 2))
+    with pytest.raises(RuntimeError, match="draw failed"):
+        noise(2, (1, 2))
+    noise.close()
+
+
+def test_the_loop_takes_host_step_noise_and_closes_it_even_when_it_fails(tiny, monkeypatch):
+    """With host generators and an accelerator the pipeline draws the step noise with HostStepNoise (what the CPU
+    cannot show directly: here the CPU run is given one), gets the same video as drawing step by step, and closes
+    the sampler after the loop, also when the loop raises."""
+    from customcrafter.pipeline import HostStepNoise
+
+    closed = []
+
+    class Recorded(HostStepNoise):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    def step_noise(generator, shape, num_steps, noise_sampler):
+        return Recorded(generator, shape, num_steps, torch.device("cpu"))
+
+    run = lambda: tiny("a dog", generator=torch.Generator().manual_seed(0), eta=1.0, output_type="latent",  # noqa: E731
+                       **SMALL).frames
+    expected = run()
+    monkeypatch.setattr(tiny, "_step_noise", step_noise)
+    assert torch.equal(run(), expected) and closed == [True]
+
+    def boom(pipe, step, timestep):
+        if step == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tiny("a dog", generator=torch.Generator().manual_seed(0), eta=1.0, on_step_begin=boom, **SMALL)
+    assert closed == [True, True]
+
+
+def test_accelerator_with_host_generators_takes_host_step_noise(tiny, monkeypatch):
+    from customcrafter import pipeline
+
+    made = []
+    monkeypatch.setattr(pipeline.VideoCrafter2Pipeline, "_compute_device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(pipeline, "HostStepNoise", lambda *args: made.append(args) or "host noise")
+    generator = torch.Generator().manual_seed(0)
+    assert tiny._step_noise(generator, (1, 4, 2, 8, 8), 5, None) == "host noise"
+    assert made == [(generator, (1, 4, 2, 8, 8), 5, torch.device("cuda"))]
+
+
 def test_cfg_is_one_call_with_the_latents_once_and_skipped_at_scale_one(tiny, monkeypatch):
     """CFG: one UNet call per step with the latents once and the (negative, positive) contexts (the UNet repeats
     the latents after what sees no context)."""
