@@ -118,6 +118,51 @@ def test_evaluation_set_writes_manifest_and_resumes(tmp_path, dreambooth_dir):
     assert (tmp_path / row["video"]).stat().st_mtime_ns == stamp  # not sampled again
 
 
+def test_evaluation_set_writes_each_video_while_the_next_samples_and_surfaces_write_errors(tmp_path, dreambooth_dir,
+                                                                                          monkeypatch):
+    """The export of video k runs while video k+1 samples (the GPU does not wait for the H.264 encoder); every
+    export has finished when the call returns; an export that fails fails the call, with no manifest."""
+    import threading
+
+    import customcrafter.sampling as sampling
+    import customcrafter.video_io as video_io
+    from customcrafter.loading import load_base_pipeline
+
+    sampled, overlapped, written = [], [], []
+    next_started = threading.Event()
+
+    def fake_sample(pipe, text, seed, config):
+        sampled.append(seed)
+        if len(sampled) > 1:
+            next_started.set()
+        return np.zeros((2, 8, 8, 3), np.uint8)
+
+    def fake_export(frames, target, fps):
+        if not written:  # the first video's export: does the second video start sampling meanwhile?
+            overlapped.append(next_started.wait(timeout=20))
+        if fail and len(written) == 1:
+            raise OSError("disk full")
+        Path(target).write_bytes(b"mp4")
+        written.append(Path(target).name)
+
+    monkeypatch.setattr(sampling, "sample_video", fake_sample)
+    monkeypatch.setattr(video_io, "export_mp4", fake_export)
+    pipe = load_base_pipeline("tiny")
+    kwargs = dict(method="base", subject="dog", subject_dir=dreambooth_dir / "dog", seeds=[0, 1, 2], prompt_limit=1,
+                  config=SampleConfig(**SMALL), class_word="dog", kind="live")
+    fail = False
+    manifest = sampling.sample_evaluation_set(pipe, out_dir=tmp_path / "ok", **kwargs)
+    assert overlapped == [True] and written == ["p00_s0.mp4", "p00_s1.mp4", "p00_s2.mp4"]
+    assert [json.loads(line)["video"] for line in manifest.read_text().splitlines()] == [
+        "dog/p00_s0.mp4", "dog/p00_s1.mp4", "dog/p00_s2.mp4"]
+
+    sampled.clear(), overlapped.clear(), written.clear(), next_started.clear()
+    fail = True
+    with pytest.raises(OSError, match="disk full"):
+        sampling.sample_evaluation_set(pipe, out_dir=tmp_path / "failed", **kwargs)
+    assert not (tmp_path / "failed" / "manifest.jsonl").exists() and written == ["p00_s0.mp4"]
+
+
 def test_evaluation_set_rerun_with_other_settings_is_refused(tmp_path, dreambooth_dir):
     """The videos on disk are kept: a rerun with other settings would label them with settings they lack."""
     from customcrafter.loading import load_base_pipeline

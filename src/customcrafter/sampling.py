@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -257,22 +258,31 @@ def sample_evaluation_set(pipe, *, method: str, subject: str, subject_dir: str |
     (out_dir / subject).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / RUN_MARK, json.dumps({"sampling": settings, "subject_module": origin}).encode())
     rows = []
-    for prompt in prompts:
-        text = format_prompt(prompt.template, token, class_word)
-        for seed in seeds:
-            relative = f"{subject}/p{prompt.index:02d}_s{seed}.mp4"
-            target = out_dir / relative
-            if not target.is_file():
-                logger.info("sampling %s (%d/%d): %s", target, len(rows) + 1, len(prompts) * len(seeds), text)
-                # written to a temporary file and renamed: an interrupted run leaves whole videos only
-                export_mp4(sample_video(pipe, text, seed=seed, config=config), target, fps=8)
-            else:
-                logger.info("exists, skipped: %s", target)
-            rows.append({"method": method, "subject": subject, "subject_dir": str(subject_dir),
-                         "class_word": class_word, "token": token, "kind": info.kind, "prompt": text,
-                         "prompt_template": prompt.template, "prompt_type": prompt.type,
-                         "prompt_index": prompt.index, "seed": seed, "video": relative, "sampling": settings,
-                         **({"subject_module": origin} if origin else {})})
+    # Each video is encoded (H.264, a subprocess: ~0.2-0.7 s) on a writer thread while the next one samples, so the
+    # GPU does not wait for it; at most one export is in flight. Leaving the block waits for it, also on errors.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="customcrafter-export") as writer:
+        export = None
+        for prompt in prompts:
+            text = format_prompt(prompt.template, token, class_word)
+            for seed in seeds:
+                relative = f"{subject}/p{prompt.index:02d}_s{seed}.mp4"
+                target = out_dir / relative
+                if not target.is_file():
+                    logger.info("sampling %s (%d/%d): %s", target, len(rows) + 1, len(prompts) * len(seeds), text)
+                    frames = sample_video(pipe, text, seed=seed, config=config)
+                    if export is not None:
+                        export.result()  # the previous video's, written meanwhile; re-raises its error
+                    # written to a temporary file and renamed: an interrupted run leaves whole videos only
+                    export = writer.submit(export_mp4, frames, target, fps=8)
+                else:
+                    logger.info("exists, skipped: %s", target)
+                rows.append({"method": method, "subject": subject, "subject_dir": str(subject_dir),
+                             "class_word": class_word, "token": token, "kind": info.kind, "prompt": text,
+                             "prompt_template": prompt.template, "prompt_type": prompt.type,
+                             "prompt_index": prompt.index, "seed": seed, "video": relative, "sampling": settings,
+                             **({"subject_module": origin} if origin else {})})
+        if export is not None:
+            export.result()
     manifest = out_dir / "manifest.jsonl"
     atomic_write_bytes(manifest, "".join(json.dumps(r) + "\n" for r in rows).encode())
     logger.info("wrote %d videos of %s (%s) to %s", len(rows), subject, method, out_dir)
