@@ -65,9 +65,9 @@ _GEGLU_SHARED_MEMORY = 3 * (128 * 64 + 2 * 128 * 64) * 2 + 128 * 128 * 2
 #: is within 0.33 of a bf16 ulp of the exact (erf) GELU wherever ``|GELU(x)| >= 1e-3``, and within 1.3e-4 absolute
 #: below (the tail past -4, where GELU is at most 1.3e-4 away from 0): the kernel's bf16 output rounds as the exact
 #: function's would. Ten multiply-adds instead of libdevice's ``erf`` (~25 instructions and a special-function unit
-#: operation), whose cost showed in the kernel's non-overlapped epilogue. H100, ms per call (``benchmarks/probe_geglu.py``,
-#: RESULTS.md session 26): level 0 0.391 with ``erf``, 0.344 with this, 0.286 with no GELU at all; level 1 0.316, 0.296,
-#: 0.270.
+#: operation), whose cost showed in the kernel's non-overlapped epilogue. H100, ms per call
+#: (``benchmarks/probe_geglu.py``, RESULTS.md session 26): level 0 0.391 with ``erf``, 0.344 with this, 0.286 with no
+#: GELU at all; level 1 0.316, 0.296, 0.270.
 GELU_POLYNOMIAL_LIMIT = 4.0
 GELU_POLYNOMIAL = (0.3989351987838745, -0.06646029651165009, 0.009935075417160988, -0.001163922599516809,
                    0.0001073008679668419, -7.66577613831032e-06, 4.063206233695382e-07, -1.484330525158839e-08,

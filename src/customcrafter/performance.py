@@ -104,7 +104,8 @@ class SpeedConfig(StrictModel):
                               "0.07 ms bandwidth floor, against 0.28 ms for 'efficient'), falling back to 'efficient' "
                               "where it does not apply (CPU, no Triton, a card older than Ampere); 'efficient' = SDPA "
                               "pinned to the memory-efficient kernel on CUDA, which beats the cuDNN/flash kernels SDPA "
-                              "picks at such short sequences (full compile: 4.32 -> 4.20 s per video); 'sdpa' = SDPA's own choice; "
+                              "picks at such short sequences (full compile: 4.32 -> 4.20 s per video); 'sdpa' = "
+                              "SDPA's own choice; "
                               "'math' = plain batched matmul + softmax (diffusers' AttnProcessor). All but 'sdpa' need "
                               "sdpa for the spatial layers")
 
@@ -173,6 +174,11 @@ class EfficientAttnProcessor:
             return self.inner(attn, hidden_states, *args, **kwargs)
 
 
+def _without_norms(attn) -> bool:
+    """Whether an ``Attention`` has none of the optional norms the fast processors leave to diffusers' own."""
+    return all(getattr(attn, name, None) is None for name in ("spatial_norm", "group_norm", "norm_q", "norm_k"))
+
+
 class TritonTemporalAttnProcessor:
     """Self-attention through ``customcrafter.kernels.temporal_attention`` (the short-sequence Triton kernel, reading
     the projections' layout as it is; with gradients, its backward kernel too). Anything that kernel does not take — a
@@ -186,8 +192,7 @@ class TritonTemporalAttnProcessor:
         from customcrafter import kernels
 
         plain = (encoder_hidden_states is None and attention_mask is None and not args and not kwargs
-                 and hidden_states.dim() == 3 and all(getattr(attn, name) is None for name in
-                                                      ("spatial_norm", "group_norm", "norm_q", "norm_k")))
+                 and hidden_states.dim() == 3 and _without_norms(attn))
         if not plain:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -223,9 +228,7 @@ class VideoContextAttnProcessor:
         videos = 0 if context is None or context.dim() != 3 else context.shape[0]
         rows = hidden_states.shape[0]
         plain = (videos > 0 and rows % videos == 0 and attention_mask is None and not args and not kwargs
-                 and hidden_states.dim() == 3 and attn.norm_cross is None
-                 and all(getattr(attn, name, None) is None for name in ("spatial_norm", "group_norm", "norm_q",
-                                                                         "norm_k")))
+                 and hidden_states.dim() == 3 and attn.norm_cross is None and _without_norms(attn))
         if not plain:
             if videos and rows != videos and rows % videos == 0:
                 context = context.repeat_interleave(rows // videos, dim=0, output_size=rows)
@@ -247,12 +250,11 @@ class VideoContextAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _cross_attentions(unet: torch.nn.Module):
-    """Every cross-attention ``Attention`` of ``unet`` (name, module)."""
+def _cross_attentions(module: torch.nn.Module) -> list:
+    """Every cross-attention ``Attention`` inside ``module``."""
     from diffusers.models.attention_processor import Attention
 
-    return [(name, sub) for name, sub in unet.named_modules()
-            if isinstance(sub, Attention) and getattr(sub, "is_cross_attention", False)]
+    return [sub for sub in module.modules() if isinstance(sub, Attention) and getattr(sub, "is_cross_attention", False)]
 
 
 def use_video_context_attention(unet: torch.nn.Module) -> int:
@@ -270,16 +272,16 @@ def use_video_context_attention(unet: torch.nn.Module) -> int:
     count = 0
     for block in unet.modules():
         if type(block).__name__ == "Transformer2DModel":
-            for _, sub in _cross_attentions(block):
+            for sub in _cross_attentions(block):
                 if type(sub.processor) in (AttnProcessor2_0, AttnProcessor) and getattr(sub, "scale_qk", True):
                     sub.set_processor(VideoContextAttnProcessor())
                     count += 1
     layers = _cross_attentions(unet)
-    per_video = bool(layers) and all(isinstance(sub.processor, VideoContextAttnProcessor) for _, sub in layers)
+    per_video = bool(layers) and all(isinstance(sub.processor, VideoContextAttnProcessor) for sub in layers)
     if hasattr(unet, "context_per_video"):
         unet.context_per_video = per_video
     logger.info("cross-attention context once per video: %d layers switched, %d of %d cross-attentions (%s)",
-                count, sum(isinstance(sub.processor, VideoContextAttnProcessor) for _, sub in layers), len(layers),
+                count, sum(isinstance(sub.processor, VideoContextAttnProcessor) for sub in layers), len(layers),
                 "context passed once per video" if per_video else "context still repeated per frame")
     return count
 
@@ -313,8 +315,8 @@ def _channels_last(module: torch.nn.Module) -> None:
 
 def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "regional",
                  compile_mode: str | None = None, backend: str = "inductor") -> None:
-    """Compile the UNet in place: each repeated block (regional) or the whole forward (full). ``backend``: torch.compile's
-    (tests trace with 'eager' / 'aot_eager', which compile in seconds on a CPU)."""
+    """Compile the UNet in place: each repeated block (regional) or the whole forward (full). ``backend``:
+    torch.compile's (tests trace with 'eager' / 'aot_eager', which compile in seconds on a CPU)."""
     import torch._dynamo
 
     # Many instances of each block class with a handful of distinct shapes each: allow enough cached graphs.
