@@ -119,3 +119,35 @@ def test_cuda_graph_sampling_equals_compiled_sampling_and_keeps_outputs():
         videos[mode] = runs
     for plain, graphed in zip(videos["default"], videos["reduce-overhead"], strict=True):
         torch.testing.assert_close(graphed, plain, rtol=0, atol=1e-3)
+
+
+def test_host_step_noise_on_cuda_is_the_cpu_draws_and_samples_as_given_noise():
+    """``HostStepNoise`` on CUDA (a background thread, pinned memory, copies that do not wait): every step's noise is
+    the CPU generator's step-by-step draw, and the eager tiny pipeline (η = 1, CPU generator: the path that takes it)
+    samples the same latents as with that noise handed over through ``noise_sampler``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.pipeline import HostStepNoise
+
+    shape, steps = (1, 4, 4, 8, 8), 6
+    noise = HostStepNoise(torch.Generator().manual_seed(3), shape, steps, torch.device("cuda"))
+    got = [noise(step, shape) for step in range(steps)]
+    noise.close()
+    reference = torch.Generator().manual_seed(3)
+    expected = [randn_tensor(shape, generator=reference, device=torch.device("cpu"), dtype=torch.float32)
+                for _ in range(steps)]
+    assert all(g.is_cuda and torch.equal(g.cpu(), e) for g, e in zip(got, expected, strict=True))
+
+    pipe = load_base_pipeline("tiny", device="cuda")
+    kwargs = dict(prompt="a dog", num_inference_steps=4, guidance_scale=12.0, eta=1.0, num_frames=4, height=64,
+                  width=64, output_type="latent", progress=False)
+    generator = torch.Generator().manual_seed(0)
+    threaded = pipe(generator=generator, **kwargs).frames
+    draws = torch.Generator().manual_seed(0)
+    latents = randn_tensor((1, 4, 4, 8, 8), generator=draws, device=torch.device("cpu"), dtype=torch.float32)
+    step_noise = [randn_tensor((1, 4, 4, 8, 8), generator=draws, device=torch.device("cpu"), dtype=torch.float32)
+                  for _ in range(4)]
+    given = pipe(latents=latents, noise_sampler=lambda i, shape: step_noise[i], **kwargs).frames
+    torch.testing.assert_close(threaded, given, rtol=1e-5, atol=1e-5)  # other noise would differ by O(1)
+    assert torch.equal(generator.get_state(), draws.get_state())  # the generator advanced as drawing step by step
