@@ -148,11 +148,13 @@ RUN_MARK = ".sampling_run.json"
 
 
 def _kept_rows(out_dir: Path) -> list[dict]:
-    """What a rerun must check its settings against: the manifest's rows and, for videos on disk that no manifest
-    lists (an interrupted run's), one row from :data:`RUN_MARK`. An interrupted run without one (older than the
-    mark) gives a row with neither field: its settings unchecked, as before, its registered origin unknown."""
-    rows = evaluation_set_rows(out_dir)
-    listed = {row.get("video") for row in rows}
+    """What a rerun must check its settings against: the manifest's rows whose video is on disk and, for videos on
+    disk that no manifest lists (an interrupted run's), one row from :data:`RUN_MARK`. An interrupted run without one
+    (older than the mark) gives a row with neither field: its settings unchecked, as before, its registered origin
+    unknown."""
+    listed_rows = evaluation_set_rows(out_dir)
+    listed = {row.get("video") for row in listed_rows}
+    rows = [row for row in listed_rows if isinstance(row.get("video"), str) and (out_dir / row["video"]).is_file()]
     unlisted = sorted(v.relative_to(out_dir).as_posix() for v in out_dir.glob("*/*.mp4")
                       if not v.name.startswith(".") and v.relative_to(out_dir).as_posix() not in listed)
     if unlisted:
@@ -171,9 +173,7 @@ def _resumed_settings(out_dir: Path, settings: dict, kept: list[dict]) -> dict:
     videos' value is unknown."""
     recorded = set(settings)
     for row in kept:
-        held, video = row.get("sampling"), row.get("video")
-        if not (isinstance(video, str) and (out_dir / video).is_file()):
-            continue
+        held, video = row.get("sampling"), row["video"]
         if held is None and "subject_module" not in row:  # an unmarked interrupted run: nothing to check against
             continue
         held = held or {}
@@ -214,9 +214,7 @@ def resumed_module_origin(out_dir: str | Path, origin: dict | None, kept: list[d
     out_dir = Path(out_dir)
     identity, recorded = _identity(origin), origin
     for row in kept if kept is not None else _kept_rows(out_dir):
-        held, video = row.get("subject_module"), row.get("video")
-        if not (isinstance(video, str) and (out_dir / video).is_file()):
-            continue
+        held, video = row.get("subject_module"), row["video"]
         if not isinstance(held, dict):
             recorded = None
             continue

@@ -602,11 +602,6 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
             key, value = "subjects", json.dumps([value])
         if key in ("subjects", "methods") and not value.lstrip().startswith("["):
             value = json.dumps([v.strip() for v in value.split(",") if v.strip()])
-        if key == "methods":
-            check_methods(_parse_value(value), argument=f"--param {item!r}")
-        if key == "subjects" and isinstance(_parse_value(value), list):  # not a list: the KFP client says so
-            for name in _parse_value(value):
-                check_subject_name(name, argument=f"--param {item!r}")
         if key == "config_overrides":
             args[key] = normalise_overrides(value if value.lstrip()[:1] in "{" else
                                             _parse_value(value) if value.lstrip().startswith("[") else [value])
@@ -616,7 +611,13 @@ def pipeline_arguments(params: Iterable[str] | None) -> dict[str, Any]:
                                  "is the local run's; on a cluster pass the pipeline parameters of the same names "
                                  "(e.g. --param seeds=[0,1] --param prompt_limit=2)")
             continue
-        args[key] = _refuse_credentials(key, _parse_value(value))
+        parsed = _parse_value(value)
+        if key == "methods":
+            check_methods(parsed, argument=f"--param {item!r}")
+        if key == "subjects" and isinstance(parsed, list):  # not a list: the KFP client says so
+            for name in parsed:
+                check_subject_name(name, argument=f"--param {item!r}")
+        args[key] = _refuse_credentials(key, parsed)
     return args
 
 
