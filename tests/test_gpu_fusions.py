@@ -95,6 +95,39 @@ def test_unfused_bias_linear_in_bf16(shape, compiled):
     assert _rel(out, expected) <= 1.5 * _rel(fused, expected) + 1e-4
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_context_once_per_video_is_as_close_to_float32_as_the_per_frame_context_in_bf16(compiled):
+    """``use_video_context_attention`` (the default when compiled: keys and values of the text context once per
+    video, each video's frames one query sequence) in a bf16 UNet on CUDA, at the real latent size and with the
+    sampler's CFG batch (one latent, the (negative, positive) contexts): as close to the float32 UNet with the context
+    repeated per frame as the bf16 UNet with the repeated context is, eagerly and compiled (inductor, cuDNN/flash
+    attention over a 16 x 2560-row query)."""
+    import copy
+
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import use_video_context_attention
+
+    torch.manual_seed(0)
+    unet = load_base_pipeline("tiny", device="cuda").unet.eval()
+    x = torch.randn(1, 4, 16, 40, 64, device="cuda")
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda")
+    t, fps = torch.full((1,), 500, device="cuda"), torch.full((1,), 16, device="cuda")
+    assert not unet.context_per_video
+    with torch.no_grad():
+        expected = unet(x, t, context, fps=fps, return_dict=False)[0]
+        outputs = {}
+        for per_video in (False, True):
+            model = copy.deepcopy(unet).to(torch.bfloat16)
+            if per_video:
+                assert use_video_context_attention(model) > 0 and model.context_per_video
+            torch._dynamo.reset()
+            run = torch.compile(model, dynamic=False) if compiled else model
+            outputs[per_video] = run(x.bfloat16(), t, context.bfloat16(), fps=fps, return_dict=False)[0].float()
+    per_frame_error = _rel(outputs[False], expected)
+    assert 0 < per_frame_error < 5e-2  # bf16 rounding, not another model
+    assert _rel(outputs[True], expected) <= 1.5 * per_frame_error + 1e-4
+
+
 def test_cuda_graph_sampling_equals_compiled_sampling_and_keeps_outputs():
     """``compile_mode="reduce-overhead"`` (CUDA graphs, the default with compile="full") samples the same frames as plain compilation, twice in a row,
     with prompt embeddings kept across calls (a graph replay overwrites its previous output: the pipeline and the VAE
