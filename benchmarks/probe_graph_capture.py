@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Probe: the sampling loop with the compiled UNet's CUDA graphs captured by hand against torch.compile's CUDA graph
+trees (``compile_mode="reduce-overhead"``, the product's default), in one process on one machine.
+
+Session 27 measured the pipeline at 63.2 ms per step (slope between 50 and 25 steps), where a hand-captured graph
+of the same compiled UNet replays in 60.6 ms (``probe_cfg_streams.py``, session 26). This probe tells which side of
+that 2.6 ms the graphs' management is on:
+
+1. ``hand``: the UNet compiled with mode "default", its forward captured by hand in a CUDA graph per input layout
+   (static input buffers; DWVSS's in-place weight updates reach the graph) and swapped in for the compiled call;
+   the graph's replay alone, and the whole pipeline per step.
+2. ``trees``: the same UNet recompiled with "reduce-overhead" (inductor's cache makes it quick): the pipeline per
+   step, the UNet call alone per step.
+
+Each part also profiles a short pipeline call: GPU busy against idle time per step, the largest idle gaps and the
+kernels around them, CUDA graph launches, and host calls that wait for the GPU.
+
+    python benchmarks/probe_graph_capture.py --out graph_capture.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import PROMPT, add_subject_lora, build_pipeline, sample  # noqa: E402
+
+from customcrafter.dwvss import DWVSSConfig, dwvss_sampling  # noqa: E402
+from customcrafter.performance import SpeedConfig, compile_unet, optimize_pipeline  # noqa: E402
+
+
+def cuda_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+class HandGraphs:
+    """The compiled call of ``unet`` replaced by CUDA graphs captured by hand, one per input layout."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.compiled = unet._compiled_call_impl
+        self.graphs: dict = {}
+
+    def __call__(self, x, t, context, fps=None, return_dict=False):
+        key = tuple((tuple(a.shape), a.dtype) for a in (x, t, context, fps))
+        if key not in self.graphs:
+            static = [a.clone() for a in (x, t, context, fps)]
+
+            def forward():
+                return self.compiled(static[0], static[1], static[2], fps=static[3], return_dict=False)
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = forward()
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buffer, value in zip(static, (x, t, context, fps), strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return out
+
+
+def profile_pipeline(pipe, embeds, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = dict(steps=steps, frames=16, height=320, width=512)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+    events = prof.events()
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    busy, gaps, end = 0.0, [], None
+    for before, kernel in zip([None, *kernels[:-1]], kernels, strict=True):
+        start, stop = kernel.time_range.start, kernel.time_range.end
+        if end is not None and start > end:
+            gaps.append((start - end, before.name[:60], kernel.name[:60]))
+        busy += max(0.0, stop - max(start, end or start))
+        end = max(end or stop, stop)
+    window = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0.0
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    host_time = Counter()
+    host_count = Counter()
+    for e in host:
+        host_time[e.name] += e.cpu_time_total
+        host_count[e.name] += 1
+    waits = {name: {"count": host_count[name], "ms": round(host_time[name] / 1e3, 3)} for name in host_count
+             if any(key in name for key in ("ynchronize", "cudaMemcpy", "item", "_local_scalar", "EventSynchron"))}
+    return {
+        "steps": steps,
+        "wall_ms_per_step_under_profiler": round(wall * 1e3 / steps, 3),
+        "gpu_window_ms_per_step": round(window / 1e3 / steps, 3),
+        "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 3),
+        "gpu_idle_ms_per_step": round((window - busy) / 1e3 / steps, 3),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "graph_launches": host_count.get("cudaGraphLaunch", 0),
+        "largest_gaps_us": [(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:15]],
+        "host_waits": waits,
+        "top_host_ops_ms": [(name, round(ms / 1e3, 3)) for name, ms in host_time.most_common(20)],
+    }
+
+
+def per_step(pipe, embeds, steps: int, runs: int) -> dict:
+    shape = dict(steps=steps, frames=16, height=320, width=512)
+    full = [cuda_ms(lambda: sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)) for _ in range(runs)]
+    half = dict(shape, steps=steps // 2)
+    short = min(cuda_ms(lambda: sample(pipe, output_type="latent", prompt_embeds=embeds, **half))
+                for _ in range(runs))
+    slope = (min(full) - short) / (steps - steps // 2)
+    return {"pipeline_ms_per_step": [round(v / steps, 3) for v in full], "slope_ms_per_step": round(slope, 3),
+            "intercept_ms_per_video": round(min(full) - slope * steps, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile-steps", type=int, default=6)
+    parser.add_argument("--parts", nargs="+", choices=["hand", "trees"], default=["hand", "trees"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save(part: str, values: dict) -> None:
+        report[part] = values
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(json.dumps({part: values}, indent=1), flush=True)
+
+    pipe = build_pipeline(None)
+    add_subject_lora(pipe)
+    optimize_pipeline(pipe, SpeedConfig(compile="full", compile_mode="default"))
+    embeds = pipe.encode_prompt([PROMPT]).clone()
+    shape = dict(steps=args.steps, frames=16, height=320, width=512)
+    unet = pipe.unet
+    with torch.no_grad():
+        if "hand" in args.parts:
+            sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)  # compiles the UNet (and text, batch 1)
+            graphs = HandGraphs(unet)
+            unet._compiled_call_impl = graphs
+            sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)  # captures
+            graph = next(iter(graphs.graphs.values()))[0]
+            replay = [cuda_ms(lambda: [graph.replay() for _ in range(20)]) / 20 for _ in range(args.runs)]
+            save("hand", {"warmup_s": round(time.perf_counter() - started, 1), "graphs": len(graphs.graphs),
+                          "replay_ms": [round(v, 3) for v in replay], **per_step(pipe, embeds, args.steps, args.runs)})
+            report["hand"]["profile"] = profile_pipeline(pipe, embeds, args.profile_steps)
+            save("hand", report["hand"])
+        if "trees" in args.parts:
+            began = time.perf_counter()
+            torch._dynamo.reset()
+            unet._compiled_call_impl = None
+            compile_unet(unet, "full", "reduce-overhead")
+            for _ in range(3):
+                sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)
+            values = {"warmup_s": round(time.perf_counter() - began, 1), **per_step(pipe, embeds, args.steps,
+                                                                                     args.runs)}
+            context = torch.cat([pipe.encode_prompt([""]), embeds]).to(unet.dtype)
+            x = torch.randn(1, 4, 16, 40, 64, device="cuda", dtype=unet.dtype)
+            t = torch.full((1,), 500, device="cuda", dtype=torch.long)
+            fps = torch.full((1,), 16, device="cuda", dtype=torch.long)
+
+            def unet_only():
+                for _ in range(args.steps):
+                    unet(x, t, context, fps=fps, return_dict=False)[0].float()
+
+            with dwvss_sampling(unet, DWVSSConfig(), args.steps) as callback:  # the LoRA fused, as sampling runs
+                callback.fuser.set_scale(DWVSSConfig().lambda_l)
+                unet_only()
+                values["unet_only_ms_per_step"] = [round(cuda_ms(unet_only) / args.steps, 3)
+                                                   for _ in range(args.runs)]
+            save("trees", values)
+            report["trees"]["profile"] = profile_pipeline(pipe, embeds, args.profile_steps)
+            save("trees", report["trees"])
+
+
+if __name__ == "__main__":
+    main()
