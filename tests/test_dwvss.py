@@ -149,6 +149,34 @@ def test_fused_phases_match_unfused_lora_and_restore_bit_exactly():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refusing_is_the_per_layer_sum_bit_for_bit_with_deltas_computed_once(dtype, monkeypatch):
+    """Each re-fusing writes exactly ``W0 + scale * sum_a delta_a`` of every layer (the delta in the weight's dtype,
+    as fusing layer by layer did), and peft's ``get_delta_weight`` runs once per layer and adapter when the block is
+    entered, not at every phase: at the start of a video the GPU waits for that host work."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    net = _lora_net(adapters=("a", "b")).to(dtype)
+    layers = [m for m in net.modules() if isinstance(m, LoraLinear)]
+    originals = [m.get_base_layer().weight.clone() for m in layers]
+    expected_delta = [sum(m.get_delta_weight(a) for a in ("a", "b")).to(dtype) for m in layers]
+    calls = []
+    real = LoraLinear.get_delta_weight
+    monkeypatch.setattr(LoraLinear, "get_delta_weight", lambda self, a: (calls.append(a), real(self, a))[1])
+    with LoraPhaseFuser(net) as fuser:
+        assert len(calls) == 2 * len(layers) == 12
+        for scale in (0.4, 0.8, 0.0, 0.4):
+            fuser.set_scale(scale)
+            for layer, original, delta in zip(layers, originals, expected_delta, strict=True):
+                expected = original.clone()
+                if scale:
+                    expected.add_(delta, alpha=scale)
+                assert torch.equal(layer.get_base_layer().weight, expected)
+        assert len(calls) == 12
+    assert all(torch.equal(m.get_base_layer().weight, o) for m, o in zip(layers, originals, strict=True))
+
+
+@torch.no_grad()
 def test_weights_restored_when_sampling_raises():
     net = _lora_net()
     originals = {k: v.clone() for k, v in net.state_dict().items()}
