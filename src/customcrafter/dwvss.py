@@ -124,10 +124,10 @@ class LoraPhaseFuser:
     ``W = W0 + scale · Σ_a ΔW_a`` where ``ΔW_a = B_a A_a · scaling_a`` (peft's ``get_delta_weight``, so per-adapter
     weights set with ``set_adapters`` are honoured). While fused, the LoRA branch is disabled so it is not added
     twice. Keeps one copy of each wrapped weight and of its ΔW (the spatial q/k/v weights only, not the whole UNet;
-    ~150 MB in bf16 for VideoCrafter2), both taken when the block is entered: re-fusing is then two multi-tensor
-    ops (``torch._foreach_copy_``, ``torch._foreach_add_``) instead of ~5 ops per layer. At the start of a video the
-    GPU waits for that host work (session 27's profile: ~30 ms of idle GPU per video before the first step), so it
-    is kept short. The adapters' weights must not change inside the block.
+    143 MiB in bf16 for VideoCrafter2's 96 layers), both taken when the block is entered: re-fusing is then two
+    multi-tensor ops (``torch._foreach_copy_``, ``torch._foreach_add_``) instead of ~6 ops per layer. (Host work at
+    a video's start delays its first step, as the GPU has nothing else queued then: session 27 profiled ~30 ms of
+    idle GPU per video there.) The adapters' weights must not change inside the block.
     """
 
     def __init__(self, model: torch.nn.Module, adapter_names: list[str] | None = None):
