@@ -2,18 +2,19 @@
 """Probe: the sampling loop with the compiled UNet's CUDA graphs captured by hand against torch.compile's CUDA graph
 trees (``compile_mode="reduce-overhead"``, the product's default), in one process on one machine.
 
-Session 27 measured the pipeline at 63.2 ms per step (slope between 50 and 25 steps), where a hand-captured graph
-of the same compiled UNet replays in 60.6 ms (``probe_cfg_streams.py``, session 26). This probe tells which side of
-that 2.6 ms the graphs' management is on:
+Session 27 measured the product's pipeline at 63.2 ms per step on one machine, and on another the same compiled UNet
+replayed from a hand-captured graph in 61.6 ms with the pipeline around it at 62.4 ms per step. This probe puts both
+on one machine, in order:
 
-1. ``hand``: the UNet compiled with mode "default", its forward captured by hand in a CUDA graph per input layout
-   (static input buffers; DWVSS's in-place weight updates reach the graph) and swapped in for the compiled call;
-   the graph's replay alone, and the whole pipeline per step.
-2. ``trees``: the same UNet recompiled with "reduce-overhead" (inductor's cache makes it quick): the pipeline per
-   step, the UNet call alone per step.
+1. ``trees``: the UNet compiled with "reduce-overhead", as the product runs it: the pipeline per step (and per video:
+   the intercept between 50 and 25 steps), the UNet call alone per step.
+2. ``hand``: the same UNet recompiled with mode "default", its forward captured by hand in a CUDA graph per input
+   layout (static input buffers; DWVSS's in-place weight updates reach the graph) and swapped in for the compiled
+   call: the graph's replay alone, and the pipeline per step.
 
-Each part also profiles a short pipeline call: GPU busy against idle time per step, the largest idle gaps and the
-kernels around them, CUDA graph launches, and host calls that wait for the GPU.
+Each part also profiles a short pipeline call: GPU busy against idle time per step, the idle gaps (largest, and every
+one over 0.5 ms in time order) with the kernels around them, CUDA graph launches, host calls that wait for the GPU;
+``--trace-dir`` also writes that call's chrome trace (gzipped).
 
     python benchmarks/probe_graph_capture.py --out graph_capture.json
 """
@@ -79,7 +80,7 @@ class HandGraphs:
         return out
 
 
-def profile_pipeline(pipe, embeds, steps: int) -> dict:
+def profile_pipeline(pipe, embeds, steps: int, trace: str | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     shape = dict(steps=steps, frames=16, height=320, width=512)
@@ -89,14 +90,17 @@ def profile_pipeline(pipe, embeds, steps: int) -> dict:
         sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)
         torch.cuda.synchronize()
         wall = time.perf_counter() - wall
+    if trace:
+        prof.export_chrome_trace(trace)  # open in chrome://tracing or https://ui.perfetto.dev
     events = prof.events()
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
     busy, gaps, end = 0.0, [], None
-    for before, kernel in zip([None, *kernels[:-1]], kernels, strict=True):
+    for index, kernel in enumerate(kernels):
+        before = kernels[index - 1] if index else None
         start, stop = kernel.time_range.start, kernel.time_range.end
         if end is not None and start > end:
-            gaps.append((start - end, before.name[:60], kernel.name[:60]))
+            gaps.append((start - end, end - kernels[0].time_range.start, before.name[:60], kernel.name[:60]))
         busy += max(0.0, stop - max(start, end or start))
         end = max(end or stop, stop)
     window = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0.0
@@ -116,7 +120,10 @@ def profile_pipeline(pipe, embeds, steps: int) -> dict:
         "gpu_idle_ms_per_step": round((window - busy) / 1e3 / steps, 3),
         "kernels_per_step": round(len(kernels) / steps, 1),
         "graph_launches": host_count.get("cudaGraphLaunch", 0),
-        "largest_gaps_us": [(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:15]],
+        "largest_gaps_us": [(round(g, 1), a, b) for g, _, a, b in sorted(gaps, reverse=True)[:15]],
+        # every gap over 0.5 ms in time order: (its start in ms from the first kernel, its length in ms, around it)
+        "gaps_over_half_ms_in_order": [(round(at / 1e3, 3), round(g / 1e3, 3), a, b) for g, at, a, b in gaps
+                                       if g > 500],
         "host_waits": waits,
         "top_host_ops_ms": [(name, round(ms / 1e3, 3)) for name, ms in host_time.most_common(20)],
     }
@@ -138,11 +145,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile-steps", type=int, default=6)
-    parser.add_argument("--parts", nargs="+", choices=["hand", "trees"], default=["hand", "trees"])
+    parser.add_argument("--parts", nargs="+", choices=["hand", "trees"], default=["trees", "hand"],
+                        help="in this order (the product's CUDA graph trees first by default)")
+    parser.add_argument("--trace-dir", default=None, help="also write each part's profile as a chrome trace here")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def trace(part: str) -> str | None:
+        return str(Path(args.trace_dir) / f"{part}_pipeline_trace.json.gz") if args.trace_dir else None
 
     def save(part: str, values: dict) -> None:
         report[part] = values
@@ -153,47 +165,52 @@ def main() -> None:
     add_subject_lora(pipe)
     optimize_pipeline(pipe, SpeedConfig(compile="full", compile_mode="default"))
     embeds = pipe.encode_prompt([PROMPT]).clone()
-    shape = dict(steps=args.steps, frames=16, height=320, width=512)
-    unet = pipe.unet
     with torch.no_grad():
-        if "hand" in args.parts:
-            sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)  # compiles the UNet (and text, batch 1)
-            graphs = HandGraphs(unet)
-            unet._compiled_call_impl = graphs
-            sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)  # captures
-            graph = next(iter(graphs.graphs.values()))[0]
-            replay = [cuda_ms(lambda: [graph.replay() for _ in range(20)]) / 20 for _ in range(args.runs)]
-            save("hand", {"warmup_s": round(time.perf_counter() - started, 1), "graphs": len(graphs.graphs),
-                          "replay_ms": [round(v, 3) for v in replay], **per_step(pipe, embeds, args.steps, args.runs)})
-            report["hand"]["profile"] = profile_pipeline(pipe, embeds, args.profile_steps)
-            save("hand", report["hand"])
-        if "trees" in args.parts:
+        for part in args.parts:  # in the order given: each recompiles the UNet in its own mode
             began = time.perf_counter()
             torch._dynamo.reset()
-            unet._compiled_call_impl = None
-            compile_unet(unet, "full", "reduce-overhead")
-            for _ in range(3):
-                sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)
-            values = {"warmup_s": round(time.perf_counter() - began, 1), **per_step(pipe, embeds, args.steps,
-                                                                                     args.runs)}
-            context = torch.cat([pipe.encode_prompt([""]), embeds]).to(unet.dtype)
-            x = torch.randn(1, 4, 16, 40, 64, device="cuda", dtype=unet.dtype)
-            t = torch.full((1,), 500, device="cuda", dtype=torch.long)
-            fps = torch.full((1,), 16, device="cuda", dtype=torch.long)
+            pipe.unet._compiled_call_impl = None
+            compile_unet(pipe.unet, "full", "default" if part == "hand" else "reduce-overhead")
+            values = (hand_part if part == "hand" else trees_part)(pipe, embeds, args)
+            save(part, {"warmup_s": round(time.perf_counter() - began, 1), **values})
+            report[part]["profile"] = profile_pipeline(pipe, embeds, args.profile_steps, trace(part))
+            save(part, report[part])
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    save("total_s", report["total_s"])
 
-            def unet_only():
-                for _ in range(args.steps):
-                    unet(x, t, context, fps=fps, return_dict=False)[0].float()
 
-            with dwvss_sampling(unet, DWVSSConfig(), args.steps) as callback:  # the LoRA fused, as sampling runs
-                callback.fuser.set_scale(DWVSSConfig().lambda_l)
-                unet_only()
-                values["unet_only_ms_per_step"] = [round(cuda_ms(unet_only) / args.steps, 3)
-                                                   for _ in range(args.runs)]
-            save("trees", values)
-            report["trees"]["profile"] = profile_pipeline(pipe, embeds, args.profile_steps)
-            save("trees", report["trees"])
+def hand_part(pipe, embeds, args) -> dict:
+    shape = dict(steps=args.steps, frames=16, height=320, width=512)
+    sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)  # compiles the UNet (and the text encoder)
+    graphs = HandGraphs(pipe.unet)
+    pipe.unet._compiled_call_impl = graphs
+    sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)  # captures
+    graph = next(iter(graphs.graphs.values()))[0]
+    replay = [cuda_ms(lambda: [graph.replay() for _ in range(20)]) / 20 for _ in range(args.runs)]
+    return {"graphs": len(graphs.graphs), "replay_ms": [round(v, 3) for v in replay],
+            **per_step(pipe, embeds, args.steps, args.runs)}
 
+
+def trees_part(pipe, embeds, args) -> dict:
+    shape = dict(steps=args.steps, frames=16, height=320, width=512)
+    unet = pipe.unet
+    for _ in range(3):
+        sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)
+    values = per_step(pipe, embeds, args.steps, args.runs)
+    context = torch.cat([pipe.encode_prompt([""]), embeds]).to(unet.dtype)
+    x = torch.randn(1, 4, 16, 40, 64, device="cuda", dtype=unet.dtype)
+    t = torch.full((1,), 500, device="cuda", dtype=torch.long)
+    fps = torch.full((1,), 16, device="cuda", dtype=torch.long)
+
+    def unet_only():
+        for _ in range(args.steps):
+            unet(x, t, context, fps=fps, return_dict=False)[0].float()
+
+    with dwvss_sampling(unet, DWVSSConfig(), args.steps) as callback:  # the LoRA fused, as sampling runs it
+        callback.fuser.set_scale(DWVSSConfig().lambda_l)
+        unet_only()
+        values["unet_only_ms_per_step"] = [round(cuda_ms(unet_only) / args.steps, 3) for _ in range(args.runs)]
+    return values
 
 if __name__ == "__main__":
     main()
