@@ -552,6 +552,8 @@ SAMPLING_VARIANTS = {
     "bf16-full-compile-unfused-bias-cudagraphs": SpeedConfig(compile="full", fused_geglu=False),
     # + the feed-forwards' GEGLU as one Triton GEMM with the gating in its epilogue (session 11; the defaults)
     "bf16-full-compile-fused-geglu-cudagraphs": SpeedConfig(compile="full"),
+    # inductor's plain CUDA-graph capture instead of graph trees (session 27)
+    "bf16-full-compile-fused-geglu-cudagraphs-no-trees": SpeedConfig(compile="full", cudagraph_trees=False),
     "bf16-eager-rewrites": SpeedConfig(compile="none", channel_stats_group_norm=True, unfused_linear_bias=True),
     # the product's one-off path: `customcrafter sample` without compiling (session 21)
     "bf16-eager-defaults": SpeedConfig(),

@@ -129,17 +129,19 @@ def test_context_once_per_video_is_as_close_to_float32_as_the_per_frame_context_
 
 
 def test_cuda_graph_sampling_equals_compiled_sampling_and_keeps_outputs():
-    """``compile_mode="reduce-overhead"`` (CUDA graphs, the default with compile="full") samples the same frames as plain compilation, twice in a row,
-    with prompt embeddings kept across calls (a graph replay overwrites its previous output: the pipeline and the VAE
-    decode copy what they keep)."""
+    """``compile_mode="reduce-overhead"`` (CUDA graphs, the default with compile="full"), through graph trees and
+    through inductor's plain capture (``cudagraph_trees=False``, whose every call returns the same output tensors),
+    samples the same frames as plain compilation, twice in a row, with prompt embeddings kept across calls (a graph
+    replay overwrites its previous output: the pipeline and the VAE decode copy what they keep)."""
     from customcrafter.loading import load_base_pipeline
     from customcrafter.performance import SpeedConfig, optimize_pipeline
 
     videos = {}
-    for mode in ("default", "reduce-overhead"):
+    for mode, trees in (("default", True), ("reduce-overhead", True), ("reduce-overhead", False)):
         torch._dynamo.reset()
         pipe = optimize_pipeline(load_base_pipeline("tiny", device="cuda"),
-                                 SpeedConfig(compile="full", compile_mode=mode, decode_chunk_size=2))
+                                 SpeedConfig(compile="full", compile_mode=mode, cudagraph_trees=trees,
+                                             decode_chunk_size=2))
         kept = pipe.encode_prompt("a dog")
         pipe.encode_prompt("a cat")  # a second replay of the same text graph
         runs = []
@@ -149,9 +151,10 @@ def test_cuda_graph_sampling_equals_compiled_sampling_and_keeps_outputs():
                           progress=False).frames
             runs.append(frames.float().cpu())
         assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-        videos[mode] = runs
-    for plain, graphed in zip(videos["default"], videos["reduce-overhead"], strict=True):
-        torch.testing.assert_close(graphed, plain, rtol=0, atol=1e-3)
+        videos[mode, trees] = runs
+    for graphed in (videos["reduce-overhead", True], videos["reduce-overhead", False]):
+        for plain, video in zip(videos["default", True], graphed, strict=True):
+            torch.testing.assert_close(video, plain, rtol=0, atol=1e-3)
 
 
 def test_host_step_noise_on_cuda_is_the_cpu_draws_and_samples_as_given_noise():

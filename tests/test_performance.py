@@ -41,6 +41,27 @@ def test_cuda_graphs_follow_full_compilation_unless_a_mode_is_set():
     assert SpeedConfig(compile="regional", compile_mode="max-autotune").resolved_compile_mode() == "max-autotune"
 
 
+def test_cudagraph_trees_off_compiles_every_part_with_plain_cuda_graphs(monkeypatch):
+    """``cudagraph_trees=False`` gives torch.compile the options of "reduce-overhead" with inductor's plain capture
+    (one graph per compiled graph), for the UNet, the VAE decoder and the text encoder alike; with trees (the
+    default) or without CUDA graphs, the mode as before."""
+    from customcrafter.loading import load_base_pipeline
+    from customcrafter.performance import SpeedConfig, _compile_parts
+
+    plain = {"options": {"triton.cudagraphs": True, "triton.cudagraph_trees": False}}
+    assert SpeedConfig(compile="full", cudagraph_trees=False).compile_kwargs() == plain
+    assert SpeedConfig(compile="full").compile_kwargs() == {"mode": "reduce-overhead"}
+    assert SpeedConfig(compile="full", compile_mode="default", cudagraph_trees=False).compile_kwargs() == {
+        "mode": "default"}
+    assert SpeedConfig(compile="regional", cudagraph_trees=False).compile_kwargs() == {"mode": None}
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs)))
+    _compile_parts(load_base_pipeline("tiny"), SpeedConfig(compile="full", cudagraph_trees=False))
+    assert sorted(name for name, _ in calls) == ["CLIPTextModel", "Decoder", "VideoCrafter2UNet"]
+    assert all(kwargs.get("options") == plain["options"] and "mode" not in kwargs for _, kwargs in calls)
+
+
 @pytest.mark.parametrize("kind", ["math", "efficient", "triton"])
 def test_temporal_attention_swaps_only_temporal_layers_and_keeps_the_output(kind):
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0

@@ -62,6 +62,13 @@ class SpeedConfig(StrictModel):
                           "compile='full', the default mode otherwise; 'default' compiles without graphs. H100: 3.83 "
                           "-> 3.68 s per video (the host, launching ~2,000 GPU operations per step, had become as slow "
                           "as the GPU); outputs a caller keeps are copied (prompt embeddings, decoded chunks)")
+    cudagraph_trees: bool = Field(
+        True, description="with CUDA graphs (compile_mode 'reduce-overhead'): torch.compile's CUDA graph trees (True: "
+                          "one memory pool shared by all graphs) or inductor's plain capture of each compiled graph "
+                          "(False: its own pool, inputs copied into static buffers, one replay per call; dynamo's "
+                          "guards still choose the graph). Session 27: captured plainly, the pipeline ran ~0.8 ms "
+                          "per step over the UNet's replay; with trees ~2.5 ms over a replay timed elsewhere. Not yet "
+                          "compared on one machine (benchmarks/probe_graph_capture.py, gpu.py variant '-no-trees')")
     compile_vae: bool | None = Field(None, description="also torch.compile the VAE decoder (fuses its GroupNorm + "
                                                       "SiLU at full resolution; H100: decode 0.17 -> 0.09 s per "
                                                       "video). None = with compile='full'")
@@ -113,6 +120,13 @@ class SpeedConfig(StrictModel):
         if self.compile_mode is None:
             return "reduce-overhead" if self.compile == "full" else None
         return self.compile_mode
+
+    def compile_kwargs(self) -> dict:
+        """torch.compile's ``mode`` (or ``options``) for the compiled parts."""
+        mode = self.resolved_compile_mode()
+        if mode == "reduce-overhead" and not self.cudagraph_trees:
+            return {"options": {"triton.cudagraphs": True, "triton.cudagraph_trees": False}}
+        return {"mode": mode}
 
     def resolved_compile_vae(self) -> bool:
         return self.compile == "full" if self.compile_vae is None else self.compile_vae
@@ -314,20 +328,22 @@ def _channels_last(module: torch.nn.Module) -> None:
 
 
 def compile_unet(unet: torch.nn.Module, mode: Literal["regional", "full"] = "regional",
-                 compile_mode: str | None = None, backend: str = "inductor") -> None:
+                 compile_mode: str | None = None, backend: str = "inductor", options: dict | None = None) -> None:
     """Compile the UNet in place: each repeated block (regional) or the whole forward (full). ``backend``:
-    torch.compile's (tests trace with 'eager' / 'aot_eager', which compile in seconds on a CPU)."""
+    torch.compile's (tests trace with 'eager' / 'aot_eager', which compile in seconds on a CPU); ``options``:
+    torch.compile's, instead of a ``compile_mode``."""
     import torch._dynamo
 
     # Many instances of each block class with a handful of distinct shapes each: allow enough cached graphs.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    how = {"options": options} if options is not None else {"mode": compile_mode}
     if mode == "full":
-        unet.compile(backend=backend, mode=compile_mode, fullgraph=False, dynamic=False)
+        unet.compile(backend=backend, fullgraph=False, dynamic=False, **how)
         return
     count = 0
     for sub in unet.modules():
         if type(sub).__name__ in UNET_REPEATED_BLOCKS:
-            sub.compile(backend=backend, mode=compile_mode, dynamic=False)
+            sub.compile(backend=backend, dynamic=False, **how)
             count += 1
     if not count:
         raise ValueError(f"no block of {UNET_REPEATED_BLOCKS} in {type(unet).__name__}: nothing to compile")
@@ -405,11 +421,16 @@ def optimize_pipeline(pipe, config: SpeedConfig | None = None):
             if component is not None:
                 _channels_last(component)
     _layer_rewrites(pipe, config)
-    mode = config.resolved_compile_mode()
-    if config.compile != "none":
-        compile_unet(pipe.unet, config.compile, mode)
-    if config.resolved_compile_vae() and pipe.vae is not None:
-        pipe.vae.decoder.compile(mode=mode, dynamic=False)
-    if config.resolved_compile_text() and pipe.text_encoder is not None:
-        pipe.text_encoder.compile(mode=mode, dynamic=False)
+    _compile_parts(pipe, config)
     return pipe
+
+
+def _compile_parts(pipe, config: SpeedConfig) -> None:
+    """torch.compile the UNet, the VAE decoder and the text encoder as ``config`` asks, all in one mode."""
+    how = config.compile_kwargs()
+    if config.compile != "none":
+        compile_unet(pipe.unet, config.compile, how.get("mode"), options=how.get("options"))
+    if config.resolved_compile_vae() and pipe.vae is not None:
+        pipe.vae.decoder.compile(dynamic=False, **how)
+    if config.resolved_compile_text() and pipe.text_encoder is not None:
+        pipe.text_encoder.compile(dynamic=False, **how)
