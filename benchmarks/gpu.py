@@ -233,10 +233,19 @@ def bench_sampling_variant(name: str, speed: SpeedConfig, args, flops_per_step: 
         "peak_memory_gib": round(peak_gib, 2), "weights_gib": round(weights_gib, 2),
         "frames_finite": bool(np.isfinite(frames.astype(np.float32)).all()),
         "frames_shape": list(frames.shape), "frames_dtype": str(frames.dtype),
+        "inductor_counters": inductor_counters(),
     }
     print(json.dumps(result), flush=True)
     free(pipe)
     return result
+
+
+def inductor_counters() -> dict:
+    """torch.compile's counters so far in this process (e.g. ``cudagraph_skips``: a compiled graph that runs without
+    CUDA graphs, one kernel launch at a time; ``unique_graphs``: graphs compiled, recompilations included)."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(counters[group]) for group in ("inductor", "stats") if group in counters}
 
 
 def correctness(args, fast: SpeedConfig) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import PROMPT, add_subject_lora, build_pipeline, sample  # noqa: E402
+from gpu import PROMPT, add_subject_lora, build_pipeline, inductor_counters, sample  # noqa: E402
 
 from customcrafter.dwvss import DWVSSConfig, dwvss_sampling  # noqa: E402
 from customcrafter.performance import SpeedConfig, compile_unet, optimize_pipeline  # noqa: E402
@@ -210,7 +210,18 @@ def trees_part(pipe, embeds, args) -> dict:
         callback.fuser.set_scale(DWVSSConfig().lambda_l)
         unet_only()
         values["unet_only_ms_per_step"] = [round(cuda_ms(unet_only) / args.steps, 3) for _ in range(args.runs)]
+    values.update(tree_state())
     return values
+
+
+def tree_state() -> dict:
+    """How many graphs the trees recorded, and inductor's counters (a skipped or re-recorded graph, e.g. for a
+    mutated input, runs its kernels one launch at a time)."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    recorded = next(manager.graph_counter) if manager is not None else None  # ids issued so far (one consumed)
+    return {"graphs_recorded": recorded, "counters": inductor_counters()}
 
 if __name__ == "__main__":
     main()
