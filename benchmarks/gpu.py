@@ -107,6 +107,17 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
+def cuda_ms(fn) -> float:
+    """Milliseconds of GPU time from before to after ``fn``'s work, measured with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def timed(fn, runs: int, warmup: int = 1) -> tuple[float, list[float]]:
     for _ in range(warmup):
         fn()

@@ -23,20 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import PROMPT, add_subject_lora, build_pipeline, sample  # noqa: E402
+from gpu import PROMPT, add_subject_lora, build_pipeline, cuda_ms, sample  # noqa: E402
 
 from customcrafter.dwvss import DWVSSConfig, dwvss_sampling  # noqa: E402
 from customcrafter.performance import SpeedConfig, optimize_pipeline  # noqa: E402
-
-
-def cuda_ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
 
 
 def main() -> None:
