@@ -150,7 +150,7 @@ def test_fused_phases_match_unfused_lora_and_restore_bit_exactly():
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_refusing_is_the_per_layer_sum_bit_for_bit_with_deltas_computed_once(dtype, monkeypatch):
+def test_fusing_at_a_scale_is_the_per_layer_sum_bit_for_bit_with_deltas_computed_once(dtype, monkeypatch):
     """Each re-fusing writes exactly ``W0 + scale * sum_a delta_a`` of every layer (the delta in the weight's dtype,
     as fusing layer by layer did), and peft's ``get_delta_weight`` runs once per layer and adapter when the block is
     entered, not at every phase: at the start of a video the GPU waits for that host work."""
