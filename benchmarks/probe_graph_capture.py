@@ -36,12 +36,13 @@ from gpu import PROMPT, add_subject_lora, build_pipeline, cuda_ms, inductor_coun
 from customcrafter.dwvss import DWVSSConfig, dwvss_sampling  # noqa: E402
 from customcrafter.performance import SpeedConfig, compile_unet, optimize_pipeline  # noqa: E402
 
+VIDEO = dict(frames=16, height=320, width=512)
+
 
 class HandGraphs:
     """The compiled call of ``unet`` replaced by CUDA graphs captured by hand, one per input layout."""
 
     def __init__(self, unet):
-        self.unet = unet
         self.compiled = unet._compiled_call_impl
         self.graphs: dict = {}
 
@@ -73,7 +74,7 @@ class HandGraphs:
 def profile_pipeline(pipe, embeds, steps: int, trace: str | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    shape = dict(steps=steps, frames=16, height=320, width=512)
+    shape = dict(VIDEO, steps=steps)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = time.perf_counter()
@@ -120,7 +121,7 @@ def profile_pipeline(pipe, embeds, steps: int, trace: str | None = None) -> dict
 
 
 def per_step(pipe, embeds, steps: int, runs: int) -> dict:
-    shape = dict(steps=steps, frames=16, height=320, width=512)
+    shape = dict(VIDEO, steps=steps)
     full = [cuda_ms(lambda: sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)) for _ in range(runs)]
     half = dict(shape, steps=steps // 2)
     short = min(cuda_ms(lambda: sample(pipe, output_type="latent", prompt_embeds=embeds, **half))
@@ -170,7 +171,7 @@ def main() -> None:
 
 
 def hand_part(pipe, embeds, args) -> dict:
-    shape = dict(steps=args.steps, frames=16, height=320, width=512)
+    shape = dict(VIDEO, steps=args.steps)
     sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)  # compiles the UNet (and the text encoder)
     graphs = HandGraphs(pipe.unet)
     pipe.unet._compiled_call_impl = graphs
@@ -182,7 +183,7 @@ def hand_part(pipe, embeds, args) -> dict:
 
 
 def trees_part(pipe, embeds, args) -> dict:
-    shape = dict(steps=args.steps, frames=16, height=320, width=512)
+    shape = dict(VIDEO, steps=args.steps)
     unet = pipe.unet
     for _ in range(3):
         sample(pipe, output_type="latent", prompt_embeds=embeds, **shape)
@@ -212,6 +213,7 @@ def tree_state() -> dict:
     manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
     recorded = next(manager.graph_counter) if manager is not None else None  # ids issued so far (one consumed)
     return {"graphs_recorded": recorded, "counters": inductor_counters()}
+
 
 if __name__ == "__main__":
     main()
